@@ -1,0 +1,1 @@
+//! Wiring of the pipeline stages into the running daemon.

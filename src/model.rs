@@ -1,0 +1,360 @@
+//! Data that crosses pipeline stages.
+//!
+//! `decode` produces [`Event`]s, `flow` consumes them and produces [`Output`]s
+//! ([`FlowRecord`]s and [`Loss`] notices), `export` turns those into gRPC
+//! messages and ECS documents. Keeping these types here, free of any stage's
+//! internals, lets every stage be tested on its own.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Kernel timestamp in nanoseconds, on the clock the perf events were opened
+/// with (see `ring::clock`). Only differences and ordering are meaningful;
+/// `ring::clock::WallClock` converts it to wall time.
+pub type KernelTime = u64;
+
+/// Kernel address of a `struct sock`, used as the socket's identity.
+pub type SockAddr = u64;
+
+/// Transport protocol of a socket or packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    /// IPPROTO_TCP.
+    Tcp,
+    /// IPPROTO_UDP.
+    Udp,
+}
+
+impl Transport {
+    /// IANA protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Transport::Tcp => 6,
+            Transport::Udp => 17,
+        }
+    }
+
+    /// Lower-case ECS name (`tcp`, `udp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
+}
+
+/// Direction of one packet relative to the local host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PacketDir {
+    /// Sent by a local socket.
+    Egress,
+    /// Received for a local socket.
+    Ingress,
+}
+
+/// Who initiated a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum FlowDirection {
+    /// The local side initiated (connect, first UDP send).
+    Egress,
+    /// The remote side initiated (accept, first UDP receive).
+    Ingress,
+    /// The start of the flow was not observed.
+    #[default]
+    Unknown,
+}
+
+impl FlowDirection {
+    /// ECS name (`egress`, `ingress`, `unknown`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlowDirection::Egress => "egress",
+            FlowDirection::Ingress => "ingress",
+            FlowDirection::Unknown => "unknown",
+        }
+    }
+}
+
+/// The task that caused an event, when the event ran in that task's
+/// syscall context. Events from softirq/hardirq context, or from probes on
+/// the packet path, carry no task: their `common_pid` is whatever task the
+/// interrupt happened to hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Task {
+    /// Thread group id (the process id user space sees).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+}
+
+/// One IP packet seen on the local stack, with the addresses taken from its
+/// own headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packet {
+    /// The socket the kernel handed with the packet, when the probe has one.
+    pub sock: Option<SockAddr>,
+    /// Egress or ingress.
+    pub dir: PacketDir,
+    /// TCP or UDP.
+    pub transport: Transport,
+    /// Source address and port, from the packet headers.
+    pub src: SocketAddr,
+    /// Destination address and port, from the packet headers.
+    pub dst: SocketAddr,
+    /// IP packet length: IP header(s) + transport header + payload.
+    pub ip_len: u32,
+}
+
+/// What a syscall-context socket operation was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SockOp {
+    /// sendmsg/sendto/write on the socket.
+    Send,
+    /// recvmsg/recvfrom/read on the socket.
+    Recv,
+}
+
+/// Credentials of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Creds {
+    /// Real user id.
+    pub uid: u32,
+    /// Real group id.
+    pub gid: u32,
+    /// Effective user id.
+    pub euid: u32,
+    /// Effective group id.
+    pub egid: u32,
+}
+
+/// A decoded kernel event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// An AF_INET/AF_INET6 socket was created.
+    SockCreate {
+        /// The new `struct sock`.
+        sock: SockAddr,
+        /// The transport, when the probe could tell.
+        transport: Option<Transport>,
+    },
+    /// A TCP socket started an active open (SYN about to be sent); both
+    /// ends are known at this point.
+    TcpConnect {
+        /// The connecting socket.
+        sock: SockAddr,
+        /// Local address and (already bound) port.
+        local: SocketAddr,
+        /// Remote address and port.
+        remote: SocketAddr,
+    },
+    /// `accept` returned a new TCP socket.
+    TcpAccept {
+        /// The accepted socket.
+        sock: SockAddr,
+        /// Local address and port.
+        local: SocketAddr,
+        /// Remote address and port.
+        remote: SocketAddr,
+    },
+    /// A syscall-context send or receive on a socket (process attribution).
+    SockActivity {
+        /// The socket.
+        sock: SockAddr,
+        /// TCP or UDP.
+        transport: Transport,
+        /// Send or receive.
+        op: SockOp,
+        /// For UDP sends, the explicit destination (`msg_name`), if any.
+        peer: Option<SocketAddr>,
+    },
+    /// A packet on the local IP stack.
+    Packet(Packet),
+    /// The socket was released (close of the last reference).
+    SockClose {
+        /// The released socket.
+        sock: SockAddr,
+    },
+    /// A process called execve successfully.
+    Exec {
+        /// Process id.
+        pid: u32,
+        /// Path of the executed file as the kernel saw it.
+        filename: String,
+    },
+    /// A process or thread was created.
+    Fork {
+        /// Parent process id.
+        parent: u32,
+        /// Child process (or thread) id.
+        child: u32,
+    },
+    /// A task exited.
+    Exit {
+        /// The exiting task's tid; equal to its pid for the group leader.
+        tid: u32,
+        /// Its thread group id, when known.
+        pid: u32,
+    },
+    /// A task installed new credentials (`commit_creds`).
+    Creds(Creds),
+}
+
+/// A decoded kernel event with its time, CPU and (when meaningful) task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Kernel timestamp.
+    pub time: KernelTime,
+    /// CPU the sample was taken on.
+    pub cpu: u32,
+    /// The task in whose syscall context the event happened, if any.
+    pub task: Option<Task>,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// Where samples or records were lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LossSource {
+    /// The kernel dropped samples because a per-CPU perf ring was full.
+    KernelRing,
+    /// A kretprobe could not run because its instance pool was exhausted.
+    KretprobeMiss,
+    /// Samples that could not be decoded (malformed or unexpected).
+    DecodeError,
+    /// The queue between the ring reader and the flow engine overflowed.
+    ReaderQueue,
+    /// A socket was evicted from the full socket table.
+    SocketTableEviction,
+    /// A flow was evicted from the full flow table.
+    FlowTableEviction,
+    /// A process was evicted from the full process table.
+    ProcessTableEviction,
+    /// This subscriber's own queue overflowed.
+    SubscriberQueue,
+    /// The history ring was lapped while this subscriber was replaying.
+    HistoryLapped,
+}
+
+impl LossSource {
+    /// Stable snake_case name, used in logs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossSource::KernelRing => "kernel_ring",
+            LossSource::KretprobeMiss => "kretprobe_miss",
+            LossSource::DecodeError => "decode_error",
+            LossSource::ReaderQueue => "reader_queue",
+            LossSource::SocketTableEviction => "socket_table_eviction",
+            LossSource::FlowTableEviction => "flow_table_eviction",
+            LossSource::ProcessTableEviction => "process_table_eviction",
+            LossSource::SubscriberQueue => "subscriber_queue",
+            LossSource::HistoryLapped => "history_lapped",
+        }
+    }
+}
+
+/// A count of lost items from one source over a time range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loss {
+    /// Where the loss happened.
+    pub source: LossSource,
+    /// The CPU, for per-CPU sources.
+    pub cpu: Option<u32>,
+    /// How many items were lost.
+    pub count: u64,
+    /// Wall time of the first loss in this notice.
+    pub first: SystemTime,
+    /// Wall time of the last loss in this notice.
+    pub last: SystemTime,
+}
+
+/// One side of a flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// IP address.
+    pub ip: IpAddr,
+    /// Port.
+    pub port: u16,
+    /// Packets sent by this endpoint.
+    pub packets: u64,
+    /// Bytes (IP packet lengths) sent by this endpoint.
+    pub bytes: u64,
+    /// DNS name this endpoint's address was resolved from, if known.
+    pub domain: Option<String>,
+}
+
+/// What is known of the process that owns a flow's socket.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProcessInfo {
+    /// Process id.
+    pub pid: u32,
+    /// Parent process id.
+    pub ppid: u32,
+    /// Short name (comm or basename of the executable).
+    pub name: String,
+    /// Command line.
+    pub args: Vec<String>,
+    /// Path of the executable.
+    pub executable: String,
+    /// Process start time.
+    pub created: Option<SystemTime>,
+    /// Credentials.
+    pub creds: Option<Creds>,
+    /// User name of `creds.uid`.
+    pub user_name: Option<String>,
+    /// Group name of `creds.gid`.
+    pub group_name: Option<String>,
+    /// Container id derived from the cgroup path.
+    pub container_id: Option<String>,
+    /// Kubernetes pod UID derived from the cgroup path.
+    pub pod_uid: Option<String>,
+}
+
+/// A flow as reported to subscribers: interim (`is_final == false`, counters
+/// cumulative since the flow's start) or final.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowRecord {
+    /// Stable id shared by all interim updates and the final record.
+    pub id: u64,
+    /// True for the last record of this flow.
+    pub is_final: bool,
+    /// True when the flow's start was observed.
+    pub complete: bool,
+    /// TCP or UDP.
+    pub transport: Transport,
+    /// Who initiated the flow.
+    pub direction: FlowDirection,
+    /// The local end (its counters are what the local socket sent).
+    pub local: Endpoint,
+    /// The remote end (its counters are what the local socket received).
+    pub remote: Endpoint,
+    /// Wall time of the first packet or event of the flow.
+    pub start: SystemTime,
+    /// Wall time of the last packet or event of the flow.
+    pub end: SystemTime,
+    /// Community ID v1 (seed 0) of the 5-tuple.
+    pub community_id: String,
+    /// Kernel address of the local `struct sock`.
+    pub sock: SockAddr,
+    /// Owning process, when known.
+    pub process: Option<ProcessInfo>,
+}
+
+impl FlowRecord {
+    /// `ipv4` or `ipv6`, from the local address.
+    pub fn network_type(&self) -> &'static str {
+        match self.local.ip {
+            IpAddr::V4(_) => "ipv4",
+            IpAddr::V6(_) => "ipv6",
+        }
+    }
+}
+
+/// What the flow engine hands to exporters.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// A flow record, shared between subscribers.
+    Flow(Arc<FlowRecord>),
+    /// A loss notice.
+    Loss(Loss),
+}

@@ -1,0 +1,1 @@
+//! System call boundary: every syscall, ioctl and mmap of the daemon.
