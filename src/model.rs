@@ -17,6 +17,26 @@ pub type KernelTime = u64;
 /// Kernel address of a `struct sock`, used as the socket's identity.
 pub type SockAddr = u64;
 
+/// One raw perf sample as the ring reader hands it to the decoder, in
+/// timestamp order across CPUs. `data` is the tracepoint/kprobe record
+/// (PERF_SAMPLE_RAW) laid out as the event's tracefs `format` file says;
+/// it is untrusted.
+#[derive(Debug, Clone, Copy)]
+pub struct RawSample<'a> {
+    /// Index of the event in the list the rings were opened with.
+    pub event: u32,
+    /// Kernel timestamp (PERF_SAMPLE_TIME).
+    pub time: KernelTime,
+    /// CPU the sample was taken on (PERF_SAMPLE_CPU).
+    pub cpu: u32,
+    /// Thread group id of the current task (PERF_SAMPLE_TID).
+    pub pid: u32,
+    /// Thread id of the current task (PERF_SAMPLE_TID).
+    pub tid: u32,
+    /// The raw record.
+    pub data: &'a [u8],
+}
+
 /// Transport protocol of a socket or packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Transport {
