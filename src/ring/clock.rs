@@ -1,11 +1,15 @@
 //! Conversion of kernel sample timestamps to wall-clock time.
 //!
 //! Samples are stamped on the perf clock chosen when the rings were opened
-//! ([`PerfClock`]: `CLOCK_BOOTTIME` when the kernel accepts `use_clockid`
-//! with it, else `CLOCK_MONOTONIC`, else the kernel's default perf clock,
+//! ([`PerfClock`]: `CLOCK_MONOTONIC` when the kernel accepts `use_clockid`
+//! with it, else `CLOCK_BOOTTIME`, else the kernel's default perf clock,
 //! which user space cannot read and which is approximated by
-//! `CLOCK_MONOTONIC`). BOOTTIME is preferred because it keeps counting
-//! during suspend, so the offset to wall time stays put across a suspend.
+//! `CLOCK_MONOTONIC`). MONOTONIC comes first because the kernel implements
+//! it NMI-safe (`ktime_get_mono_fast_ns`) and so accepts it for every PMU
+//! since 4.1; BOOTTIME is refused (EINVAL) for PMUs that may sample from
+//! NMI context, which includes tracepoint events on the 6.x kernels tested.
+//! The offset to wall time jumps across a suspend with MONOTONIC; the
+//! periodic re-sync below corrects it.
 //!
 //! The offset `realtime − perf` is measured with paired reads
 //! `realtime, perf, realtime`; the pair with the smallest latency wins and
@@ -37,8 +41,8 @@ pub enum PerfClock {
 impl PerfClock {
     /// Clocks tried in order when opening rings.
     pub const PREFERENCE: [PerfClock; 3] = [
-        PerfClock::Boottime,
         PerfClock::Monotonic,
+        PerfClock::Boottime,
         PerfClock::KernelDefault,
     ];
 

@@ -12,8 +12,8 @@
 //! each sample back to the index of its event. Everything is enabled last
 //! and disabled, unmapped and closed on drop.
 //!
-//! Timestamps use `use_clockid` with `CLOCK_BOOTTIME`, falling back to
-//! `CLOCK_MONOTONIC` and then to the default perf clock when the kernel
+//! Timestamps use `use_clockid` with `CLOCK_MONOTONIC`, falling back to
+//! `CLOCK_BOOTTIME` and then to the default perf clock when the kernel
 //! answers EINVAL ([`Rings::clock`] says which).
 //!
 //! The kernel wakes the reader once a quarter of a ring is filled

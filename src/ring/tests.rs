@@ -104,7 +104,7 @@ fn opens_one_event_per_id_and_cpu_and_cleans_up() {
         .all(|e| e.config.sample_type == wire::SAMPLE_TYPE));
     assert!(evs
         .iter()
-        .all(|e| e.config.clockid == Some(libc::CLOCK_BOOTTIME)));
+        .all(|e| e.config.clockid == Some(libc::CLOCK_MONOTONIC)));
     // 4 pages of 4 KiB, woken at a quarter.
     assert!(evs.iter().all(|e| e.config.wakeup == Wakeup::Bytes(4096)));
     // The second event of each CPU writes into the first one's ring.
@@ -114,7 +114,7 @@ fn opens_one_event_per_id_and_cpu_and_cleans_up() {
         assert_eq!(on_cpu[1].output, on_cpu[0].output);
         assert_eq!(ring(&sys, cpu).data_size(), 4 * 4096);
     }
-    assert_eq!(r.clock(), PerfClock::Boottime);
+    assert_eq!(r.clock(), PerfClock::Monotonic);
     assert_eq!(r.cpus(), vec![0, 1]);
     r.set_filter(1, "common_pid != 1").expect("filter");
     assert_eq!(
@@ -151,13 +151,13 @@ fn open_rejects_bad_arguments() {
 #[test]
 fn clock_falls_back_on_einval() {
     let sys = FakeSys::new();
-    sys.reject_clock(libc::CLOCK_BOOTTIME);
+    sys.reject_clock(libc::CLOCK_MONOTONIC);
     let r = open(&sys, &[0], 0);
-    assert_eq!(r.clock(), PerfClock::Monotonic);
+    assert_eq!(r.clock(), PerfClock::Boottime);
     assert!(sys
         .events()
         .iter()
-        .all(|e| e.config.clockid == Some(libc::CLOCK_MONOTONIC)));
+        .all(|e| e.config.clockid == Some(libc::CLOCK_BOOTTIME)));
 
     let sys = FakeSys::new();
     sys.reject_clock(libc::CLOCK_BOOTTIME);
