@@ -44,12 +44,12 @@ pub mod merge;
 pub mod record;
 pub mod wire;
 
-use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use hashbrown::HashMap;
 use nix::errno::Errno;
 
 use crate::config::MAX_RING_SIZE_EXPONENT;
@@ -590,7 +590,6 @@ fn drain_ring(
                     Some(&event) => {
                         ring.stats.samples += 1;
                         ring.last_time = ring.last_time.max(s.time);
-                        ring.last_activity = Instant::now();
                         merger.push(
                             queue,
                             &RawSample {
@@ -622,6 +621,9 @@ fn drain_ring(
         }
         ring.stats.bytes += len as u64;
         tail = tail.wrapping_add(len as u64);
+    }
+    if tail != ring.tail {
+        ring.last_activity = Instant::now();
     }
     ring.map.store_tail(tail);
     ring.tail = tail;

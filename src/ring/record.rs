@@ -105,6 +105,20 @@ pub struct RecordedEvent {
     pub format: String,
 }
 
+impl RecordedEvent {
+    /// Reads the `format` file of tracefs event `name` (`group/name`)
+    /// under the tracefs mount `tracefs`.
+    pub fn from_tracefs(tracefs: &Path, name: &str) -> Result<RecordedEvent, RecordError> {
+        let path = tracefs.join("events").join(name).join("format");
+        let format =
+            std::fs::read_to_string(&path).map_err(|source| RecordError::Open { path, source })?;
+        Ok(RecordedEvent {
+            name: name.to_string(),
+            format,
+        })
+    }
+}
+
 /// Header of a recording.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordHeader {
@@ -550,6 +564,21 @@ mod tests {
         }
         assert_eq!(rec.items(), items.len() as u64);
         rec.finish().expect("flush")
+    }
+
+    #[test]
+    fn event_formats_come_from_tracefs_layout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ev = dir.path().join("events/sockscope/x");
+        std::fs::create_dir_all(&ev).expect("mkdir");
+        std::fs::write(ev.join("format"), "name: x\nID: 9\n").expect("write");
+        let e = RecordedEvent::from_tracefs(dir.path(), "sockscope/x").expect("read");
+        assert_eq!(e.name, "sockscope/x");
+        assert_eq!(e.format, "name: x\nID: 9\n");
+        assert!(matches!(
+            RecordedEvent::from_tracefs(dir.path(), "sockscope/missing"),
+            Err(RecordError::Open { .. })
+        ));
     }
 
     #[test]

@@ -437,3 +437,10 @@ fn cpu_lists_parse() {
     assert!(online_cpus_from(&f).is_err());
     assert!(online_cpus_from(&dir.path().join("missing")).is_err());
 }
+
+#[test]
+fn real_rings_can_move_to_a_reader_thread() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Rings<RealSys>>();
+    assert_send::<Rings<FakeSys>>();
+}
