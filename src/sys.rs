@@ -487,6 +487,11 @@ pub struct RingMap {
 // by its single owner.
 unsafe impl Send for RingMap {}
 
+// SAFETY: shared access only loads/stores the head and tail atomically and
+// reads or writes data bytes in the disjoint regions the perf protocol
+// assigns to the reader and to the (single) producer.
+unsafe impl Sync for RingMap {}
+
 impl std::fmt::Debug for RingMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RingMap")
@@ -972,10 +977,6 @@ pub mod fake {
         map: Arc<RingMap>,
         sys: FakeSys,
     }
-
-    // SAFETY: RingMap's memory is shared heap memory accessed under the
-    // head/tail protocol; only one producer writes at a time by contract.
-    unsafe impl Sync for RingMap {}
 
     impl FakeRing {
         /// Appends `bytes` at `data_head` and publishes them (Release) if

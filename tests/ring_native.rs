@@ -11,6 +11,7 @@ use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use sockscope::ring::clock::{PerfClock, SysClockSource, WallClock};
+use sockscope::ring::record::{RecordHeader, RecordedEvent, Recorder, Replay};
 use sockscope::ring::{online_cpus, RingItem, RingOptions, Rings, DEFAULT_POLL_TIMEOUT};
 use sockscope::sys;
 
@@ -133,10 +134,18 @@ fn samples_from_pinned_threads_arrive_complete_and_in_order() {
     let expected = ROUNDS * n;
     let mut seen: Vec<Seen> = Vec::new();
     let mut all_times = Vec::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec_path = dir.path().join("live.rec");
+    let header = RecordHeader {
+        clock: rings.clock().as_str().to_string(),
+        events: vec![RecordedEvent::from_tracefs(Path::new(TRACEFS), EVENT).expect("format")],
+    };
+    let mut recorder = Recorder::create(&rec_path, &header).expect("create recording");
     let deadline = Instant::now() + DEADLINE;
     while seen.len() < expected && Instant::now() < deadline {
         rings
             .read(DEFAULT_POLL_TIMEOUT, &mut |item| {
+                recorder.write(&item).expect("record");
                 if let RingItem::Sample(s) = item {
                     all_times.push(s.time);
                     if tids.contains(&s.tid) {
@@ -154,6 +163,8 @@ fn samples_from_pinned_threads_arrive_complete_and_in_order() {
     for h in handles {
         h.join().expect("worker");
     }
+    let recorded = recorder.items();
+    recorder.finish().expect("flush recording");
     let stats = rings.stats();
     assert_eq!(seen.len(), expected, "all samples arrive; stats {stats:?}");
     assert_eq!(stats.total_lost(), 0);
@@ -174,6 +185,26 @@ fn samples_from_pinned_threads_arrive_complete_and_in_order() {
         assert_eq!(s.pid, me);
     }
     assert!(seen.windows(2).all(|w| w[0].time < w[1].time));
+
+    // The recording replays the same stream.
+    let mut replay = Replay::open(&rec_path).expect("open recording");
+    assert_eq!(replay.header(), &header);
+    assert!(replay.header().events[0]
+        .format
+        .contains("sys_enter_getppid"));
+    let mut replayed = Vec::new();
+    let n_items = replay
+        .for_each(|item| {
+            if let RingItem::Sample(s) = item {
+                if tids.contains(&s.tid) {
+                    replayed.push((s.time, s.cpu, s.tid));
+                }
+            }
+        })
+        .expect("replay");
+    assert_eq!(n_items, recorded);
+    let live: Vec<_> = seen.iter().map(|s| (s.time, s.cpu, s.tid)).collect();
+    assert_eq!(replayed, live);
 
     // Timestamps are on CLOCK_MONOTONIC: they convert to about now.
     let wc = WallClock::from_source(
