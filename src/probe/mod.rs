@@ -11,3 +11,8 @@ pub mod tracefs;
 pub use btf::{Field, Offsets, Provenance};
 pub use error::ProbeError;
 pub use tracefs::Tracefs;
+pub mod install;
+pub mod spec;
+
+pub use install::{remove_stale_groups, InstalledEvent, ProbeGuard};
+pub use spec::{probe_set, resolve, Attach, ProbeSpec, ResolvedProbe};
