@@ -95,6 +95,16 @@ impl Format {
     }
 }
 
+/// Element size of the scalar kprobe/C types that appear in arrays.
+fn elem_size(ty: &str) -> u32 {
+    match ty.rsplit(' ').next().unwrap_or(ty) {
+        "u16" | "s16" | "x16" | "short" => 2,
+        "u32" | "s32" | "x32" | "int" => 4,
+        "u64" | "s64" | "x64" | "long" => 8,
+        _ => 1,
+    }
+}
+
 fn parse_field(line: &str) -> Result<FormatField, String> {
     let mut decl = None;
     let mut offset = None;
@@ -125,6 +135,9 @@ fn parse_field(line: &str) -> Result<FormatField, String> {
             let n_elems = rest.trim_end_matches(']');
             if data_loc {
                 (n, FieldKind::DataLoc)
+            } else if n_elems.is_empty() {
+                // kprobe arrays print as `u8 name[]`: derive the length.
+                (n, FieldKind::Array(size / elem_size(ty_part).max(1)))
             } else {
                 let len = n_elems
                     .parse::<u32>()
@@ -176,6 +189,14 @@ print fmt: \"filename=%s\", __get_str(filename)\n";
         assert_eq!(f.field("filename").unwrap().kind, FieldKind::DataLoc);
         assert_eq!(f.field("comm").unwrap().kind, FieldKind::Array(16));
         assert_eq!(f.field("pid").unwrap().ty, "pid_t");
+    }
+
+    #[test]
+    fn kprobe_arrays_without_length() {
+        let text = "name: c\nID: 2000\nformat:\n\tfield:u8 saddr6[];\toffset:40;\tsize:16;\tsigned:0;\n\tfield:u32 w[];\toffset:56;\tsize:8;\tsigned:0;\n";
+        let f = Format::parse(text).unwrap();
+        assert_eq!(f.field("saddr6").unwrap().kind, FieldKind::Array(16));
+        assert_eq!(f.field("w").unwrap().kind, FieldKind::Array(2));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! private to this process, removing it again on drop.
 
 pub mod btf;
+pub mod check;
 pub mod error;
 pub mod tracefs;
 
@@ -16,3 +17,5 @@ pub mod spec;
 
 pub use install::{remove_stale_groups, InstalledEvent, ProbeGuard};
 pub use spec::{probe_set, resolve, Attach, ProbeSpec, ResolvedProbe};
+
+pub use check::{check, setup, CheckItem, CheckStatus, Setup};
