@@ -58,13 +58,16 @@ pub fn group_name() -> String {
     format!("{GROUP_PREFIX}{}", std::process::id())
 }
 
+/// Per group: the `kprobe_events` path and the `GROUP/NAME`s installed.
+type Registry = HashMap<String, (PathBuf, Vec<String>)>;
+
 /// Probes to remove, per group, for the panic hook.
-fn registry() -> &'static Mutex<HashMap<String, (PathBuf, Vec<String>)>> {
-    static REG: OnceLock<Mutex<HashMap<String, (PathBuf, Vec<String>)>>> = OnceLock::new();
+fn registry() -> &'static Mutex<Registry> {
+    static REG: OnceLock<Mutex<Registry>> = OnceLock::new();
     REG.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-fn lock_registry() -> std::sync::MutexGuard<'static, HashMap<String, (PathBuf, Vec<String>)>> {
+fn lock_registry() -> std::sync::MutexGuard<'static, Registry> {
     registry().lock().unwrap_or_else(|p| p.into_inner())
 }
 
