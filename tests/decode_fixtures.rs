@@ -11,7 +11,7 @@ use sockscope::decode::{Decoder, DecoderKind, EventDesc, IpFamily};
 use sockscope::model::{EventKind, PacketDir, RawSample, SockOp, Transport};
 
 /// Kernels whose fixtures must be present.
-const KERNELS: [&str; 1] = ["6.1"];
+const KERNELS: [&str; 4] = ["5.10", "6.1", "6.12", "7.2"];
 
 fn kind_of(name: &str) -> (DecoderKind, bool) {
     use DecoderKind as K;
