@@ -18,6 +18,8 @@ pub const DEBUGFS_DEFAULT: &str = "/sys/kernel/debug";
 pub const KPROBES_ENABLED: &str = "/sys/kernel/debug/kprobes/enabled";
 /// Where IPv6 on loopback is switched off.
 pub const LO_DISABLE_IPV6: &str = "/proc/sys/net/ipv6/conf/lo/disable_ipv6";
+/// Kernel symbol table, fallback list of probe-able functions.
+pub const KALLSYMS: &str = "/proc/kallsyms";
 /// Capability number of CAP_SYS_ADMIN.
 pub const CAP_SYS_ADMIN: u32 = 21;
 /// Capability number of CAP_NET_ADMIN.
@@ -170,12 +172,18 @@ impl Tracefs {
         Ok(())
     }
 
-    /// The set of functions kprobes can attach to
-    /// (`available_filter_functions`, module suffixes stripped).
+    /// The set of functions kprobes can attach to: `available_filter_functions`
+    /// (module suffixes stripped), or, when that file cannot be read (some
+    /// kernels restrict it), the text symbols of [`KALLSYMS`].
     pub fn available_functions(&self) -> Result<HashSet<String>, ProbeError> {
         let path = self.root.join("available_filter_functions");
-        let text = fs::read_to_string(&path).map_err(|e| ProbeError::io("read", &path, e))?;
-        Ok(parse_available_functions(&text))
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(parse_available_functions(&text)),
+            Err(first) => match fs::read_to_string(KALLSYMS) {
+                Ok(text) => Ok(parse_kallsyms_text(&text)),
+                Err(_) => Err(ProbeError::io("read", &path, first)),
+            },
+        }
     }
 
     /// Id of an event (`events/<group>/<name>/id`).
@@ -201,6 +209,20 @@ pub fn parse_available_functions(text: &str) -> HashSet<String> {
     text.lines()
         .filter_map(|l| l.split_whitespace().next())
         .map(str::to_string)
+        .collect()
+}
+
+/// Text (code) symbols of `/proc/kallsyms` text: lines `ADDR TYPE NAME [module]`
+/// with type `T` or `t`.
+pub fn parse_kallsyms_text(text: &str) -> HashSet<String> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let _addr = it.next()?;
+            let ty = it.next()?;
+            let name = it.next()?;
+            matches!(ty, "T" | "t").then(|| name.to_string())
+        })
         .collect()
 }
 
@@ -254,5 +276,16 @@ mod tests {
         assert!(set.contains("foo"));
         assert!(set.contains("bar.isra.0"));
         assert_eq!(set.len(), 3);
+    }
+
+    #[test]
+    fn kallsyms_keeps_only_text_symbols() {
+        let set = parse_kallsyms_text(
+            "ffffffff8205c240 T ip_output\nffffffff8205c000 t ip_finish_output2\nffffffff83000000 D some_data\nffffffffc0000000 t ipv6_rcv\t[ipv6]\n",
+        );
+        assert!(set.contains("ip_output"));
+        assert!(set.contains("ip_finish_output2"));
+        assert!(set.contains("ipv6_rcv"));
+        assert!(!set.contains("some_data"));
     }
 }
