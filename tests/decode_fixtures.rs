@@ -96,6 +96,15 @@ fn check_kernel(kernel: &str) {
     {
         let parts: Vec<&str> = line.split_whitespace().collect();
         let data = hex(parts[3]);
+        if parts[0] == "ip_in" || parts[0] == "ip6_in" {
+            // Ingress runs in softirq on every kernel: the reason packet
+            // probes never carry a task.
+            assert_ne!(
+                data[2] & sockscope::decode::TRACE_FLAG_SOFTIRQ,
+                0,
+                "{kernel}: ingress record without the softirq flag"
+            );
+        }
         let pid: u32 = parts[2].parse().unwrap();
         let s = RawSample {
             event: index[parts[0]],
