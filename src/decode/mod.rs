@@ -1,1 +1,821 @@
 //! Pipeline stage: decode.
+//!
+//! Turns raw tracepoint/kprobe records ([`RawSample`]) into typed
+//! [`Event`]s using the field layout of each event's tracefs `format` file.
+//! Decoding is pure and total over untrusted bytes: short or garbage records
+//! yield a [`DecodeError`], counted per kind, never a panic. The packet path
+//! allocates nothing (only exec filenames become `String`s).
+
+pub mod format;
+pub mod ftrace;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::model::{
+    Creds, Event, EventKind, Packet, PacketDir, RawSample, SockOp, Task, Transport,
+};
+
+pub use format::{FieldKind, Format, FormatError, FormatField};
+
+/// `common_flags` bit: sample taken in hard interrupt context.
+pub const TRACE_FLAG_HARDIRQ: u8 = 0x08;
+/// `common_flags` bit: sample taken while serving a softirq.
+pub const TRACE_FLAG_SOFTIRQ: u8 = 0x10;
+/// `common_flags` bit: sample taken in NMI context.
+pub const TRACE_FLAG_NMI: u8 = 0x40;
+const IRQ_FLAGS: u8 = TRACE_FLAG_HARDIRQ | TRACE_FLAG_SOFTIRQ | TRACE_FLAG_NMI;
+/// AF_INET.
+const AF_INET: u16 = 2;
+/// AF_INET6.
+const AF_INET6: u16 = 10;
+/// IPPROTO_TCP.
+const IPPROTO_TCP: u8 = 6;
+/// IPPROTO_UDP.
+const IPPROTO_UDP: u8 = 17;
+/// IPv6 extension headers walked to find the transport header.
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DSTOPTS: u8 = 60;
+/// Fixed IPv6 header length.
+const IPV6_HDR_LEN: usize = 40;
+/// Minimal IPv4 header length.
+const IPV4_MIN_HDR_LEN: usize = 20;
+/// IPv4 fragment offset mask.
+const IPV4_FRAG_OFFSET: u16 = 0x1fff;
+/// IPv6 fragment offset mask (in the fragment header's offset field).
+const IPV6_FRAG_OFFSET: u16 = 0xfff8;
+/// Smallest `msg_namelen` of an AF_INET destination.
+const SOCKADDR_IN_LEN: i32 = 16;
+/// Smallest `msg_namelen` of an AF_INET6 destination (RFC 2133 size).
+const SOCKADDR_IN6_LEN: i32 = 24;
+/// SOCK_STREAM.
+const SOCK_STREAM: u64 = 1;
+/// SOCK_DGRAM.
+const SOCK_DGRAM: u64 = 2;
+
+/// IP version of a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IpFamily {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+/// How an event's samples are turned into [`EventKind`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecoderKind {
+    /// `sock_init_data`: fields sk, family, type, prot.
+    SockCreate,
+    /// `tcp_connect`: sock fields (sk, family, sport, dport, saddr, daddr, saddr6, daddr6).
+    TcpConnect,
+    /// `inet_csk_accept` return: sock fields.
+    TcpAccept,
+    /// Send/receive in syscall context: field sk; with `peer`, also
+    /// namelen, nfamily, nport and naddr (V4) or naddr6 (V6).
+    SockActivity {
+        /// Transport of the probed function.
+        transport: Transport,
+        /// Send or receive.
+        op: SockOp,
+        /// Family of the msg_name fields, when fetched.
+        peer: Option<IpFamily>,
+    },
+    /// A packet: fields len, hdr (and sk on egress).
+    Packet {
+        /// Egress or ingress.
+        dir: PacketDir,
+        /// IP version of the probed function.
+        family: IpFamily,
+    },
+    /// `inet_release`: fields sk, family.
+    SockClose,
+    /// `sched_process_exec`.
+    Exec,
+    /// `sched_process_fork`.
+    Fork,
+    /// `sched_process_exit`.
+    Exit,
+    /// `commit_creds`: uid, gid, euid, egid.
+    Creds,
+}
+
+/// One event the decoder must understand.
+#[derive(Debug, Clone, Copy)]
+pub struct EventDesc<'a> {
+    /// Decoder kind.
+    pub kind: DecoderKind,
+    /// Whether the sample pid/tid is the task that caused the event.
+    pub task_context: bool,
+    /// Text of its tracefs `format` file.
+    pub format: &'a str,
+}
+
+impl<'a> From<&'a crate::probe::InstalledEvent> for EventDesc<'a> {
+    fn from(e: &'a crate::probe::InstalledEvent) -> Self {
+        EventDesc {
+            kind: e.decoder,
+            task_context: e.task_context,
+            format: &e.format,
+        }
+    }
+}
+
+/// Why the decoder cannot be built for an event.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The format file did not parse.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// A field the decoder kind needs is missing or has the wrong size.
+    #[error("event {event}: field {field} missing or not {size} bytes")]
+    Field {
+        /// Event name.
+        event: String,
+        /// Field name.
+        field: &'static str,
+        /// Expected size.
+        size: u32,
+    },
+}
+
+/// Kinds of decode errors, for counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecodeErrorKind {
+    /// The sample's event index is unknown.
+    UnknownEvent,
+    /// The record is shorter than a field requires.
+    Truncated,
+    /// The record's common_type does not match the event.
+    TypeMismatch,
+    /// The fetched IP header is inconsistent with the probe.
+    BadPacket,
+    /// A non-first IP fragment: no transport header to take ports from.
+    Fragment,
+}
+
+impl DecodeErrorKind {
+    /// All kinds, in counter order.
+    pub const ALL: [DecodeErrorKind; 5] = [
+        DecodeErrorKind::UnknownEvent,
+        DecodeErrorKind::Truncated,
+        DecodeErrorKind::TypeMismatch,
+        DecodeErrorKind::BadPacket,
+        DecodeErrorKind::Fragment,
+    ];
+
+    /// Stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecodeErrorKind::UnknownEvent => "unknown_event",
+            DecodeErrorKind::Truncated => "truncated",
+            DecodeErrorKind::TypeMismatch => "type_mismatch",
+            DecodeErrorKind::BadPacket => "bad_packet",
+            DecodeErrorKind::Fragment => "fragment",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A sample that could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The sample's event index is not one the decoder was built with.
+    #[error("sample of unknown event index {0}")]
+    UnknownEvent(u32),
+    /// The record ends before a field.
+    #[error("event {event}: record of {have} bytes, field needs {need}")]
+    Truncated {
+        /// Event index.
+        event: u32,
+        /// Bytes needed.
+        need: usize,
+        /// Bytes present.
+        have: usize,
+    },
+    /// common_type differs from the event's id.
+    #[error("event {event}: common_type {found}, expected {expected}")]
+    TypeMismatch {
+        /// Event index.
+        event: u32,
+        /// Expected id (low 16 bits).
+        expected: u16,
+        /// Found id.
+        found: u16,
+    },
+    /// The fetched IP header does not match the probe.
+    #[error("event {event}: bad packet header: {what}")]
+    BadPacket {
+        /// Event index.
+        event: u32,
+        /// What was wrong.
+        what: &'static str,
+    },
+    /// A non-first IP fragment.
+    #[error("event {event}: non-first IP fragment")]
+    Fragment {
+        /// Event index.
+        event: u32,
+    },
+}
+
+impl DecodeError {
+    /// The error's kind.
+    pub fn kind(&self) -> DecodeErrorKind {
+        match self {
+            DecodeError::UnknownEvent(_) => DecodeErrorKind::UnknownEvent,
+            DecodeError::Truncated { .. } => DecodeErrorKind::Truncated,
+            DecodeError::TypeMismatch { .. } => DecodeErrorKind::TypeMismatch,
+            DecodeError::BadPacket { .. } => DecodeErrorKind::BadPacket,
+            DecodeError::Fragment { .. } => DecodeErrorKind::Fragment,
+        }
+    }
+}
+
+/// Offset and size of a field in the record.
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    off: usize,
+    size: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SockLocs {
+    sk: Loc,
+    family: Loc,
+    sport: Loc,
+    dport: Loc,
+    saddr: Loc,
+    daddr: Loc,
+    saddr6: Loc,
+    daddr6: Loc,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PeerLocs {
+    family: IpFamily,
+    namelen: Loc,
+    nfamily: Loc,
+    nport: Loc,
+    naddr: Loc,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    SockCreate {
+        sk: Loc,
+        family: Loc,
+        ty: Loc,
+        prot: Loc,
+    },
+    Sock {
+        accept: bool,
+        l: SockLocs,
+    },
+    Activity {
+        sk: Loc,
+        transport: Transport,
+        op: SockOp,
+        peer: Option<PeerLocs>,
+    },
+    Packet {
+        dir: PacketDir,
+        family: IpFamily,
+        sk: Option<Loc>,
+        len: Loc,
+        hdr: Loc,
+    },
+    Close {
+        sk: Loc,
+        family: Loc,
+    },
+    Exec {
+        filename: Loc,
+        pid: Loc,
+    },
+    Fork {
+        child: Loc,
+    },
+    Exit {
+        pid: Loc,
+    },
+    Creds {
+        uid: Loc,
+        gid: Loc,
+        euid: Loc,
+        egid: Loc,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Compiled {
+    id: u16,
+    task_context: bool,
+    common_type: Loc,
+    flags: Loc,
+    layout: Layout,
+}
+
+/// Decodes samples of a fixed list of events.
+#[derive(Debug)]
+pub struct Decoder {
+    events: Vec<Compiled>,
+    errors: [AtomicU64; DecodeErrorKind::ALL.len()],
+}
+
+struct FieldFinder<'a> {
+    f: &'a Format,
+}
+
+impl FieldFinder<'_> {
+    /// A field of exactly `size` bytes (0 = any size).
+    fn get(&self, name: &'static str, size: u32) -> Result<Loc, SetupError> {
+        match self.f.field(name) {
+            Some(fd) if size == 0 || fd.size == size => Ok(Loc {
+                off: fd.offset as usize,
+                size: fd.size as usize,
+            }),
+            _ => Err(SetupError::Field {
+                event: self.f.name.clone(),
+                field: name,
+                size,
+            }),
+        }
+    }
+
+    fn data_loc(&self, name: &'static str) -> Result<Loc, SetupError> {
+        match self.f.field(name) {
+            Some(fd) if fd.kind == FieldKind::DataLoc && fd.size == 4 => Ok(Loc {
+                off: fd.offset as usize,
+                size: 4,
+            }),
+            _ => Err(SetupError::Field {
+                event: self.f.name.clone(),
+                field: name,
+                size: 4,
+            }),
+        }
+    }
+
+    fn sock(&self) -> Result<SockLocs, SetupError> {
+        Ok(SockLocs {
+            sk: self.get("sk", 8)?,
+            family: self.get("family", 2)?,
+            sport: self.get("sport", 2)?,
+            dport: self.get("dport", 2)?,
+            saddr: self.get("saddr", 4)?,
+            daddr: self.get("daddr", 4)?,
+            saddr6: self.get("saddr6", 16)?,
+            daddr6: self.get("daddr6", 16)?,
+        })
+    }
+}
+
+impl Decoder {
+    /// Builds a decoder for `events`; `RawSample::event` indexes this slice.
+    pub fn new(events: &[EventDesc<'_>]) -> Result<Decoder, SetupError> {
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            let format = Format::parse(e.format)?;
+            let ff = FieldFinder { f: &format };
+            let layout = match e.kind {
+                DecoderKind::SockCreate => Layout::SockCreate {
+                    sk: ff.get("sk", 8)?,
+                    family: ff.get("family", 2)?,
+                    ty: ff.get("type", 0)?,
+                    prot: ff.data_loc("prot")?,
+                },
+                DecoderKind::TcpConnect => Layout::Sock {
+                    accept: false,
+                    l: ff.sock()?,
+                },
+                DecoderKind::TcpAccept => Layout::Sock {
+                    accept: true,
+                    l: ff.sock()?,
+                },
+                DecoderKind::SockActivity {
+                    transport,
+                    op,
+                    peer,
+                } => Layout::Activity {
+                    sk: ff.get("sk", 8)?,
+                    transport,
+                    op,
+                    peer: match peer {
+                        None => None,
+                        Some(family) => Some(PeerLocs {
+                            family,
+                            namelen: ff.get("namelen", 4)?,
+                            nfamily: ff.get("nfamily", 2)?,
+                            nport: ff.get("nport", 2)?,
+                            naddr: match family {
+                                IpFamily::V4 => ff.get("naddr", 4)?,
+                                IpFamily::V6 => ff.get("naddr6", 16)?,
+                            },
+                        }),
+                    },
+                },
+                DecoderKind::Packet { dir, family } => Layout::Packet {
+                    dir,
+                    family,
+                    sk: ff.get("sk", 8).ok(),
+                    len: ff.get("len", 4)?,
+                    hdr: ff.get("hdr", 0)?,
+                },
+                DecoderKind::SockClose => Layout::Close {
+                    sk: ff.get("sk", 8)?,
+                    family: ff.get("family", 2)?,
+                },
+                DecoderKind::Exec => Layout::Exec {
+                    filename: ff.data_loc("filename")?,
+                    pid: ff.get("pid", 4)?,
+                },
+                DecoderKind::Fork => Layout::Fork {
+                    child: ff.get("child_pid", 4)?,
+                },
+                DecoderKind::Exit => Layout::Exit {
+                    pid: ff.get("pid", 4)?,
+                },
+                DecoderKind::Creds => Layout::Creds {
+                    uid: ff.get("uid", 4)?,
+                    gid: ff.get("gid", 4)?,
+                    euid: ff.get("euid", 4)?,
+                    egid: ff.get("egid", 4)?,
+                },
+            };
+            out.push(Compiled {
+                // common_type is 16 bits wide: ids are compared on those bits.
+                id: (format.id & u32::from(u16::MAX)) as u16,
+                task_context: e.task_context,
+                common_type: ff.get("common_type", 2)?,
+                flags: ff.get("common_flags", 1)?,
+                layout,
+            });
+        }
+        Ok(Decoder {
+            events: out,
+            errors: Default::default(),
+        })
+    }
+
+    /// Number of errors of each kind so far.
+    pub fn error_counts(&self) -> [(DecodeErrorKind, u64); DecodeErrorKind::ALL.len()] {
+        DecodeErrorKind::ALL.map(|k| (k, self.errors[k.index()].load(Ordering::Relaxed)))
+    }
+
+    /// Decodes one sample. `Ok(None)` means the sample is intentionally
+    /// ignored (non-TCP/UDP packet, non-inet socket, failed accept).
+    /// Errors are counted by kind.
+    pub fn decode(&self, s: &RawSample<'_>) -> Result<Option<Event>, DecodeError> {
+        let r = self.decode_inner(s);
+        if let Err(e) = &r {
+            self.errors[e.kind().index()].fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn decode_inner(&self, s: &RawSample<'_>) -> Result<Option<Event>, DecodeError> {
+        let c = self
+            .events
+            .get(s.event as usize)
+            .ok_or(DecodeError::UnknownEvent(s.event))?;
+        let rec = Rec {
+            d: s.data,
+            event: s.event,
+        };
+        let ty = rec.uint(c.common_type)? as u16;
+        if ty != c.id {
+            return Err(DecodeError::TypeMismatch {
+                event: s.event,
+                expected: c.id,
+                found: ty,
+            });
+        }
+        let flags = rec.uint(c.flags)? as u8;
+        let task = (c.task_context && flags & IRQ_FLAGS == 0).then_some(Task {
+            pid: s.pid,
+            tid: s.tid,
+        });
+        let kind = match c.layout {
+            Layout::SockCreate {
+                sk,
+                family,
+                ty,
+                prot,
+            } => {
+                if !is_inet(rec.uint(family)? as u16) {
+                    return Ok(None);
+                }
+                let transport = match rec.str_bytes(prot)? {
+                    b"TCP" | b"TCPv6" => Some(Transport::Tcp),
+                    b"UDP" | b"UDPv6" => Some(Transport::Udp),
+                    [] => match rec.uint(ty)? {
+                        SOCK_STREAM => Some(Transport::Tcp),
+                        SOCK_DGRAM => Some(Transport::Udp),
+                        _ => None,
+                    },
+                    _ => return Ok(None),
+                };
+                EventKind::SockCreate {
+                    sock: rec.uint(sk)?,
+                    transport,
+                }
+            }
+            Layout::Sock { accept, l } => {
+                let sock = rec.uint(l.sk)?;
+                if sock == 0 {
+                    return Ok(None);
+                }
+                let sport = rec.uint(l.sport)? as u16;
+                let dport = rec.be16(l.dport)?;
+                let (local, remote) = match rec.uint(l.family)? as u16 {
+                    AF_INET => (
+                        SocketAddr::new(IpAddr::V4(rec.v4(l.saddr)?), sport),
+                        SocketAddr::new(IpAddr::V4(rec.v4(l.daddr)?), dport),
+                    ),
+                    AF_INET6 => (
+                        SocketAddr::new(canonical(rec.v6(l.saddr6)?), sport),
+                        SocketAddr::new(canonical(rec.v6(l.daddr6)?), dport),
+                    ),
+                    _ => return Ok(None),
+                };
+                if accept {
+                    EventKind::TcpAccept {
+                        sock,
+                        local,
+                        remote,
+                    }
+                } else {
+                    EventKind::TcpConnect {
+                        sock,
+                        local,
+                        remote,
+                    }
+                }
+            }
+            Layout::Activity {
+                sk,
+                transport,
+                op,
+                peer,
+            } => EventKind::SockActivity {
+                sock: rec.uint(sk)?,
+                transport,
+                op,
+                peer: match peer {
+                    Some(p) => rec.peer(p)?,
+                    None => None,
+                },
+            },
+            Layout::Packet {
+                dir,
+                family,
+                sk,
+                len,
+                hdr,
+            } => {
+                let sock = match sk {
+                    Some(l) => Some(rec.uint(l)?).filter(|&v| v != 0),
+                    None => None,
+                };
+                let ip_len = rec.uint(len)? as u32;
+                let h = rec.bytes(hdr)?;
+                let Some((transport, src, dst)) = parse_ip(h, family, s.event)? else {
+                    return Ok(None);
+                };
+                EventKind::Packet(Packet {
+                    sock,
+                    dir,
+                    transport,
+                    src,
+                    dst,
+                    ip_len,
+                })
+            }
+            Layout::Close { sk, family } => {
+                if !is_inet(rec.uint(family)? as u16) {
+                    return Ok(None);
+                }
+                EventKind::SockClose {
+                    sock: rec.uint(sk)?,
+                }
+            }
+            Layout::Exec { filename, pid } => EventKind::Exec {
+                pid: rec.uint(pid)? as u32,
+                filename: String::from_utf8_lossy(rec.str_bytes(filename)?).into_owned(),
+            },
+            Layout::Fork { child } => EventKind::Fork {
+                parent: s.pid,
+                child: rec.uint(child)? as u32,
+            },
+            Layout::Exit { pid } => EventKind::Exit {
+                tid: rec.uint(pid)? as u32,
+                pid: s.pid,
+            },
+            Layout::Creds {
+                uid,
+                gid,
+                euid,
+                egid,
+            } => EventKind::Creds(Creds {
+                uid: rec.uint(uid)? as u32,
+                gid: rec.uint(gid)? as u32,
+                euid: rec.uint(euid)? as u32,
+                egid: rec.uint(egid)? as u32,
+            }),
+        };
+        Ok(Some(Event {
+            time: s.time,
+            cpu: s.cpu,
+            task,
+            kind,
+        }))
+    }
+}
+
+fn is_inet(family: u16) -> bool {
+    family == AF_INET || family == AF_INET6
+}
+
+/// IPv4-mapped IPv6 addresses become IPv4 (they travel as IPv4 packets).
+fn canonical(a: Ipv6Addr) -> IpAddr {
+    match a.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(a),
+    }
+}
+
+type Parsed = Option<(Transport, SocketAddr, SocketAddr)>;
+
+fn transport_of(proto: u8) -> Option<Transport> {
+    match proto {
+        IPPROTO_TCP => Some(Transport::Tcp),
+        IPPROTO_UDP => Some(Transport::Udp),
+        _ => None,
+    }
+}
+
+fn port_pair(h: &[u8], off: usize, event: u32) -> Result<(u16, u16), DecodeError> {
+    match h.get(off..off + 4) {
+        Some(p) => Ok((
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+        )),
+        None => Err(DecodeError::BadPacket {
+            event,
+            what: "transport header beyond fetched bytes",
+        }),
+    }
+}
+
+/// Parses the fetched IP header bytes: (transport, src, dst), or None for
+/// protocols other than TCP/UDP.
+fn parse_ip(h: &[u8], family: IpFamily, event: u32) -> Result<Parsed, DecodeError> {
+    let bad = |what| DecodeError::BadPacket { event, what };
+    match family {
+        IpFamily::V4 => {
+            if h.len() < IPV4_MIN_HDR_LEN {
+                return Err(bad("header shorter than 20 bytes"));
+            }
+            if h[0] >> 4 != 4 {
+                return Err(bad("not an IPv4 header"));
+            }
+            let ihl = usize::from(h[0] & 0x0f) * 4;
+            if ihl < IPV4_MIN_HDR_LEN {
+                return Err(bad("IHL below 5"));
+            }
+            let Some(t) = transport_of(h[9]) else {
+                return Ok(None);
+            };
+            if u16::from_be_bytes([h[6], h[7]]) & IPV4_FRAG_OFFSET != 0 {
+                return Err(DecodeError::Fragment { event });
+            }
+            let (sp, dp) = port_pair(h, ihl, event)?;
+            let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
+            let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
+            Ok(Some((
+                t,
+                SocketAddr::new(IpAddr::V4(src), sp),
+                SocketAddr::new(IpAddr::V4(dst), dp),
+            )))
+        }
+        IpFamily::V6 => {
+            if h.len() < IPV6_HDR_LEN {
+                return Err(bad("header shorter than 40 bytes"));
+            }
+            if h[0] >> 4 != 6 {
+                return Err(bad("not an IPv6 header"));
+            }
+            let mut next = h[6];
+            let mut off = IPV6_HDR_LEN;
+            loop {
+                match next {
+                    IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                        let ext = h
+                            .get(off..off + 2)
+                            .ok_or_else(|| bad("extension headers beyond fetched bytes"))?;
+                        next = ext[0];
+                        off += (usize::from(ext[1]) + 1) * 8;
+                    }
+                    IPV6_FRAGMENT => {
+                        let ext = h
+                            .get(off..off + 4)
+                            .ok_or_else(|| bad("extension headers beyond fetched bytes"))?;
+                        if u16::from_be_bytes([ext[2], ext[3]]) & IPV6_FRAG_OFFSET != 0 {
+                            return Err(DecodeError::Fragment { event });
+                        }
+                        next = ext[0];
+                        off += 8;
+                    }
+                    _ => break,
+                }
+            }
+            let Some(t) = transport_of(next) else {
+                return Ok(None);
+            };
+            let (sp, dp) = port_pair(h, off, event)?;
+            let mut src = [0u8; 16];
+            let mut dst = [0u8; 16];
+            src.copy_from_slice(&h[8..24]);
+            dst.copy_from_slice(&h[24..40]);
+            Ok(Some((
+                t,
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::from(src)), sp),
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::from(dst)), dp),
+            )))
+        }
+    }
+}
+
+/// Bounds-checked reads from one record.
+struct Rec<'a> {
+    d: &'a [u8],
+    event: u32,
+}
+
+impl<'a> Rec<'a> {
+    fn bytes(&self, l: Loc) -> Result<&'a [u8], DecodeError> {
+        self.d
+            .get(l.off..l.off.saturating_add(l.size))
+            .ok_or(DecodeError::Truncated {
+                event: self.event,
+                need: l.off.saturating_add(l.size),
+                have: self.d.len(),
+            })
+    }
+
+    /// Little-endian (host order) unsigned value of a 1/2/4/8-byte field.
+    fn uint(&self, l: Loc) -> Result<u64, DecodeError> {
+        let b = self.bytes(l)?;
+        let mut buf = [0u8; 8];
+        let n = b.len().min(buf.len());
+        buf[..n].copy_from_slice(&b[..n]);
+        Ok(u64::from_le_bytes(buf))
+    }
+
+    fn be16(&self, l: Loc) -> Result<u16, DecodeError> {
+        let b = self.bytes(l)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn v4(&self, l: Loc) -> Result<Ipv4Addr, DecodeError> {
+        let b = self.bytes(l)?;
+        Ok(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    }
+
+    fn v6(&self, l: Loc) -> Result<Ipv6Addr, DecodeError> {
+        let b = self.bytes(l)?;
+        let mut a = [0u8; 16];
+        a.copy_from_slice(b);
+        Ok(Ipv6Addr::from(a))
+    }
+
+    /// Bytes of a `__data_loc` string, without the trailing NUL.
+    fn str_bytes(&self, l: Loc) -> Result<&'a [u8], DecodeError> {
+        let v = self.uint(l)? as u32;
+        let (off, len) = ((v & 0xffff) as usize, (v >> 16) as usize);
+        let b = self.bytes(Loc { off, size: len })?;
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        Ok(&b[..end])
+    }
+
+    fn peer(&self, p: PeerLocs) -> Result<Option<SocketAddr>, DecodeError> {
+        let namelen = self.uint(p.namelen)? as u32 as i32;
+        let nfamily = self.uint(p.nfamily)? as u16;
+        let port = self.be16(p.nport)?;
+        Ok(match (p.family, nfamily) {
+            (IpFamily::V4, AF_INET) if namelen >= SOCKADDR_IN_LEN => {
+                Some(SocketAddr::new(IpAddr::V4(self.v4(p.naddr)?), port))
+            }
+            (IpFamily::V6, AF_INET6) if namelen >= SOCKADDR_IN6_LEN => {
+                Some(SocketAddr::new(canonical(self.v6(p.naddr)?), port))
+            }
+            _ => None,
+        })
+    }
+}

@@ -1,0 +1,340 @@
+//! Installing and removing the probe set.
+//!
+//! Probes live in the group `sockscope_<pid>` so that instances never touch
+//! each other's probes; groups of processes that no longer run are removed
+//! at start ([`remove_stale_groups`]). A [`ProbeGuard`] removes its probes on
+//! drop and, through [`install_panic_hook`], on panic.
+//!
+//! Order at shutdown: the kernel refuses (EBUSY) to remove a probe while a
+//! perf event is open on it, so the perf rings must be closed before the
+//! guard is dropped (declare the guard before the rings so it drops after
+//! them).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use crate::decode::DecoderKind;
+
+use super::error::ProbeError;
+use super::spec::{Attach, ResolvedProbe};
+use super::tracefs::Tracefs;
+
+/// Prefix of every group we create.
+pub const GROUP_PREFIX: &str = "sockscope_";
+/// Longest group or event name tracefs accepts (MAX_EVENT_NAME_LEN - 1).
+pub const MAX_NAME_LEN: usize = 63;
+/// Lines of tracefs `error_log` quoted in install errors.
+const ERROR_LOG_LINES: usize = 4;
+/// errno of a probe that still has perf users.
+const EBUSY: i32 = 16;
+
+/// One installed (or, for tracepoints, selected) event, as the ring reader
+/// and the decoder need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstalledEvent {
+    /// Event system: our group for kprobes, `sched` for tracepoints.
+    pub system: String,
+    /// Event name.
+    pub name: String,
+    /// Tracefs event id (`events/<system>/<name>/id`), the perf config.
+    pub id: u32,
+    /// The event's `format` file text.
+    pub format: String,
+    /// How its samples are decoded.
+    pub decoder: DecoderKind,
+    /// Whether the sample pid/tid is meaningful.
+    pub task_context: bool,
+    /// Filter to set on each perf fd with PERF_EVENT_IOC_SET_FILTER.
+    pub filter: Option<&'static str>,
+    /// Kernel function probed (None for tracepoints).
+    pub function: Option<&'static str>,
+}
+
+/// The group name for this process.
+pub fn group_name() -> String {
+    format!("{GROUP_PREFIX}{}", std::process::id())
+}
+
+/// Per group: the `kprobe_events` path and the `GROUP/NAME`s installed.
+type Registry = HashMap<String, (PathBuf, Vec<String>)>;
+
+/// Probes to remove, per group, for the panic hook.
+fn registry() -> &'static Mutex<Registry> {
+    static REG: OnceLock<Mutex<Registry>> = OnceLock::new();
+    REG.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn lock_registry() -> std::sync::MutexGuard<'static, Registry> {
+    registry().lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Installs a panic hook (once) that removes every installed group before
+/// running the previous hook. Removal fails with EBUSY for probes whose perf
+/// events are still open; those are removed by the next start's
+/// [`remove_stale_groups`].
+pub fn install_panic_hook() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let groups: Vec<_> = lock_registry().drain().collect();
+            for (_, (path, names)) in groups {
+                for n in names {
+                    let _ = write_line(&path, &format!("-:{n}"));
+                }
+            }
+            prev(info);
+        }));
+    });
+}
+
+fn write_line(path: &Path, line: &str) -> std::io::Result<()> {
+    let mut f = fs::OpenOptions::new().append(true).open(path)?;
+    f.write_all(format!("{line}\n").as_bytes())
+}
+
+fn error_log(tfs: &Tracefs) -> String {
+    let text = fs::read_to_string(tfs.root().join("error_log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(ERROR_LOG_LINES)..].join(" | ")
+}
+
+/// Installed probes of one group; removes them on drop.
+#[derive(Debug)]
+pub struct ProbeGuard {
+    kprobe_events: PathBuf,
+    group: String,
+    /// `GROUP/NAME` of every kprobe still installed.
+    kprobes: Vec<String>,
+    events: Vec<InstalledEvent>,
+}
+
+impl ProbeGuard {
+    /// Installs `probes` in the group `sockscope_<pid>`.
+    pub fn install(tfs: &Tracefs, probes: &[ResolvedProbe]) -> Result<ProbeGuard, ProbeError> {
+        ProbeGuard::install_in_group(tfs, probes, &group_name())
+    }
+
+    /// Installs `probes` in `group` (which must start with
+    /// [`GROUP_PREFIX`] followed by our pid). Kprobe definitions are
+    /// appended to `kprobe_events`; tracepoints are only looked up. On error,
+    /// whatever was installed is removed again.
+    pub fn install_in_group(
+        tfs: &Tracefs,
+        probes: &[ResolvedProbe],
+        group: &str,
+    ) -> Result<ProbeGuard, ProbeError> {
+        if group.len() > MAX_NAME_LEN || !group.starts_with(GROUP_PREFIX) {
+            return Err(ProbeError::Parse {
+                path: tfs.kprobe_events(),
+                what: format!("bad group name {group:?}"),
+            });
+        }
+        let mut guard = ProbeGuard {
+            kprobe_events: tfs.kprobe_events(),
+            group: group.to_string(),
+            kprobes: Vec::new(),
+            events: Vec::new(),
+        };
+        // A leftover group with our pid belongs to a dead process whose pid
+        // we reuse.
+        remove_group(tfs, group)?;
+        for p in probes {
+            let (system, name) = match (&p.spec.attach, p.definition(group)) {
+                (Attach::Tracepoint { system, event }, _) => {
+                    (system.to_string(), event.to_string())
+                }
+                (_, Some(line)) => {
+                    write_line(&guard.kprobe_events, &line).map_err(|source| {
+                        ProbeError::Install {
+                            line: line.clone(),
+                            path: guard.kprobe_events.clone(),
+                            source,
+                            log: error_log(tfs),
+                        }
+                    })?;
+                    let full = format!("{group}/{}", p.spec.name);
+                    guard.kprobes.push(full.clone());
+                    lock_registry()
+                        .entry(group.to_string())
+                        .or_insert_with(|| (guard.kprobe_events.clone(), Vec::new()))
+                        .1
+                        .push(full);
+                    (group.to_string(), p.spec.name.to_string())
+                }
+                (_, None) => continue,
+            };
+            let id = tfs.event_id(&system, &name)?;
+            let format = tfs.event_format(&system, &name)?;
+            guard.events.push(InstalledEvent {
+                system,
+                name,
+                id,
+                format,
+                decoder: p.spec.decoder,
+                task_context: p.spec.task_context,
+                filter: p.spec.filter,
+                function: p.function,
+            });
+        }
+        Ok(guard)
+    }
+
+    /// The installed events, in install order (the ring opens them in this
+    /// order; `RawSample::event` indexes this slice).
+    pub fn events(&self) -> &[InstalledEvent] {
+        &self.events
+    }
+
+    /// Our group name.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Removes every kprobe still installed. Idempotent; on EBUSY (perf
+    /// events still open) the remaining probes stay registered and a later
+    /// call may retry.
+    pub fn remove(&mut self) -> Result<(), ProbeError> {
+        let mut first_err = None;
+        let mut left = Vec::new();
+        for name in self.kprobes.drain(..) {
+            if let Err(source) = write_line(&self.kprobe_events, &format!("-:{name}")) {
+                let busy = source.raw_os_error() == Some(EBUSY);
+                if source.kind() != std::io::ErrorKind::NotFound {
+                    left.push(name.clone());
+                }
+                first_err.get_or_insert(ProbeError::Remove {
+                    name,
+                    path: self.kprobe_events.clone(),
+                    source,
+                    hint: if busy {
+                        "; perf events on it are still open: close the rings before dropping the probes"
+                    } else {
+                        ""
+                    },
+                });
+            }
+        }
+        self.kprobes = left;
+        let mut reg = lock_registry();
+        if self.kprobes.is_empty() {
+            reg.remove(&self.group);
+        } else if let Some(e) = reg.get_mut(&self.group) {
+            e.1.clone_from(&self.kprobes);
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Sum of missed hits of our probes (`kprobe_profile` third column);
+    /// for return probes this counts exhausted instances.
+    pub fn missed(&self, tfs: &Tracefs) -> Result<u64, ProbeError> {
+        let path = tfs.root().join("kprobe_profile");
+        let text = fs::read_to_string(&path).map_err(|e| ProbeError::io("read", &path, e))?;
+        Ok(parse_profile_misses(&text, &self.group))
+    }
+}
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            tracing::warn!(error = %e, "probes left installed");
+        }
+    }
+}
+
+/// Sums the `nmissed` column of `kprobe_profile` lines of `group`.
+pub fn parse_profile_misses(text: &str, group: &str) -> u64 {
+    let prefix = format!("{group}/");
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let name = it.next()?;
+            if !name.starts_with(&prefix) {
+                return None;
+            }
+            it.nth(1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// (group, name) of every kprobe in `kprobe_events` text.
+pub fn parse_kprobe_events(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let head = l.split_whitespace().next()?;
+            let (_, gn) = head.split_once(':')?;
+            let (g, n) = gn.split_once('/')?;
+            Some((g.to_string(), n.to_string()))
+        })
+        .collect()
+}
+
+/// The pid encoded in one of our group names (`sockscope_<pid>[_suffix]`).
+pub fn group_pid(group: &str) -> Option<u32> {
+    let rest = group.strip_prefix(GROUP_PREFIX)?;
+    rest.split('_').next()?.parse().ok()
+}
+
+fn remove_group(tfs: &Tracefs, group: &str) -> Result<Vec<String>, ProbeError> {
+    let path = tfs.kprobe_events();
+    let text = fs::read_to_string(&path).map_err(|e| ProbeError::io("read", &path, e))?;
+    let mut removed = Vec::new();
+    for (g, n) in parse_kprobe_events(&text) {
+        if g == group {
+            let full = format!("{g}/{n}");
+            write_line(&path, &format!("-:{full}")).map_err(|source| ProbeError::Remove {
+                name: full.clone(),
+                path: path.clone(),
+                source,
+                hint: "",
+            })?;
+            removed.push(full);
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes the probes of `sockscope_<pid>` groups whose process is no longer
+/// running (`/proc/<pid>` missing). Returns the removed `GROUP/NAME`s.
+pub fn remove_stale_groups(tfs: &Tracefs) -> Result<Vec<String>, ProbeError> {
+    let path = tfs.kprobe_events();
+    let text = fs::read_to_string(&path).map_err(|e| ProbeError::io("read", &path, e))?;
+    let mut groups: Vec<String> = parse_kprobe_events(&text)
+        .into_iter()
+        .map(|(g, _)| g)
+        .filter(|g| group_pid(g).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()))
+        .collect();
+    groups.dedup();
+    let mut removed = Vec::new();
+    for g in groups {
+        removed.extend(remove_group(tfs, &g)?);
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kprobe_events_lines() {
+        let text = "p:sockscope_12/tcp_connect tcp_connect+0 sk=%di:x64\n\
+                    r256:sockscope_12/tcp_accept inet_csk_accept ret=$retval\n\
+                    p:kprobes/other do_sys_open\n";
+        let v = parse_kprobe_events(text);
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[1], ("sockscope_12".into(), "tcp_accept".into()));
+        assert_eq!(group_pid(&v[0].0), Some(12));
+        assert_eq!(group_pid("sockscope_77_t3"), Some(77));
+        assert_eq!(group_pid(&v[2].0), None);
+    }
+
+    #[test]
+    fn profile_misses_only_count_our_group() {
+        let text = "  sockscope_5/tcp_accept  100  7\n  sockscope_6/tcp_accept 3 9\n  sockscope_5/ip_out 10 2\n";
+        assert_eq!(parse_profile_misses(text, "sockscope_5"), 9);
+    }
+}
