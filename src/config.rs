@@ -285,7 +285,9 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     match Raw::deserialize(d)? {
         Raw::Secs(s) => Ok(Duration::from_secs(s)),
         Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {t:?}: {e} (use e.g. 30s, 1m, 100ms)"))
+            serde::de::Error::custom(format!(
+                "invalid duration {t:?}: {e} (use e.g. 30s, 1m, 100ms)"
+            ))
         }),
     }
 }

@@ -690,7 +690,7 @@ mod tests {
         let mut t = table(&src, 16);
         t.scan().unwrap();
         let old = t.lookup(10);
-        t.on_exit(10, 10, 1 * S);
+        t.on_exit(10, 10, S);
         t.expire(5 * S);
         assert_eq!(t.get(10).unwrap().name, "old", "resolvable during grace");
         t.expire(6 * S);
