@@ -96,7 +96,7 @@ mod tests;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -134,6 +134,8 @@ impl Clock for OffsetClock {
 pub const MAX_TABLE_BOUND: usize = 1 << 30;
 /// Default bound of the embryonic table.
 pub const DEFAULT_MAX_EMBRYONIC: usize = 16_384;
+/// Events per group in [`Engine::handle_batch`].
+const BATCH: usize = 16;
 /// How many live candidates a flow eviction examines before taking one.
 const EVICTION_PROBES: usize = 8;
 
@@ -229,23 +231,20 @@ pub struct EngineStats {
     pub ignored_events: u64,
 }
 
-/// An endpoint key: IPv4 stored IPv4-mapped.
+/// An endpoint key: IPv4 stored IPv4-mapped. Byte arrays keep the key
+/// unaligned and small (18 bytes), which matters for the tuple index's
+/// cache footprint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Ep {
-    ip: u128,
+    ip: [u8; 16],
     port: u16,
 }
-
-/// The IPv4-mapped prefix `::ffff:0:0/96`.
-const V4_MAPPED: u128 = 0xffff << 32;
-/// Mask of the upper 96 bits.
-const UPPER_96: u128 = !0u128 << 32;
 
 impl Ep {
     fn of(sa: &SocketAddr) -> Ep {
         let ip = match sa.ip() {
-            IpAddr::V4(v4) => V4_MAPPED | u128::from(u32::from(v4)),
-            IpAddr::V6(v6) => u128::from(v6),
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
         };
         Ep {
             ip,
@@ -254,11 +253,10 @@ impl Ep {
     }
 
     fn ip_addr(&self) -> IpAddr {
-        if self.ip & UPPER_96 == V4_MAPPED {
-            // Truncation keeps exactly the low 32 bits, the IPv4 address.
-            IpAddr::V4(Ipv4Addr::from(self.ip as u32))
-        } else {
-            IpAddr::V6(Ipv6Addr::from(self.ip))
+        let v6 = Ipv6Addr::from(self.ip);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
         }
     }
 }
@@ -345,6 +343,10 @@ struct Socket {
     data_seen: bool,
     /// Direction of the TCP connection, when known.
     tcp_dir: FlowDirection,
+    /// The live flow of a TCP socket (NIL when none).
+    tcp_flow: u32,
+    /// The UDP flow used last (a cache in front of the peer index).
+    udp_hint: u32,
     tuple: Option<Tuple>,
     udp_local: Option<Ep>,
     closed_at: Option<KernelTime>,
@@ -473,6 +475,37 @@ impl<C: Clock> Engine<C> {
         self.sock_index.reserve(n.min(self.max_sockets));
     }
 
+    /// Estimated bytes held by the engine's own tables (slabs, indices,
+    /// timer heaps), from their capacities and element sizes. Process
+    /// snapshots (shared between the sockets of a process) are not counted.
+    pub fn memory_bytes(&self) -> usize {
+        fn map<K, V>(m: &HashMap<K, V>) -> usize {
+            // hashbrown: buckets are a power of two at most 7/8 full, one
+            // control byte per bucket plus a group of trailing ones.
+            let cap = m.capacity();
+            if cap == 0 {
+                return 0;
+            }
+            let buckets = (cap * 8 / 7).next_power_of_two();
+            buckets * (std::mem::size_of::<(K, V)>() + 1) + 16
+        }
+        fn heap(h: &BinaryHeap<Due>) -> usize {
+            h.capacity() * std::mem::size_of::<Due>()
+        }
+        self.sockets.heap_bytes()
+            + self.flows.heap_bytes()
+            + self.embryos.heap_bytes()
+            + map(&self.sock_index)
+            + map(&self.tuple_index)
+            + map(&self.peer_index)
+            + map(&self.udp_local)
+            + map(&self.udp_port)
+            + map(&self.embryo_index)
+            + heap(&self.flow_due)
+            + heap(&self.sock_due)
+            + heap(&self.embryo_due)
+    }
+
     /// The process table.
     pub fn processes(&mut self) -> &mut ProcessTable {
         &mut self.procs
@@ -500,9 +533,59 @@ impl<C: Clock> Engine<C> {
 
     /// Processes one event (events must come in timestamp order).
     pub fn handle(&mut self, ev: &Event, out: &mut Vec<Output>) {
+        self.handle_hinted(ev, NIL, out);
+    }
+
+    /// Processes a slice of events in order, with the same result as
+    /// calling [`Engine::handle`] on each. Faster with large tables: the
+    /// socket lookups of a group of packets are issued before any of them is
+    /// applied, so their cache misses overlap.
+    pub fn handle_batch(&mut self, evs: &[Event], out: &mut Vec<Output>) {
+        for chunk in evs.chunks(BATCH) {
+            let mut hints = [NIL; BATCH];
+            let mut touched = 0u64;
+            for (hint, ev) in hints.iter_mut().zip(chunk) {
+                let EventKind::Packet(Packet {
+                    sock: Some(sa),
+                    transport,
+                    ..
+                }) = &ev.kind
+                else {
+                    continue;
+                };
+                let Some(&s) = self.sock_index.get(sa) else {
+                    continue;
+                };
+                *hint = s;
+                if let Some(so) = self.sockets.get(s) {
+                    let f = match transport {
+                        Transport::Tcp => so.tcp_flow,
+                        Transport::Udp => so.udp_hint,
+                    };
+                    // Start loading the flow too; the value is irrelevant.
+                    touched ^= self.flows.get(f).map_or(0, |fl| fl.id);
+                }
+            }
+            std::hint::black_box(touched);
+            for (&hint, ev) in hints.iter().zip(chunk) {
+                self.handle_hinted(ev, hint, out);
+            }
+        }
+    }
+
+    /// The slot of the tracked socket at `sa`; `hint` is a slot looked up
+    /// earlier, used when it still holds that socket.
+    fn sock_slot(&self, sa: SockAddr, hint: u32) -> Option<u32> {
+        if self.sockets.get(hint).is_some_and(|so| so.addr == sa) {
+            return Some(hint);
+        }
+        self.sock_index.get(&sa).copied()
+    }
+
+    fn handle_hinted(&mut self, ev: &Event, hint: u32, out: &mut Vec<Output>) {
         let t = ev.time;
         if let EventKind::Packet(p) = &ev.kind {
-            self.on_packet(t, p, out);
+            self.on_packet(t, p, hint, out);
             return;
         }
         match &ev.kind {
@@ -689,7 +772,7 @@ impl<C: Clock> Engine<C> {
 
     // ----- packets -----
 
-    fn on_packet(&mut self, t: KernelTime, p: &Packet, out: &mut Vec<Output>) {
+    fn on_packet(&mut self, t: KernelTime, p: &Packet, hint: u32, out: &mut Vec<Output>) {
         let (local, remote) = match p.dir {
             PacketDir::Egress => (&p.src, &p.dst),
             PacketDir::Ingress => (&p.dst, &p.src),
@@ -699,17 +782,41 @@ impl<C: Clock> Engine<C> {
             Transport::Tcp => self.tcp_packet(
                 t,
                 p,
+                hint,
                 Tuple {
                     local: l,
                     remote: r,
                 },
                 out,
             ),
-            Transport::Udp => self.udp_packet(t, p, l, r, out),
+            Transport::Udp => self.udp_packet(t, p, hint, (l, r), out),
         }
     }
 
-    fn tcp_packet(&mut self, t: KernelTime, p: &Packet, tuple: Tuple, out: &mut Vec<Output>) {
+    fn tcp_packet(
+        &mut self,
+        t: KernelTime,
+        p: &Packet,
+        hint: u32,
+        tuple: Tuple,
+        out: &mut Vec<Output>,
+    ) {
+        // Fast path, same result as the tuple index (a socket's tuple is
+        // indexed to that socket alone) with a smaller table to probe.
+        if let Some(sa) = p.sock {
+            if let Some(so) = self.sock_slot(sa, hint).and_then(|s| self.sockets.get(s)) {
+                // The socket's live flow carries the socket's tuple.
+                let f = so.tcp_flow;
+                if let Some(fl) = self
+                    .flows
+                    .get_mut(f)
+                    .filter(|fl| fl.local == tuple.local && fl.remote == tuple.remote)
+                {
+                    fl.count(p.dir, p.ip_len, t);
+                    return;
+                }
+            }
+        }
         if let Some(&TupleRef { sock, flow }) = self.tuple_index.get(&tuple) {
             let flow = if flow != NIL {
                 flow
@@ -719,7 +826,7 @@ impl<C: Clock> Engine<C> {
                     .sockets
                     .get(sock)
                     .map_or(FlowDirection::Unknown, |so| so.tcp_dir);
-                self.new_flow(
+                let f = self.new_flow(
                     t,
                     sock,
                     Transport::Tcp,
@@ -728,7 +835,9 @@ impl<C: Clock> Engine<C> {
                     dir,
                     false,
                     out,
-                )
+                );
+                self.set_tcp_flow(sock, tuple, f);
+                f
             };
             if let Some(f) = self.flows.get_mut(flow) {
                 f.count(p.dir, p.ip_len, t);
@@ -765,6 +874,18 @@ impl<C: Clock> Engine<C> {
             }
         }
         self.embryo_packet(t, p, tuple);
+    }
+
+    /// Records `f` as the live flow of TCP socket `s` with `tuple`.
+    fn set_tcp_flow(&mut self, s: u32, tuple: Tuple, f: u32) {
+        if let Some(so) = self.sockets.get_mut(s) {
+            so.tcp_flow = f;
+        }
+        if let Some(r) = self.tuple_index.get_mut(&tuple) {
+            if r.sock == s {
+                r.flow = f;
+            }
+        }
     }
 
     fn embryo_packet(&mut self, t: KernelTime, p: &Packet, tuple: Tuple) {
@@ -817,7 +938,14 @@ impl<C: Clock> Engine<C> {
         }
     }
 
-    fn udp_packet(&mut self, t: KernelTime, p: &Packet, l: Ep, r: Ep, out: &mut Vec<Output>) {
+    fn udp_packet(
+        &mut self,
+        t: KernelTime,
+        p: &Packet,
+        hint: u32,
+        (l, r): (Ep, Ep),
+        out: &mut Vec<Output>,
+    ) {
         let sa = match p.sock {
             Some(sa) => sa,
             None => match self
@@ -832,9 +960,27 @@ impl<C: Clock> Engine<C> {
                 }
             },
         };
+        // Fast path: the flow this socket used last.
+        if let Some(s) = self.sock_slot(sa, hint) {
+            if let Some(so) = self.sockets.get(s) {
+                let f = so.udp_hint;
+                if let Some(fl) = self
+                    .flows
+                    .get_mut(f)
+                    .filter(|fl| fl.sock == s && fl.remote == r)
+                {
+                    fl.count(p.dir, p.ip_len, t);
+                    return;
+                }
+            }
+        }
         if let Some(&f) = self.peer_index.get(&(sa, r)) {
             if let Some(fl) = self.flows.get_mut(f) {
                 fl.count(p.dir, p.ip_len, t);
+                let s = fl.sock;
+                if let Some(so) = self.sockets.get_mut(s) {
+                    so.udp_hint = f;
+                }
             }
             return;
         }
@@ -873,6 +1019,9 @@ impl<C: Clock> Engine<C> {
         };
         let f = self.new_flow(t, s, Transport::Udp, l, r, dir, complete, out);
         self.peer_index.insert((sa, r), f);
+        if let Some(so) = self.sockets.get_mut(s) {
+            so.udp_hint = f;
+        }
         if let Some(fl) = self.flows.get_mut(f) {
             fl.count(p.dir, p.ip_len, t);
         }
@@ -902,6 +1051,8 @@ impl<C: Clock> Engine<C> {
             origin_seen,
             data_seen: false,
             tcp_dir: FlowDirection::Unknown,
+            tcp_flow: NIL,
+            udp_hint: NIL,
             tuple: None,
             udp_local: None,
             closed_at: None,
@@ -946,6 +1097,9 @@ impl<C: Clock> Engine<C> {
         );
         self.tuple_index
             .insert(tuple, TupleRef { sock: s, flow: f });
+        if let Some(so) = self.sockets.get_mut(s) {
+            so.tcp_flow = f;
+        }
         if let Some(e) = self.embryo_index.remove(&tuple) {
             if let (Some(em), Some(fl)) = (self.embryos.remove(e), self.flows.get_mut(f)) {
                 fl.out_packets += em.out_packets;
@@ -1042,6 +1196,12 @@ impl<C: Clock> Engine<C> {
                 }
                 if fl.owner.is_none() {
                     so.unowned_flows = so.unowned_flows.saturating_sub(1);
+                }
+                if so.tcp_flow == f {
+                    so.tcp_flow = NIL;
+                }
+                if so.udp_hint == f {
+                    so.udp_hint = NIL;
                 }
                 so.addr
             }

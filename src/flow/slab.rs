@@ -59,6 +59,12 @@ impl<T> Slab<T> {
         Some(v)
     }
 
+    /// Bytes held by the slot array and free list.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.items.capacity() * std::mem::size_of::<Option<T>>()
+            + self.free.capacity() * std::mem::size_of::<u32>()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.len
     }

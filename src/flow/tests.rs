@@ -977,3 +977,184 @@ fn v4_mapped_dual_stack_socket_matches_ipv4_packets() {
     assert_eq!(r.local.packets, 1);
     assert_eq!(r.local.ip.to_string(), "10.0.0.1");
 }
+
+#[test]
+fn table_entries_stay_small() {
+    // Memory per tracked flow is dominated by these; keep them in check.
+    assert!(
+        std::mem::size_of::<Tuple>() <= 36,
+        "{}",
+        std::mem::size_of::<Tuple>()
+    );
+    assert!(
+        std::mem::size_of::<Option<Flow>>() <= 160,
+        "{}",
+        std::mem::size_of::<Option<Flow>>()
+    );
+    assert!(
+        std::mem::size_of::<Option<Socket>>() <= 160,
+        "{}",
+        std::mem::size_of::<Option<Socket>>()
+    );
+}
+
+#[test]
+fn tcp_connection_resuming_after_inactivity_is_one_new_flow() {
+    let mut h = H::new();
+    let sk = 0x4100;
+    let (l, r) = ("10.0.0.1:1000", "10.0.0.2:22");
+    h.create(0, 100, sk, Some(Tcp));
+    h.connect(0, 100, sk, l, r);
+    h.pkt(S, Some(sk), Tcp, Out, l, r, 60);
+    h.tick(31 * S);
+    let first = only(h.flows());
+    assert!(first.is_final && first.complete);
+    h.pkt(50 * S, Some(sk), Tcp, In, r, l, 80);
+    h.pkt(51 * S, None, Tcp, Out, l, r, 60);
+    h.pkt(52 * S, Some(sk), Tcp, Out, l, r, 60);
+    assert_eq!(h.eng.stats().flows, 1);
+    h.close(53 * S, Some(100), sk);
+    h.tick(60 * S);
+    let second = only(h.flows());
+    assert_ne!(second.id, first.id);
+    assert_eq!(counters(&second), (2, 120, 1, 80));
+    assert_eq!(second.direction, FlowDirection::Egress);
+    assert!(!second.complete);
+}
+
+/// A deterministic mix of socket events and packets over a few reused
+/// socket addresses and endpoints.
+fn mixed_events(n: usize) -> Vec<Event> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut v = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = next();
+        let sock = 0x1000 + (r % 12) * 0x100;
+        let port = 1000 + ((r >> 8) % 6) as u16;
+        let peer = 80 + ((r >> 16) % 3) as u16;
+        let l = SocketAddr::from(([10, 0, 0, 1], port));
+        let rem = SocketAddr::from(([10, 0, 0, 2], peer));
+        let tr = if (r >> 20) % 2 == 0 { Tcp } else { Udp };
+        let task = Some(Task {
+            pid: 100 + ((r >> 24) % 3) as u32 * 100,
+            tid: 1,
+        });
+        let (task, kind) = match (r >> 32) % 16 {
+            0 => (
+                task,
+                EventKind::SockCreate {
+                    sock,
+                    transport: Some(tr),
+                },
+            ),
+            1 => (
+                task,
+                EventKind::TcpConnect {
+                    sock,
+                    local: l,
+                    remote: rem,
+                },
+            ),
+            2 => (
+                task,
+                EventKind::TcpAccept {
+                    sock,
+                    local: l,
+                    remote: rem,
+                },
+            ),
+            3 => (task, EventKind::SockClose { sock }),
+            4 => (
+                task,
+                EventKind::SockActivity {
+                    sock,
+                    transport: tr,
+                    op: SockOp::Send,
+                    peer: None,
+                },
+            ),
+            k => {
+                let dir = if k % 2 == 0 { Out } else { In };
+                let (src, dst) = if dir == Out { (l, rem) } else { (rem, l) };
+                let sock = if k == 15 { None } else { Some(sock) };
+                (
+                    None,
+                    EventKind::Packet(Packet {
+                        sock,
+                        dir,
+                        transport: tr,
+                        src,
+                        dst,
+                        ip_len: 40 + (k as u32),
+                    }),
+                )
+            }
+        };
+        v.push(Event {
+            time: i as u64 * 50 * MS,
+            cpu: 0,
+            task,
+            kind,
+        });
+    }
+    v
+}
+
+#[test]
+fn handle_batch_matches_handle() {
+    let evs = mixed_events(5_000);
+    let mut a = H::new();
+    let mut b = H::new();
+    for (i, chunk) in evs.chunks(37).enumerate() {
+        for ev in chunk {
+            a.eng.handle(ev, &mut a.out);
+        }
+        b.eng.handle_batch(chunk, &mut b.out);
+        let now = chunk.last().unwrap().time;
+        if i % 3 == 0 {
+            a.tick(now);
+            b.tick(now);
+        }
+    }
+    a.eng.flush(&mut a.out);
+    b.eng.flush(&mut b.out);
+    let (fa, fb) = (a.flows(), b.flows());
+    assert!(fa.len() > 100, "the mix produces many flows: {}", fa.len());
+    assert_eq!(fa, fb);
+    assert_eq!(a.eng.stats(), b.eng.stats());
+}
+
+#[test]
+fn mixed_sequence_keeps_tables_consistent_and_bounded() {
+    let mut c = cfg();
+    c.max_flows = 8;
+    c.max_sockets = 6;
+    let mut h = H::with(c, 1024);
+    let evs = mixed_events(20_000);
+    for ev in &evs {
+        h.eng.handle(ev, &mut h.out);
+        let st = h.eng.stats();
+        assert!(st.flows <= 8 && st.sockets <= 6, "{st:?}");
+        if ev.time % (5 * S) == 0 {
+            h.tick(ev.time);
+        }
+    }
+    h.eng.flush(&mut h.out);
+    let recs = h.flows();
+    let st = h.eng.stats();
+    assert_eq!((st.flows, st.sockets), (0, 0));
+    // Every flow created ends in exactly one final record.
+    let finals = recs.iter().filter(|r| r.is_final).count() as u64;
+    assert_eq!(finals + st.self_suppressed, st.flows_created);
+    let mut ids: Vec<u64> = recs.iter().filter(|r| r.is_final).map(|r| r.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len() as u64, finals, "final ids are unique");
+    assert!(st.flow_evictions > 0 && st.socket_evictions > 0);
+}
