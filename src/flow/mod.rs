@@ -134,6 +134,11 @@ impl Clock for OffsetClock {
 pub const MAX_TABLE_BOUND: usize = 1 << 30;
 /// Default bound of the embryonic table.
 pub const DEFAULT_MAX_EMBRYONIC: usize = 16_384;
+/// A timer heap is compacted when it holds more than this many entries per
+/// live flow (plus [`HEAP_SLACK_MIN`]).
+const HEAP_SLACK_FACTOR: usize = 3;
+/// Entries a timer heap may hold beyond the slack factor before compaction.
+const HEAP_SLACK_MIN: usize = 4096;
 /// Events per group in [`Engine::handle_batch`].
 const BATCH: usize = 16;
 /// How many live candidates a flow eviction examines before taking one.
@@ -1063,6 +1068,11 @@ impl<C: Clock> Engine<C> {
         self.sock_index.insert(addr, s);
         self.sock_due
             .push(Reverse((t.saturating_add(self.sock_inactive), s, gen)));
+        if self.sock_due.len() > HEAP_SLACK_FACTOR * self.sockets.len() + HEAP_SLACK_MIN
+            || self.embryo_due.len() > HEAP_SLACK_FACTOR * self.embryos.len() + HEAP_SLACK_MIN
+        {
+            self.compact_timers();
+        }
         s
     }
 
@@ -1175,7 +1185,26 @@ impl<C: Clock> Engine<C> {
         self.stats.flows_created += 1;
         let due = t.saturating_add(self.inactive).min(next_update);
         self.flow_due.push(Reverse((due, f, id)));
+        if self.flow_due.len() > HEAP_SLACK_FACTOR * self.flows.len() + HEAP_SLACK_MIN {
+            self.compact_timers();
+        }
         f
+    }
+
+    /// Drops stale timer entries (of removed flows, sockets and embryonic
+    /// entries). Called when a heap holds several times more entries than
+    /// live items, so the cost is amortised over the insertions that made
+    /// the garbage.
+    fn compact_timers(&mut self) {
+        let flows = &self.flows;
+        self.flow_due
+            .retain(|Reverse((_, f, id))| flows.get(*f).is_some_and(|fl| fl.id == *id));
+        let sockets = &self.sockets;
+        self.sock_due
+            .retain(|Reverse((_, s, gen))| sockets.get(*s).is_some_and(|so| so.gen == *gen));
+        let embryos = &self.embryos;
+        self.embryo_due
+            .retain(|Reverse((_, e, id))| embryos.get(*e).is_some_and(|em| em.id == *id));
     }
 
     /// Emits a flow's final record and removes it from every index.

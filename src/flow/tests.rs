@@ -1158,3 +1158,25 @@ fn mixed_sequence_keeps_tables_consistent_and_bounded() {
     assert_eq!(ids.len() as u64, finals, "final ids are unique");
     assert!(st.flow_evictions > 0 && st.socket_evictions > 0);
 }
+
+#[test]
+fn timer_heaps_stay_proportional_to_live_items_under_churn() {
+    let mut h = H::new();
+    // 50k short connections closed and reused quickly: each leaves stale
+    // timer entries behind that compaction must reclaim.
+    for i in 0..50_000u64 {
+        let t = i * MS;
+        let sk = 0x10_0000 + (i % 64) * 0x100;
+        let l = format!("10.0.0.1:{}", 10_000 + i % 50_000);
+        h.create(t, 100, sk, Some(Tcp));
+        h.connect(t, 100, sk, &l, "10.0.0.2:80");
+        h.close(t, Some(100), sk);
+        h.out.clear();
+    }
+    let st = h.eng.stats();
+    assert!(st.sockets <= 64, "{st:?}");
+    assert!(
+        st.timers <= 3 * (st.sockets + st.flows) + 3 * 4096 + 64,
+        "{st:?}"
+    );
+}
