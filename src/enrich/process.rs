@@ -1,0 +1,779 @@
+//! Process table: what is known about each process that may own a socket.
+//!
+//! Entries are keyed by `(pid, start time)` ([`ProcKey`]) so a reused pid
+//! never inherits an older process's identity; a second index maps a pid to
+//! its current entry. The table is filled by an initial scan of the proc
+//! filesystem and kept current from kernel events:
+//!
+//! * `Fork`: the child starts as a copy of its parent (name, arguments,
+//!   executable, credentials, container), with its own pid, parent pid and
+//!   start time, until it calls exec. Thread creation also arrives as a fork
+//!   (the event cannot tell them apart); those entries are removed as soon as
+//!   the thread exits.
+//! * `Exec`: the entry is re-read from `/proc/<pid>`; when that fails (the
+//!   process is already gone) the executable and name come from the event's
+//!   file name and the arguments are left empty.
+//! * `Creds`: the credentials and the user and group names are replaced.
+//! * `Exit` of a group leader: the entry stays resolvable for a grace period
+//!   (events such as the final close of its sockets arrive after the exit
+//!   event) and is then removed. A fork of the same pid during the grace
+//!   period replaces the pid's current entry at once.
+//!
+//! A pid that is not in the table when a socket event names it is read from
+//! `/proc` on demand; if that fails an entry carrying only the pid is kept,
+//! so a vanished process is not looked up again for every event.
+//!
+//! Snapshots are handed out as `Arc<ProcessInfo>`: a flow keeps the snapshot
+//! of the process it was attributed to, whatever happens to the table later.
+//! All reads of `/proc` go through [`ProcSource`] so tests can use fake data.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hashbrown::HashMap;
+
+use crate::enrich::container::parse_cgroup;
+use crate::enrich::users::UserDb;
+use crate::model::{Creds, KernelTime, ProcessInfo};
+
+/// Largest `/proc/<pid>/cgroup` read.
+pub const MAX_CGROUP_BYTES: u64 = 64 << 10;
+/// Slack of the eviction order queue before it is compacted, as a multiple
+/// of the table bound.
+const ORDER_COMPACT_FACTOR: usize = 2;
+
+/// Errors reading process information.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    /// procfs could not read a file of a process.
+    #[error("reading {path}: {source}")]
+    Procfs {
+        /// The process directory or file.
+        path: PathBuf,
+        /// The cause.
+        source: procfs::ProcError,
+    },
+    /// A plain file read failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `<root>/stat` has no usable `btime` line.
+    #[error("{path}: no btime line")]
+    NoBootTime {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// What a read of `/proc/<pid>` yields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcSnapshot {
+    /// Process id.
+    pub pid: u32,
+    /// Parent process id.
+    pub ppid: u32,
+    /// comm.
+    pub name: String,
+    /// Command line.
+    pub args: Vec<String>,
+    /// Executable path.
+    pub exe: String,
+    /// Start time.
+    pub start: Option<SystemTime>,
+    /// Credentials from `status`.
+    pub creds: Option<Creds>,
+    /// Text of the `cgroup` file.
+    pub cgroup: Option<String>,
+}
+
+/// Source of process information (the proc filesystem, or fake data).
+pub trait ProcSource: Send {
+    /// Pids of all processes.
+    fn pids(&self) -> Result<Vec<u32>, ProcError>;
+    /// Reads one process.
+    fn read(&self, pid: u32) -> Result<ProcSnapshot, ProcError>;
+}
+
+/// [`ProcSource`] over a mounted proc filesystem at a configurable root.
+#[derive(Debug, Clone)]
+pub struct ProcFs {
+    root: PathBuf,
+    boot: SystemTime,
+    ticks_per_second: u64,
+}
+
+impl ProcFs {
+    /// Opens the proc filesystem at `root` (usually `/proc`), reading the
+    /// boot time from `<root>/stat`.
+    pub fn new(root: impl AsRef<Path>) -> Result<Self, ProcError> {
+        let root = root.as_ref().to_path_buf();
+        let path = root.join("stat");
+        let text = std::fs::read_to_string(&path).map_err(|source| ProcError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let btime = text
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or(ProcError::NoBootTime { path })?;
+        Ok(ProcFs {
+            root,
+            boot: UNIX_EPOCH + Duration::from_secs(btime),
+            ticks_per_second: procfs::ticks_per_second().max(1),
+        })
+    }
+}
+
+impl ProcSource for ProcFs {
+    fn pids(&self) -> Result<Vec<u32>, ProcError> {
+        let iter = procfs::process::all_processes_with_root(&self.root).map_err(|source| {
+            ProcError::Procfs {
+                path: self.root.clone(),
+                source,
+            }
+        })?;
+        Ok(iter
+            .filter_map(Result::ok)
+            .filter_map(|p| u32::try_from(p.pid).ok())
+            .collect())
+    }
+
+    fn read(&self, pid: u32) -> Result<ProcSnapshot, ProcError> {
+        let dir = self.root.join(pid.to_string());
+        let wrap = |source| ProcError::Procfs {
+            path: dir.clone(),
+            source,
+        };
+        let proc = procfs::process::Process::new_with_root(dir.clone()).map_err(wrap)?;
+        let stat = proc.stat().map_err(wrap)?;
+        let start = self.boot
+            + Duration::from_nanos(
+                (u128::from(stat.starttime) * 1_000_000_000 / u128::from(self.ticks_per_second))
+                    .try_into()
+                    .unwrap_or(u64::MAX),
+            );
+        let creds = proc.status().ok().map(|s| Creds {
+            uid: s.ruid,
+            gid: s.rgid,
+            euid: s.euid,
+            egid: s.egid,
+        });
+        let cgroup_path = dir.join("cgroup");
+        let cgroup = std::fs::metadata(&cgroup_path)
+            .ok()
+            .filter(|m| m.len() <= MAX_CGROUP_BYTES)
+            .and_then(|_| std::fs::read_to_string(&cgroup_path).ok());
+        Ok(ProcSnapshot {
+            pid,
+            ppid: u32::try_from(stat.ppid).unwrap_or(0),
+            name: stat.comm,
+            args: proc.cmdline().unwrap_or_default(),
+            exe: proc
+                .exe()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            start: Some(start),
+            creds,
+            cgroup,
+        })
+    }
+}
+
+/// Identity of a process: pid plus start time (ns since the epoch, 0 when
+/// unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcKey {
+    /// Process id.
+    pub pid: u32,
+    /// Start time in ns since the Unix epoch.
+    pub start_ns: u64,
+}
+
+impl ProcKey {
+    fn of(info: &ProcessInfo) -> Self {
+        ProcKey {
+            pid: info.pid,
+            start_ns: info
+                .created
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    info: Arc<ProcessInfo>,
+    /// Set when the group leader exited: the time after which it goes.
+    remove_at: Option<KernelTime>,
+    /// Created by a fork event (possibly a thread).
+    from_fork: bool,
+}
+
+/// Bounds and timing of the process table.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessTableConfig {
+    /// Most entries kept (`limits.max_processes`).
+    pub max_processes: usize,
+    /// How long an exited process stays resolvable.
+    pub exit_grace: Duration,
+}
+
+/// Counters of the process table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessStats {
+    /// Live entries.
+    pub entries: usize,
+    /// Entries evicted because the table was full.
+    pub evictions: u64,
+    /// Reads of the proc source that failed.
+    pub read_failures: u64,
+}
+
+/// The process table. See the module documentation.
+pub struct ProcessTable {
+    source: Box<dyn ProcSource>,
+    users: UserDb,
+    cfg: ProcessTableConfig,
+    entries: HashMap<ProcKey, Entry>,
+    current: HashMap<u32, ProcKey>,
+    /// Insertion order, for eviction; may hold keys already removed.
+    order: VecDeque<ProcKey>,
+    /// Exited entries by removal time (times are non-decreasing).
+    exited: VecDeque<(KernelTime, ProcKey)>,
+    evictions: u64,
+    pending_evictions: u64,
+    read_failures: u64,
+}
+
+impl std::fmt::Debug for ProcessTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessTable")
+            .field("entries", &self.entries.len())
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+impl ProcessTable {
+    /// An empty table reading from `source`, naming users from `users`.
+    pub fn new(source: Box<dyn ProcSource>, users: UserDb, cfg: ProcessTableConfig) -> Self {
+        ProcessTable {
+            source,
+            users,
+            cfg,
+            entries: HashMap::new(),
+            current: HashMap::new(),
+            order: VecDeque::new(),
+            exited: VecDeque::new(),
+            evictions: 0,
+            pending_evictions: 0,
+            read_failures: 0,
+        }
+    }
+
+    /// Reads every process of the source; returns how many were added.
+    pub fn scan(&mut self) -> Result<usize, ProcError> {
+        let pids = self.source.pids()?;
+        let mut added = 0;
+        for pid in pids {
+            match self.source.read(pid) {
+                Ok(snap) => {
+                    let info = self.info_from_snapshot(snap);
+                    self.insert(info, false);
+                    added += 1;
+                }
+                // Processes vanish during a scan; that is not an error.
+                Err(_) => self.read_failures += 1,
+            }
+        }
+        Ok(added)
+    }
+
+    fn info_from_snapshot(&self, s: ProcSnapshot) -> ProcessInfo {
+        let container = s.cgroup.as_deref().map(parse_cgroup).unwrap_or_default();
+        let name = if s.name.is_empty() {
+            basename(&s.exe).to_string()
+        } else {
+            s.name
+        };
+        let mut info = ProcessInfo {
+            pid: s.pid,
+            ppid: s.ppid,
+            name,
+            args: s.args,
+            executable: s.exe,
+            created: s.start,
+            creds: s.creds,
+            user_name: None,
+            group_name: None,
+            container_id: container.container_id,
+            pod_uid: container.pod_uid,
+        };
+        self.name_creds(&mut info);
+        info
+    }
+
+    fn name_creds(&self, info: &mut ProcessInfo) {
+        info.user_name = info
+            .creds
+            .and_then(|c| self.users.user(c.uid))
+            .map(str::to_string);
+        info.group_name = info
+            .creds
+            .and_then(|c| self.users.group(c.gid))
+            .map(str::to_string);
+    }
+
+    fn insert(&mut self, info: ProcessInfo, from_fork: bool) -> Arc<ProcessInfo> {
+        let key = ProcKey::of(&info);
+        let info = Arc::new(info);
+        let old = self.entries.insert(
+            key,
+            Entry {
+                info: Arc::clone(&info),
+                remove_at: None,
+                from_fork,
+            },
+        );
+        if old.is_none() {
+            self.order.push_back(key);
+            self.enforce_bound(key);
+        }
+        self.current.insert(key.pid, key);
+        info
+    }
+
+    fn remove(&mut self, key: ProcKey) {
+        if self.entries.remove(&key).is_some() && self.current.get(&key.pid) == Some(&key) {
+            self.current.remove(&key.pid);
+        }
+    }
+
+    fn enforce_bound(&mut self, keep: ProcKey) {
+        while self.entries.len() > self.cfg.max_processes.max(1) {
+            // Exited processes go first, then the oldest inserted.
+            let victim = self
+                .exited
+                .pop_front()
+                .map(|(_, k)| k)
+                .filter(|k| self.entries.contains_key(k) && *k != keep)
+                .or_else(|| {
+                    while let Some(k) = self.order.pop_front() {
+                        if k != keep && self.entries.contains_key(&k) {
+                            return Some(k);
+                        }
+                    }
+                    None
+                });
+            let Some(victim) = victim else { break };
+            self.remove(victim);
+            self.evictions += 1;
+            self.pending_evictions += 1;
+        }
+        if self.order.len() > ORDER_COMPACT_FACTOR * self.cfg.max_processes.max(1) + 16 {
+            let entries = &self.entries;
+            self.order.retain(|k| entries.contains_key(k));
+        }
+    }
+
+    /// The current process with this pid, reading it from the source when
+    /// unknown.
+    pub fn lookup(&mut self, pid: u32) -> Arc<ProcessInfo> {
+        if let Some(e) = self.current.get(&pid).and_then(|k| self.entries.get(k)) {
+            return Arc::clone(&e.info);
+        }
+        let info = match self.source.read(pid) {
+            Ok(s) => self.info_from_snapshot(s),
+            Err(_) => {
+                self.read_failures += 1;
+                ProcessInfo {
+                    pid,
+                    ..ProcessInfo::default()
+                }
+            }
+        };
+        self.insert(info, false)
+    }
+
+    /// The current entry of a pid without reading the source.
+    pub fn get(&self, pid: u32) -> Option<Arc<ProcessInfo>> {
+        self.current
+            .get(&pid)
+            .and_then(|k| self.entries.get(k))
+            .map(|e| Arc::clone(&e.info))
+    }
+
+    /// A process or thread was created.
+    pub fn on_fork(&mut self, parent: u32, child: u32, created: SystemTime) {
+        let p = self.lookup(parent);
+        let mut info = (*p).clone();
+        info.pid = child;
+        info.ppid = parent;
+        info.created = Some(created);
+        self.insert(info, true);
+    }
+
+    /// A process called exec.
+    pub fn on_exec(&mut self, pid: u32, filename: &str) {
+        let old = self.get(pid);
+        let mut info = match self.source.read(pid) {
+            Ok(s) => self.info_from_snapshot(s),
+            Err(_) => {
+                self.read_failures += 1;
+                let mut info = old.as_deref().cloned().unwrap_or(ProcessInfo {
+                    pid,
+                    ..ProcessInfo::default()
+                });
+                info.executable = filename.to_string();
+                info.name = basename(filename).to_string();
+                info.args = Vec::new();
+                info
+            }
+        };
+        // Exec keeps the process identity (and the start time we keyed it by).
+        if let Some(old) = old {
+            info.created = old.created;
+        }
+        self.insert(info, false);
+    }
+
+    /// A task installed new credentials.
+    pub fn on_creds(&mut self, pid: u32, creds: Creds) {
+        let mut info = (*self.lookup(pid)).clone();
+        info.creds = Some(creds);
+        self.name_creds(&mut info);
+        self.insert(info, false);
+    }
+
+    /// A task exited at kernel time `now`.
+    pub fn on_exit(&mut self, pid: u32, tid: u32, now: KernelTime) {
+        if tid != pid {
+            // A thread: drop an entry its creation made, if any.
+            if let Some(&k) = self.current.get(&tid) {
+                if self.entries.get(&k).is_some_and(|e| e.from_fork) {
+                    self.remove(k);
+                }
+            }
+            return;
+        }
+        let Some(&key) = self.current.get(&pid) else {
+            return;
+        };
+        let grace = u64::try_from(self.cfg.exit_grace.as_nanos()).unwrap_or(u64::MAX);
+        let at = now.saturating_add(grace);
+        if let Some(e) = self.entries.get_mut(&key) {
+            if e.remove_at.is_none() {
+                e.remove_at = Some(at);
+                self.exited.push_back((at, key));
+            }
+        }
+    }
+
+    /// Removes exited processes whose grace period ended by `now`.
+    pub fn expire(&mut self, now: KernelTime) {
+        while let Some(&(at, key)) = self.exited.front() {
+            if at > now {
+                break;
+            }
+            self.exited.pop_front();
+            if self
+                .entries
+                .get(&key)
+                .is_some_and(|e| e.remove_at == Some(at))
+            {
+                self.remove(key);
+            }
+        }
+    }
+
+    /// Evictions since the last call.
+    pub fn take_evictions(&mut self) -> u64 {
+        std::mem::take(&mut self.pending_evictions)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ProcessStats {
+        ProcessStats {
+            entries: self.entries.len(),
+            evictions: self.evictions,
+            read_failures: self.read_failures,
+        }
+    }
+
+    /// The user database (for reloads).
+    pub fn users_mut(&mut self) -> &mut UserDb {
+        &mut self.users
+    }
+}
+
+/// A [`ProcSource`] over in-memory data, for tests and benchmarks. Clones
+/// share the data, so a test can change it after handing a clone to a table.
+#[derive(Debug, Clone, Default)]
+pub struct FakeProcSource {
+    procs: Arc<Mutex<BTreeMap<u32, ProcSnapshot>>>,
+}
+
+impl FakeProcSource {
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, ProcSnapshot>> {
+        self.procs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds or replaces a process.
+    pub fn set(&self, snap: ProcSnapshot) {
+        self.map().insert(snap.pid, snap);
+    }
+
+    /// Removes a process.
+    pub fn remove(&self, pid: u32) {
+        self.map().remove(&pid);
+    }
+}
+
+impl ProcSource for FakeProcSource {
+    fn pids(&self) -> Result<Vec<u32>, ProcError> {
+        Ok(self.map().keys().copied().collect())
+    }
+
+    fn read(&self, pid: u32) -> Result<ProcSnapshot, ProcError> {
+        self.map().get(&pid).cloned().ok_or_else(|| ProcError::Io {
+            path: PathBuf::from(format!("fake/{pid}")),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(pid: u32, name: &str, start_s: u64, uid: u32) -> ProcSnapshot {
+        ProcSnapshot {
+            pid,
+            ppid: 1,
+            name: name.to_string(),
+            args: vec![name.to_string(), "--flag".to_string()],
+            exe: format!("/usr/bin/{name}"),
+            start: Some(UNIX_EPOCH + Duration::from_secs(start_s)),
+            creds: Some(Creds {
+                uid,
+                gid: uid,
+                euid: uid,
+                egid: uid,
+            }),
+            cgroup: Some(format!(
+                "0::/system.slice/docker-{}.scope\n",
+                "ab".repeat(32)
+            )),
+        }
+    }
+
+    fn users() -> UserDb {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\nalice:x:1000:1000::/:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("etc/group"), "root:x:0:\nstaff:x:1000:\n").unwrap();
+        UserDb::load(dir.path()).unwrap()
+    }
+
+    fn table(src: &FakeProcSource, max: usize) -> ProcessTable {
+        ProcessTable::new(
+            Box::new(src.clone()),
+            users(),
+            ProcessTableConfig {
+                max_processes: max,
+                exit_grace: Duration::from_secs(5),
+            },
+        )
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn scan_reads_everything_and_names_creds() {
+        let src = FakeProcSource::default();
+        src.set(snap(10, "curl", 100, 1000));
+        src.set(snap(11, "sshd", 50, 0));
+        let mut t = table(&src, 16);
+        assert_eq!(t.scan().unwrap(), 2);
+        let p = t.get(10).unwrap();
+        assert_eq!(p.name, "curl");
+        assert_eq!(p.args, vec!["curl", "--flag"]);
+        assert_eq!(p.executable, "/usr/bin/curl");
+        assert_eq!(p.user_name.as_deref(), Some("alice"));
+        assert_eq!(p.group_name.as_deref(), Some("staff"));
+        assert_eq!(p.container_id.as_deref(), Some("ab".repeat(32).as_str()));
+        assert_eq!(t.get(11).unwrap().user_name.as_deref(), Some("root"));
+    }
+
+    #[test]
+    fn fork_inherits_then_exec_rereads() {
+        let src = FakeProcSource::default();
+        src.set(snap(10, "bash", 100, 1000));
+        let mut t = table(&src, 16);
+        t.scan().unwrap();
+        let created = UNIX_EPOCH + Duration::from_secs(200);
+        t.on_fork(10, 20, created);
+        let child = t.get(20).unwrap();
+        assert_eq!(
+            (child.pid, child.ppid, child.name.as_str()),
+            (20, 10, "bash")
+        );
+        assert_eq!(child.created, Some(created));
+        assert_eq!(child.creds, t.get(10).unwrap().creds);
+        // exec: /proc has the new image.
+        let mut s = snap(20, "curl", 999, 1000);
+        s.start = None;
+        src.set(s);
+        t.on_exec(20, "/usr/bin/curl");
+        let c = t.get(20).unwrap();
+        assert_eq!(c.name, "curl");
+        assert_eq!(c.created, Some(created), "exec keeps the start time");
+        // exec of a vanished process falls back to the file name.
+        t.on_fork(10, 21, created);
+        t.on_exec(21, "/opt/tool/bin/thing");
+        let c = t.get(21).unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.executable.as_str()),
+            ("thing", "/opt/tool/bin/thing")
+        );
+        assert!(c.args.is_empty());
+    }
+
+    #[test]
+    fn creds_update_names() {
+        let src = FakeProcSource::default();
+        src.set(snap(10, "sudo", 100, 1000));
+        let mut t = table(&src, 16);
+        t.scan().unwrap();
+        let before = t.get(10).unwrap();
+        t.on_creds(10, Creds::default());
+        let after = t.get(10).unwrap();
+        assert_eq!(after.user_name.as_deref(), Some("root"));
+        assert_eq!(
+            before.user_name.as_deref(),
+            Some("alice"),
+            "old snapshots are unchanged"
+        );
+    }
+
+    #[test]
+    fn exit_grace_then_removal_and_pid_reuse() {
+        let src = FakeProcSource::default();
+        src.set(snap(10, "old", 100, 1000));
+        let mut t = table(&src, 16);
+        t.scan().unwrap();
+        let old = t.lookup(10);
+        t.on_exit(10, 10, S);
+        t.expire(5 * S);
+        assert_eq!(t.get(10).unwrap().name, "old", "resolvable during grace");
+        t.expire(6 * S);
+        assert!(t.get(10).is_none());
+        // The pid comes back as a different process.
+        src.set(snap(10, "new", 300, 0));
+        let new = t.lookup(10);
+        assert_eq!(new.name, "new");
+        assert_eq!(old.name, "old");
+        assert_ne!(ProcKey::of(&old), ProcKey::of(&new));
+    }
+
+    #[test]
+    fn fork_during_grace_replaces_pid_and_old_removal_keeps_new() {
+        let src = FakeProcSource::default();
+        src.set(snap(10, "old", 100, 1000));
+        src.set(snap(1, "init", 1, 0));
+        let mut t = table(&src, 16);
+        t.scan().unwrap();
+        t.on_exit(10, 10, S);
+        t.on_fork(1, 10, UNIX_EPOCH + Duration::from_secs(400));
+        assert_eq!(t.get(10).unwrap().name, "init");
+        t.expire(100 * S);
+        assert_eq!(
+            t.get(10).unwrap().name,
+            "init",
+            "removing the old entry leaves the new one"
+        );
+    }
+
+    #[test]
+    fn thread_exit_removes_thread_entry_only() {
+        let src = FakeProcSource::default();
+        src.set(snap(10, "app", 100, 1000));
+        let mut t = table(&src, 16);
+        t.scan().unwrap();
+        t.on_fork(10, 11, UNIX_EPOCH + Duration::from_secs(101));
+        assert_eq!(t.len(), 2);
+        t.on_exit(10, 11, S);
+        assert_eq!(t.len(), 1);
+        assert!(t.get(10).is_some());
+    }
+
+    #[test]
+    fn unknown_pid_gets_a_minimal_entry_once() {
+        let src = FakeProcSource::default();
+        let mut t = table(&src, 16);
+        let p = t.lookup(77);
+        assert_eq!(p.pid, 77);
+        assert!(p.name.is_empty());
+        assert_eq!(t.stats().read_failures, 1);
+        t.lookup(77);
+        assert_eq!(t.stats().read_failures, 1, "not read again");
+    }
+
+    #[test]
+    fn bound_evicts_exited_first_then_oldest() {
+        let src = FakeProcSource::default();
+        for pid in 1..=3 {
+            src.set(snap(pid, "p", u64::from(pid), 0));
+        }
+        let mut t = table(&src, 3);
+        t.scan().unwrap();
+        t.on_exit(2, 2, S);
+        src.set(snap(4, "p", 4, 0));
+        t.lookup(4);
+        assert_eq!(t.len(), 3);
+        assert!(t.get(2).is_none(), "exited entry evicted first");
+        src.set(snap(5, "p", 5, 0));
+        t.lookup(5);
+        assert!(t.get(1).is_none(), "then the oldest");
+        assert_eq!(t.take_evictions(), 2);
+        assert_eq!(t.take_evictions(), 0);
+        assert_eq!(t.stats().evictions, 2);
+    }
+
+    #[test]
+    fn procfs_reads_this_process() {
+        let fs = ProcFs::new("/proc").expect("/proc must be mounted");
+        let me = fs.read(std::process::id()).unwrap();
+        assert_eq!(me.pid, std::process::id());
+        assert!(!me.name.is_empty());
+        assert!(me.start.unwrap() <= SystemTime::now());
+        assert!(fs.pids().unwrap().contains(&std::process::id()));
+    }
+}
