@@ -88,7 +88,7 @@ pub enum Command {
         insecure_listen: bool,
     },
     /// Stream flows from a running daemon.
-    Watch(WatchArgs),
+    Watch(Box<WatchArgs>),
     /// Show the daemon's status.
     Status(StatusArgs),
     /// Check that the daemon could start on this machine.
@@ -258,7 +258,7 @@ pub fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Serve { .. } => crate::daemon::serve(cfg),
         Command::Check => crate::daemon::check(&cfg),
-        Command::Watch(args) => client_runtime(|| watch(&cfg, args)),
+        Command::Watch(args) => client_runtime(|| watch(&cfg, *args)),
         Command::Status(args) => client_runtime(|| status(&cfg, args)),
     }
 }

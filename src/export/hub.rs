@@ -45,6 +45,9 @@ pub const DEFAULT_SLOW_SECONDS: u32 = 10;
 pub const DEFAULT_SLOW_DROP_RATIO: f64 = 0.5;
 /// Default capacity of the pipeline→hub channel.
 pub const DEFAULT_PIPELINE_QUEUE_SIZE: usize = 8192;
+/// Outputs handled per wake-up of the owner task before it looks at
+/// commands and ticks again.
+const PIPELINE_BATCH: usize = 256;
 /// Capacity of the hub's command channel (subscribe, status).
 const COMMAND_QUEUE_SIZE: usize = 256;
 
@@ -406,7 +409,7 @@ impl Owner {
                     Some(out) => {
                         self.handle_output(out);
                         // Drain what is already queued without re-entering select.
-                        for _ in 0..COMMAND_QUEUE_SIZE {
+                        for _ in 0..PIPELINE_BATCH {
                             match pipeline.rx.try_recv() {
                                 Ok(out) => self.handle_output(out),
                                 Err(_) => break,
