@@ -1,6 +1,653 @@
 //! Command line: `serve`, `watch`, `status`, `check`.
+//!
+//! Global options: `-c/--config FILE` (YAML), `-E key=value` (repeatable,
+//! highest precedence), `--log-level`, `--log-format text|json`. Environment
+//! variables `SOCKSCOPE_<SECTION>__<KEY>` sit between the file and `-E`
+//! (e.g. `SOCKSCOPE_SOCKET__FLOW_INACTIVE_TIMEOUT=10s`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_stream::StreamExt;
+
+use crate::config::{self, Config};
+use crate::export::client::{self, ServerAddr};
+use crate::export::convert;
+use crate::export::ecs::{self, HostInfo};
+use crate::export::proto;
+
+/// Process exit codes. 0 and 2 are fixed; the others are reserved for the
+/// daemon's failure classes so scripts can tell them apart.
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// Unclassified runtime failure (also: stream closed by the server with
+    /// an error, e.g. RESOURCE_EXHAUSTED).
+    pub const FAILURE: i32 = 1;
+    /// Usage or configuration error (unknown key, bad value, bad flag).
+    pub const USAGE: i32 = 2;
+    /// Server unreachable, or a feature not available in this build.
+    pub const UNAVAILABLE: i32 = 3;
+    /// Insufficient privileges (needs root / CAP_SYS_ADMIN, CAP_NET_ADMIN).
+    pub const NO_PERMISSION: i32 = 4;
+    /// tracefs missing or not mountable.
+    pub const TRACEFS: i32 = 5;
+    /// Kernel lacks a required facility (kprobe_events, perf events).
+    pub const KERNEL_UNSUPPORTED: i32 = 6;
+    /// Struct offsets could not be determined (BTF or guessing failed).
+    pub const OFFSETS: i32 = 7;
+    /// Probe installation failed.
+    pub const PROBES: i32 = 8;
+    /// The gRPC server could not listen (bind, TLS, socket path).
+    pub const LISTEN: i32 = 9;
+}
+
+/// Per-CPU/per-source flow monitor.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sockscope",
+    version,
+    about = "TCP/UDP flow monitor streaming over gRPC"
+)]
+pub struct Cli {
+    /// YAML configuration file.
+    #[arg(short = 'c', long = "config", global = true)]
+    pub config: Option<PathBuf>,
+    /// Override a configuration key (repeatable), e.g. -E server.history_size=100.
+    #[arg(short = 'E', value_name = "KEY=VALUE", global = true)]
+    pub overrides: Vec<String>,
+    /// Log filter (tracing EnvFilter syntax); overrides log.level.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    /// Log format; overrides log.format.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve {
+        /// Allow plaintext gRPC on a non-loopback address.
+        #[arg(long)]
+        insecure_listen: bool,
+    },
+    /// Stream flows from a running daemon.
+    Watch(Box<WatchArgs>),
+    /// Show the daemon's status.
+    Status(StatusArgs),
+    /// Check that the daemon could start on this machine.
+    Check,
+}
+
+/// Output format of `watch`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum WatchFormat {
+    /// One ECS document per line.
+    Ecs,
+    /// proto3 JSON of each response, one per line.
+    Json,
+    /// Human-readable table.
+    Table,
+}
+
+/// `watch` options.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Server: TCP host:port, or a Unix socket path (default: the configured
+    /// socket if it exists, else the configured TCP address).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// IP or CIDR of either endpoint (repeatable).
+    #[arg(long)]
+    pub ip: Vec<String>,
+    /// IP or CIDR of the source.
+    #[arg(long)]
+    pub src_ip: Vec<String>,
+    /// IP or CIDR of the destination.
+    #[arg(long)]
+    pub dst_ip: Vec<String>,
+    /// Port of either endpoint.
+    #[arg(long)]
+    pub port: Vec<u32>,
+    /// Port of the source.
+    #[arg(long)]
+    pub src_port: Vec<u32>,
+    /// Port of the destination.
+    #[arg(long)]
+    pub dst_port: Vec<u32>,
+    /// tcp or udp.
+    #[arg(long, value_enum)]
+    pub transport: Vec<TransportArg>,
+    /// Process id.
+    #[arg(long)]
+    pub pid: Vec<u32>,
+    /// Process name.
+    #[arg(long)]
+    pub process: Vec<String>,
+    /// Executable path.
+    #[arg(long)]
+    pub executable: Vec<String>,
+    /// User id.
+    #[arg(long)]
+    pub uid: Vec<u32>,
+    /// User name.
+    #[arg(long)]
+    pub user: Vec<String>,
+    /// DNS name of either endpoint (`*.example.com` for sub-domains).
+    #[arg(long)]
+    pub domain: Vec<String>,
+    /// Container id (or a prefix of at least 12 characters).
+    #[arg(long)]
+    pub container: Vec<String>,
+    /// egress, ingress or unknown.
+    #[arg(long, value_enum)]
+    pub direction: Vec<DirectionArg>,
+    /// 4 or 6.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(4..=6))]
+    pub ipv: Vec<u8>,
+    /// Replay this many recent flows.
+    #[arg(long, short = 'n', default_value_t = 0)]
+    pub number: u64,
+    /// Only flows that ended within this long ago (e.g. 5m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
+    /// Keep streaming new flows (default when neither --number nor --since).
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Include interim records of long flows.
+    #[arg(long)]
+    pub updates: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = WatchFormat::Table)]
+    pub format: WatchFormat,
+}
+
+/// `--transport` values.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum TransportArg {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// `--direction` values.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DirectionArg {
+    /// Locally initiated.
+    Egress,
+    /// Remotely initiated.
+    Ingress,
+    /// Start not observed.
+    Unknown,
+}
+
+/// `status` options.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Server address (as for watch).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Keep printing every INTERVAL (e.g. 2s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub watch: Option<Duration>,
+    /// Print proto3 JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// Entry point; returns the process exit code.
 pub fn main() -> i32 {
-    0
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            return code;
+        }
+    };
+    run(cli)
+}
+
+/// Runs a parsed command line; returns the exit code.
+pub fn run(cli: Cli) -> i32 {
+    let mut overrides = cli.overrides.clone();
+    if let Command::Serve {
+        insecure_listen: true,
+    } = cli.command
+    {
+        overrides.push("server.insecure_listen=true".to_string());
+    }
+    if let Some(l) = &cli.log_level {
+        overrides.push(format!("log.level={l}"));
+    }
+    if let Some(f) = cli.log_format {
+        overrides.push(format!(
+            "log.format={}",
+            if f == LogFormat::Json { "json" } else { "text" }
+        ));
+    }
+    let cfg = match config::load(cli.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sockscope: {e}");
+            return exit::USAGE;
+        }
+    };
+    init_logging(&cfg);
+    match cli.command {
+        Command::Serve { .. } => crate::daemon::serve(cfg),
+        Command::Check => crate::daemon::check(&cfg),
+        Command::Watch(args) => client_runtime(|| watch(&cfg, *args)),
+        Command::Status(args) => client_runtime(|| status(&cfg, args)),
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if cfg.log.format == "json" {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+fn client_runtime<F, Fut>(f: F) -> i32
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = i32>,
+{
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f()),
+        Err(e) => {
+            eprintln!("sockscope: starting runtime: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+fn server_addr(cfg: &Config, explicit: Option<&str>) -> ServerAddr {
+    match explicit {
+        Some(s) => ServerAddr::parse(s),
+        None => ServerAddr::default_for(Path::new(&cfg.server.unix_socket), &cfg.server.listen),
+    }
+}
+
+fn status_exit(s: &tonic::Status) -> i32 {
+    match s.code() {
+        tonic::Code::InvalidArgument => exit::USAGE,
+        tonic::Code::Unavailable => exit::UNAVAILABLE,
+        _ => exit::FAILURE,
+    }
+}
+
+/// Builds the StreamFlows request of `watch` flags.
+pub fn watch_request(a: &WatchArgs) -> proto::StreamFlowsRequest {
+    let filter = proto::FlowFilter {
+        ip: a.ip.clone(),
+        source_ip: a.src_ip.clone(),
+        destination_ip: a.dst_ip.clone(),
+        port: a.port.clone(),
+        source_port: a.src_port.clone(),
+        destination_port: a.dst_port.clone(),
+        transport: a
+            .transport
+            .iter()
+            .map(|t| match t {
+                TransportArg::Tcp => proto::Transport::Tcp as i32,
+                TransportArg::Udp => proto::Transport::Udp as i32,
+            })
+            .collect(),
+        ip_version: a
+            .ipv
+            .iter()
+            .map(|v| match v {
+                4 => proto::IpVersion::Ipv4 as i32,
+                6 => proto::IpVersion::Ipv6 as i32,
+                _ => proto::IpVersion::Unspecified as i32,
+            })
+            .collect(),
+        direction: a
+            .direction
+            .iter()
+            .map(|d| match d {
+                DirectionArg::Egress => proto::Direction::Egress as i32,
+                DirectionArg::Ingress => proto::Direction::Ingress as i32,
+                DirectionArg::Unknown => proto::Direction::Unknown as i32,
+            })
+            .collect(),
+        pid: a.pid.clone(),
+        process_name: a.process.clone(),
+        executable: a.executable.clone(),
+        uid: a.uid.clone(),
+        user_name: a.user.clone(),
+        domain: a.domain.clone(),
+        container_id: a.container.clone(),
+    };
+    let empty = filter == proto::FlowFilter::default();
+    proto::StreamFlowsRequest {
+        number: a.number,
+        since: a
+            .since
+            .and_then(|d| SystemTime::now().checked_sub(d))
+            .map(convert::timestamp),
+        until: None,
+        follow: a.follow || (a.number == 0 && a.since.is_none()),
+        include_updates: a.updates,
+        allow: if empty { vec![] } else { vec![filter] },
+        deny: vec![],
+    }
+}
+
+/// One line of the `table` format for a flow.
+pub fn table_line(f: &proto::Flow) -> String {
+    let ep = |e: &Option<proto::FlowEndpoint>| {
+        e.as_ref().map_or_else(String::new, |e| {
+            let host = if e.domain.is_empty() {
+                e.ip.clone()
+            } else {
+                e.domain.clone()
+            };
+            if e.ip.contains(':') && e.domain.is_empty() {
+                format!("[{host}]:{}", e.port)
+            } else {
+                format!("{host}:{}", e.port)
+            }
+        })
+    };
+    let net = f.network.clone().unwrap_or_default();
+    let transport = match proto::Transport::try_from(net.transport) {
+        Ok(proto::Transport::Tcp) => "tcp",
+        Ok(proto::Transport::Udp) => "udp",
+        _ => "?",
+    };
+    let dir = match proto::Direction::try_from(net.direction) {
+        Ok(proto::Direction::Egress) => "out",
+        Ok(proto::Direction::Ingress) => "in",
+        _ => "?",
+    };
+    let end = f
+        .end
+        .as_ref()
+        .and_then(convert::system_time)
+        .map_or_else(String::new, ecs::rfc3339);
+    let proc = f
+        .process
+        .as_ref()
+        .map_or_else(|| "-".to_string(), |p| format!("{}/{}", p.pid, p.name));
+    let user = f.user.as_ref().map_or_else(
+        || "-".to_string(),
+        |u| {
+            if u.name.is_empty() {
+                u.id.to_string()
+            } else {
+                u.name.clone()
+            }
+        },
+    );
+    format!(
+        "{end:<24} {transport:<3} {dir:<3} {:>45} -> {:<45} {:>7} {:>10} {:<20} {user}{}",
+        ep(&f.source),
+        ep(&f.destination),
+        net.packets,
+        net.bytes,
+        proc,
+        if f.r#final { "" } else { " (update)" }
+    )
+}
+
+/// Human description of a loss notice.
+pub fn loss_line(l: &proto::LossNotice) -> String {
+    let source = proto::LossSource::try_from(l.source)
+        .map_or_else(|_| l.source.to_string(), |s| s.as_str_name().to_string());
+    let cpu = l.cpu.map_or_else(String::new, |c| format!(" cpu {c}"));
+    let t = |ts: &Option<prost_types::Timestamp>| {
+        ts.as_ref()
+            .and_then(convert::system_time)
+            .map_or_else(|| "?".to_string(), ecs::rfc3339)
+    };
+    format!(
+        "lost {} records ({source}{cpu}) between {} and {}",
+        l.count,
+        t(&l.first),
+        t(&l.last)
+    )
+}
+
+async fn watch(cfg: &Config, a: WatchArgs) -> i32 {
+    let addr = server_addr(cfg, a.server.as_deref());
+    let ch = match client::connect(&addr).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sockscope: {e}");
+            return exit::UNAVAILABLE;
+        }
+    };
+    let mut c = client::flow_client(ch);
+    let mut stream = match c.stream_flows(watch_request(&a)).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            eprintln!("sockscope: {}: {}", s.code(), s.message());
+            return status_exit(&s);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if a.format == WatchFormat::Table {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<3} {:<3} {:>45}    {:<45} {:>7} {:>10} {:<20} USER",
+            "END", "NET", "DIR", "SOURCE", "DESTINATION", "PKTS", "BYTES", "PROCESS"
+        );
+    }
+    while let Some(item) = stream.next().await {
+        let resp = match item {
+            Ok(r) => r,
+            Err(s) => {
+                eprintln!("sockscope: stream ended: {}: {}", s.code(), s.message());
+                return status_exit(&s);
+            }
+        };
+        let line = match (a.format, &resp.event) {
+            (WatchFormat::Json, _) => {
+                match client::proto_json(&resp, "sockscope.v1.StreamFlowsResponse") {
+                    Ok(v) => v.to_string(),
+                    Err(e) => {
+                        eprintln!("sockscope: {e}");
+                        continue;
+                    }
+                }
+            }
+            (_, Some(proto::stream_flows_response::Event::Loss(l))) => {
+                eprintln!("sockscope: {}", loss_line(l));
+                continue;
+            }
+            (WatchFormat::Ecs, Some(proto::stream_flows_response::Event::Flow(f))) => {
+                match convert::flow_from_proto(f) {
+                    Ok((rec, host)) => {
+                        let host = HostInfo {
+                            name: if host.is_empty() {
+                                resp.node_name.clone()
+                            } else {
+                                host
+                            },
+                            ..HostInfo::default()
+                        };
+                        ecs::flow_document(&rec, &host).to_string()
+                    }
+                    Err(e) => {
+                        eprintln!("sockscope: skipping record: {e}");
+                        continue;
+                    }
+                }
+            }
+            (WatchFormat::Table, Some(proto::stream_flows_response::Event::Flow(f))) => {
+                table_line(f)
+            }
+            (_, None) => continue,
+        };
+        if writeln!(out, "{line}").is_err() {
+            return exit::OK;
+        }
+    }
+    exit::OK
+}
+
+/// Human-readable rendering of a status response.
+pub fn status_text(s: &proto::GetStatusResponse) -> String {
+    let mut t = String::new();
+    let uptime = s
+        .uptime
+        .as_ref()
+        .and_then(convert::std_duration)
+        .map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string())
+        .unwrap_or_default();
+    let samples: u64 = s.cpus.iter().map(|c| c.samples).sum();
+    let lost: u64 = s.cpus.iter().map(|c| c.lost).sum();
+    t += &format!("node:            {}\n", s.node_name);
+    t += &format!("version:         {}\n", s.version);
+    t += &format!("serving:         {}\n", s.serving);
+    t += &format!("uptime:          {uptime}\n");
+    t += &format!("kernel:          {}\n", s.kernel_release);
+    t += &format!("offsets:         {}\n", s.offsets_source);
+    t += &format!(
+        "probes:          {} ({})\n",
+        s.probes.len(),
+        s.probes.join(", ")
+    );
+    t += &format!(
+        "samples/lost:    {samples}/{lost} over {} cpus\n",
+        s.cpus.len()
+    );
+    for c in &s.cpus {
+        t += &format!(
+            "  cpu {:>3}: samples {} lost {}\n",
+            c.cpu, c.samples, c.lost
+        );
+    }
+    t += &format!("decode errors:   {}\n", s.decode_errors);
+    t += &format!("kretprobe miss:  {}\n", s.kretprobe_misses);
+    t += &format!(
+        "tracked:         {} sockets, {} flows, {} processes\n",
+        s.tracked_sockets, s.tracked_flows, s.tracked_processes
+    );
+    t += &format!(
+        "history:         {}/{}\n",
+        s.history_occupancy, s.history_capacity
+    );
+    t += &format!(
+        "fan-out:         {} flows received, {} export queue drops\n",
+        s.flows_received, s.export_queue_drops
+    );
+    if let Some(d) = &s.dns {
+        t += &format!(
+            "dns:             {} packets, {} answers, {} parse errors, {} entries\n",
+            d.packets, d.answers, d.parse_errors, d.entries
+        );
+    }
+    t += &format!("subscribers:     {}\n", s.subscribers.len());
+    for sub in &s.subscribers {
+        t += &format!(
+            "  #{} {}: queue {}/{}, delivered {}, drops {}\n",
+            sub.id, sub.peer, sub.queue_depth, sub.queue_capacity, sub.delivered, sub.drops
+        );
+    }
+    if !s.last_error.is_empty() {
+        t += &format!("last error:      {}\n", s.last_error);
+    }
+    t
+}
+
+async fn status(cfg: &Config, a: StatusArgs) -> i32 {
+    let addr = server_addr(cfg, a.server.as_deref());
+    let ch = match client::connect(&addr).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sockscope: {e}");
+            return exit::UNAVAILABLE;
+        }
+    };
+    let mut c = client::flow_client(ch);
+    let print = |s: &proto::GetStatusResponse| -> bool {
+        let text = if a.json {
+            match client::proto_json(s, "sockscope.v1.GetStatusResponse") {
+                Ok(v) => v.to_string(),
+                Err(e) => {
+                    eprintln!("sockscope: {e}");
+                    return false;
+                }
+            }
+        } else {
+            status_text(s)
+        };
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{text}").is_ok()
+    };
+    match a.watch {
+        None => match c.get_status(proto::GetStatusRequest {}).await {
+            Ok(r) => {
+                if print(r.get_ref()) {
+                    exit::OK
+                } else {
+                    exit::FAILURE
+                }
+            }
+            Err(s) => {
+                eprintln!("sockscope: {}: {}", s.code(), s.message());
+                status_exit(&s)
+            }
+        },
+        Some(interval) => {
+            let req = proto::WatchStatusRequest {
+                interval: Some(convert::duration(interval)),
+            };
+            let mut stream = match c.watch_status(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    eprintln!("sockscope: {}: {}", s.code(), s.message());
+                    return status_exit(&s);
+                }
+            };
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(s) => {
+                        if !print(&s) {
+                            return exit::OK;
+                        }
+                    }
+                    Err(s) => {
+                        eprintln!("sockscope: {}: {}", s.code(), s.message());
+                        return status_exit(&s);
+                    }
+                }
+            }
+            exit::OK
+        }
+    }
 }

@@ -284,10 +284,220 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     }
     match Raw::deserialize(d)? {
         Raw::Secs(s) => Ok(Duration::from_secs(s)),
+        // Environment variables and -E overrides arrive as text.
+        Raw::Text(t) if t.trim().parse::<u64>().is_ok() => {
+            Ok(Duration::from_secs(t.trim().parse().unwrap_or_default()))
+        }
         Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
             serde::de::Error::custom(format!(
                 "invalid duration {t:?}: {e} (use e.g. 30s, 1m, 100ms)"
             ))
         }),
+    }
+}
+
+/// Prefix of configuration environment variables.
+pub const ENV_PREFIX: &str = "SOCKSCOPE";
+/// Separator of nesting levels in environment variable names:
+/// `SOCKSCOPE_SOCKET__FLOW_INACTIVE_TIMEOUT=10s` sets
+/// `socket.flow_inactive_timeout`.
+pub const ENV_SEPARATOR: &str = "__";
+/// Smallest accepted `socket.dns.af_packet.snaplen` (room for the headers
+/// and a DNS header).
+pub const MIN_DNS_SNAPLEN: u32 = 64;
+/// Largest accepted `socket.dns.af_packet.snaplen`.
+pub const MAX_DNS_SNAPLEN: u32 = 65_535;
+/// Largest accepted queue, history and table sizes.
+pub const MAX_QUEUE_SIZE: usize = 1 << 24;
+/// Largest accepted Unix socket mode.
+pub const MAX_UNIX_SOCKET_MODE: u32 = 0o777;
+
+/// A configuration that could not be loaded or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Reading or parsing a source failed.
+    #[error("configuration: {0}")]
+    Source(#[from] ::config::ConfigError),
+    /// A `-E` argument is not `key=value`.
+    #[error("-E {0:?}: expected key=value")]
+    Override(String),
+    /// A key is unknown or has a bad value.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// Dotted key path (e.g. `socket.ring_size_exponent`).
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Loads the configuration: defaults < YAML file < `SOCKSCOPE_…`
+/// environment < `-E key=value` overrides, then validates it.
+pub fn load(path: Option<&std::path::Path>, overrides: &[String]) -> Result<Config, ConfigError> {
+    load_from(path, std::env::vars(), overrides)
+}
+
+/// Like [`load`] with an explicit environment (for tests and embedding).
+pub fn load_from(
+    path: Option<&std::path::Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    overrides: &[String],
+) -> Result<Config, ConfigError> {
+    let mut b = ::config::Config::builder();
+    if let Some(p) = path {
+        b = b.add_source(
+            ::config::File::from(p.to_path_buf())
+                .format(::config::FileFormat::Yaml)
+                .required(true),
+        );
+    }
+    let prefix = format!("{ENV_PREFIX}_");
+    let env: ::config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&prefix))
+        .collect();
+    b = b.add_source(
+        ::config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator(ENV_SEPARATOR)
+            .source(Some(env)),
+    );
+    for o in overrides {
+        let (k, v) = o
+            .split_once('=')
+            .filter(|(k, _)| !k.trim().is_empty())
+            .ok_or_else(|| ConfigError::Override(o.clone()))?;
+        b = b.set_override(k.trim(), v.to_string())?;
+    }
+    let merged = b.build()?;
+    let cfg: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." || key.is_empty() {
+            "(root)".to_string()
+        } else {
+            key
+        };
+        invalid(&key, e.inner().to_string())
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+impl Config {
+    /// Checks ranges and combinations the types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.socket;
+        for (key, d) in [
+            ("socket.flow_inactive_timeout", s.flow_inactive_timeout),
+            (
+                "socket.flow_termination_timeout",
+                s.flow_termination_timeout,
+            ),
+            ("socket.socket_inactive_timeout", s.socket_inactive_timeout),
+            ("socket.flow_update_interval", s.flow_update_interval),
+            ("socket.clock_max_drift", s.clock_max_drift),
+            ("socket.clock_sync_period", s.clock_sync_period),
+            ("socket.guess_timeout", s.guess_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than zero"));
+            }
+        }
+        let v = &self.server;
+        for (key, n) in [
+            ("socket.perf_queue_size", s.perf_queue_size),
+            ("socket.lost_queue_size", s.lost_queue_size),
+            ("server.history_size", v.history_size),
+            ("server.subscriber_queue_size", v.subscriber_queue_size),
+            ("limits.max_sockets", self.limits.max_sockets),
+            ("limits.max_flows", self.limits.max_flows),
+            ("limits.max_processes", self.limits.max_processes),
+        ] {
+            if n == 0 || n > MAX_QUEUE_SIZE {
+                return Err(invalid(key, format!("{n} out of range 1-{MAX_QUEUE_SIZE}")));
+            }
+        }
+        if s.ring_size_exponent > MAX_RING_SIZE_EXPONENT {
+            return Err(invalid(
+                "socket.ring_size_exponent",
+                format!(
+                    "{} exceeds the maximum {MAX_RING_SIZE_EXPONENT}",
+                    s.ring_size_exponent
+                ),
+            ));
+        }
+        let snaplen = s.dns.af_packet.snaplen;
+        if !(MIN_DNS_SNAPLEN..=MAX_DNS_SNAPLEN).contains(&snaplen) {
+            return Err(invalid(
+                "socket.dns.af_packet.snaplen",
+                format!("{snaplen} out of range {MIN_DNS_SNAPLEN}-{MAX_DNS_SNAPLEN}"),
+            ));
+        }
+        if s.dns.kind != "af_packet" {
+            return Err(invalid(
+                "socket.dns.type",
+                format!("{:?} unsupported (only af_packet)", s.dns.kind),
+            ));
+        }
+        if s.dns.af_packet.interface.trim().is_empty() {
+            return Err(invalid("socket.dns.af_packet.interface", "empty (use any)"));
+        }
+        if v.unix_socket_mode > MAX_UNIX_SOCKET_MODE {
+            return Err(invalid(
+                "server.unix_socket_mode",
+                format!("{:#o} is not a file mode", v.unix_socket_mode),
+            ));
+        }
+        if v.listen.trim().is_empty() && v.unix_socket.trim().is_empty() {
+            return Err(invalid(
+                "server.listen",
+                "neither server.listen nor server.unix_socket is set",
+            ));
+        }
+        if !v.listen.trim().is_empty() {
+            let addr: std::net::SocketAddr = v
+                .listen
+                .trim()
+                .parse()
+                .map_err(|e| invalid("server.listen", format!("{:?}: {e}", v.listen)))?;
+            let tls = v.tls_cert.is_some() && v.tls_key.is_some();
+            if !addr.ip().is_loopback() && !tls && !v.insecure_listen {
+                return Err(invalid(
+                    "server.listen",
+                    format!(
+                        "plaintext on non-loopback address {addr} refused; set server.tls_cert and \
+                         server.tls_key, or server.insecure_listen (--insecure-listen)"
+                    ),
+                ));
+            }
+        }
+        if v.tls_cert.is_some() != v.tls_key.is_some() {
+            return Err(invalid(
+                "server.tls_key",
+                "server.tls_cert and server.tls_key go together",
+            ));
+        }
+        if v.tls_client_ca.is_some() && v.tls_cert.is_none() {
+            return Err(invalid(
+                "server.tls_client_ca",
+                "requires server.tls_cert and server.tls_key",
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(invalid(
+                "log.format",
+                format!("{:?}: expected text or json", self.log.format),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", format!("{:?}: {e}", self.log.level)))?;
+        Ok(())
     }
 }

@@ -1,0 +1,27 @@
+//! Compiles `proto/sockscope/v1/*.proto` with protox (no protoc needed) and
+//! writes the file descriptor set (with the imported google/protobuf files)
+//! that server reflection serves.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_dir = PathBuf::from("proto");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(proto_dir.join("sockscope/v1"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "proto"))
+        .collect();
+    files.sort();
+    println!("cargo:rerun-if-changed=proto");
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    let fds = protox::compile(&files, [&proto_dir])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptor_path = out_dir.join("sockscope_descriptor.bin");
+    std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! Client helpers: connecting over TCP or a Unix socket, and rendering
+//! messages as proto3 JSON (as grpcurl prints them).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use hyper_util::rt::TokioIo;
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::export::proto::flow_service_client::FlowServiceClient;
+use crate::export::server::FILE_DESCRIPTOR_SET;
+
+/// Authority sent on Unix-socket connections.
+pub const UNIX_AUTHORITY: &str = "localhost";
+
+/// Errors of connecting or rendering.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server address is not usable.
+    #[error("invalid server address {addr:?}: {reason}")]
+    Address {
+        /// The address given.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// Connecting failed.
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// Transport error.
+        source: tonic::transport::Error,
+    },
+    /// Rendering as JSON failed.
+    #[error("rendering {message} as JSON: {reason}")]
+    Json {
+        /// Message type.
+        message: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where to reach a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddr {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A TCP `host:port` (or `http(s)://…` URI).
+    Tcp(String),
+}
+
+impl ServerAddr {
+    /// Parses `unix:/path`, `/path`, `./path` as Unix sockets and anything
+    /// else as TCP.
+    pub fn parse(s: &str) -> ServerAddr {
+        if let Some(p) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            ServerAddr::Unix(PathBuf::from(p))
+        } else if s.starts_with('/') || s.starts_with("./") {
+            ServerAddr::Unix(PathBuf::from(s))
+        } else {
+            ServerAddr::Tcp(s.to_string())
+        }
+    }
+
+    /// The default: the Unix socket when it exists, else the TCP address.
+    pub fn default_for(unix_socket: &Path, tcp: &str) -> ServerAddr {
+        if !unix_socket.as_os_str().is_empty() && unix_socket.exists() {
+            ServerAddr::Unix(unix_socket.to_path_buf())
+        } else {
+            ServerAddr::Tcp(tcp.to_string())
+        }
+    }
+}
+
+/// Connects a channel to the server.
+pub async fn connect(addr: &ServerAddr) -> Result<Channel, ClientError> {
+    match addr {
+        ServerAddr::Tcp(a) => {
+            let uri = if a.contains("://") {
+                a.clone()
+            } else {
+                format!("http://{a}")
+            };
+            let ep = Endpoint::from_shared(uri).map_err(|e| ClientError::Address {
+                addr: a.clone(),
+                reason: e.to_string(),
+            })?;
+            ep.connect().await.map_err(|source| ClientError::Connect {
+                addr: a.clone(),
+                source,
+            })
+        }
+        ServerAddr::Unix(p) => connect_unix(p, UNIX_AUTHORITY).await,
+    }
+}
+
+/// Connects over a Unix socket, sending `authority` as `:authority`.
+pub async fn connect_unix(path: &Path, authority: &str) -> Result<Channel, ClientError> {
+    let shown = path.display().to_string();
+    let ep =
+        Endpoint::from_shared(format!("http://{authority}")).map_err(|e| ClientError::Address {
+            addr: shown.clone(),
+            reason: e.to_string(),
+        })?;
+    let path = path.to_path_buf();
+    ep.connect_with_connector(tower::service_fn(move |_: Uri| {
+        let path = path.clone();
+        async move {
+            let s = tokio::net::UnixStream::connect(path).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(s))
+        }
+    }))
+    .await
+    .map_err(|source| ClientError::Connect {
+        addr: shown,
+        source,
+    })
+}
+
+/// A flow service client on a connected channel.
+pub fn flow_client(ch: Channel) -> FlowServiceClient<Channel> {
+    FlowServiceClient::new(ch)
+}
+
+fn pool() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        // The descriptor set is produced by build.rs from our own protos; a
+        // failure here is a build defect, reported as an empty pool.
+        DescriptorPool::decode(FILE_DESCRIPTOR_SET).unwrap_or_default()
+    })
+}
+
+/// Renders a message as proto3 JSON (lowerCamelCase names, 64-bit integers
+/// as strings, default values omitted), `full_name` being its protobuf name
+/// (e.g. `sockscope.v1.StreamFlowsResponse`).
+pub fn proto_json<M: prost::Message>(
+    msg: &M,
+    full_name: &str,
+) -> Result<serde_json::Value, ClientError> {
+    let err = |reason: String| ClientError::Json {
+        message: full_name.to_string(),
+        reason,
+    };
+    let desc = pool()
+        .get_message_by_name(full_name)
+        .ok_or_else(|| err("unknown message type".to_string()))?;
+    let dynamic = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice())
+        .map_err(|e| err(e.to_string()))?;
+    dynamic
+        .serialize_with_options(serde_json::value::Serializer, &SerializeOptions::new())
+        .map_err(|e| err(e.to_string()))
+}

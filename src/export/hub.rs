@@ -1,0 +1,631 @@
+//! The fan-out hub: one owner task receives [`Output`]s from the pipeline,
+//! keeps the history ring, applies each subscriber's filters and pushes into
+//! bounded per-subscriber queues. Records are converted and encoded once
+//! ([`EncodedFlow`]) and shared by reference.
+//!
+//! Losses are data: pipeline losses, the pipeline→hub queue overflow and
+//! each subscriber's own queue drops are coalesced per (source, cpu) and
+//! delivered in-band, at most one notice per key per
+//! [`LOSS_NOTICE_INTERVAL`] per stream. A subscriber that keeps dropping for
+//! [`HubOptions::slow_seconds`] with a drop ratio of at least
+//! [`HubOptions::slow_drop_ratio`] is closed with `RESOURCE_EXHAUSTED`.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tonic::Status;
+
+use crate::export::convert;
+use crate::export::filter::FilterSet;
+use crate::export::proto;
+use crate::export::status::{HubStatus, SubscriberInfo};
+use crate::export::wire::{EncodedFlow, Payload, WireResponse};
+use crate::model::Output;
+
+/// Minimum spacing of two loss notices with the same (source, cpu) key in
+/// one stream.
+pub const LOSS_NOTICE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the owner task flushes pending loss notices and checks
+/// subscribers.
+pub const TICK_INTERVAL: Duration = Duration::from_millis(250);
+/// Length of one slow-subscriber accounting period.
+pub const SLOW_CHECK_PERIOD: Duration = Duration::from_secs(1);
+/// Default number of consecutive periods with drops before a subscriber is
+/// closed.
+pub const DEFAULT_SLOW_SECONDS: u32 = 10;
+/// Default drop ratio (dropped / offered during the dropping streak) at or
+/// above which a continuously dropping subscriber is closed.
+pub const DEFAULT_SLOW_DROP_RATIO: f64 = 0.5;
+/// Default capacity of the pipeline→hub channel.
+pub const DEFAULT_PIPELINE_QUEUE_SIZE: usize = 8192;
+/// Outputs handled per wake-up of the owner task before it looks at
+/// commands and ticks again.
+const PIPELINE_BATCH: usize = 256;
+/// Capacity of the hub's command channel (subscribe, status).
+const COMMAND_QUEUE_SIZE: usize = 256;
+
+/// Options of the fan-out hub.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// Finished flows kept for replay.
+    pub history_size: usize,
+    /// Per-subscriber queue capacity.
+    pub queue_size: usize,
+    /// Node name put in every envelope.
+    pub node_name: String,
+    /// Host name put in every flow.
+    pub host_name: String,
+    /// Consecutive dropping periods before a slow subscriber is closed.
+    pub slow_seconds: u32,
+    /// Drop ratio over the streak at or above which it is closed.
+    pub slow_drop_ratio: f64,
+}
+
+impl HubOptions {
+    /// Options with the default slow-subscriber policy.
+    pub fn new(history_size: usize, queue_size: usize, node_name: &str) -> HubOptions {
+        HubOptions {
+            history_size,
+            queue_size,
+            node_name: node_name.to_string(),
+            host_name: node_name.to_string(),
+            slow_seconds: DEFAULT_SLOW_SECONDS,
+            slow_drop_ratio: DEFAULT_SLOW_DROP_RATIO,
+        }
+    }
+}
+
+/// The pipeline's end of the channel into the hub. Never blocks: when the
+/// channel is full the output is counted and reported to subscribers as an
+/// `EXPORT_QUEUE` loss.
+#[derive(Debug, Clone)]
+pub struct PipelineSender {
+    tx: mpsc::Sender<Output>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl PipelineSender {
+    /// Hands one output to the hub; returns false when it had to be dropped
+    /// (channel full or hub gone).
+    pub fn send(&self, out: Output) -> bool {
+        match self.tx.try_send(out) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Outputs dropped so far because the channel was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// The hub's end of the pipeline channel; hand it to [`Hub::spawn`].
+#[derive(Debug)]
+pub struct PipelineReceiver {
+    rx: mpsc::Receiver<Output>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// Creates the bounded pipeline→hub channel.
+pub fn pipeline_channel(capacity: usize) -> (PipelineSender, PipelineReceiver) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let dropped = Arc::new(AtomicU64::new(0));
+    (
+        PipelineSender {
+            tx,
+            dropped: dropped.clone(),
+        },
+        PipelineReceiver { rx, dropped },
+    )
+}
+
+/// What a subscriber asked for, validated.
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeRequest {
+    /// Replay at most this many recent finished flows.
+    pub number: u64,
+    /// Only flows that ended at or after this time.
+    pub since: Option<SystemTime>,
+    /// Only flows that ended at or before this time; the stream ends when
+    /// wall time passes it.
+    pub until: Option<SystemTime>,
+    /// Keep streaming after the replay.
+    pub follow: bool,
+    /// Deliver interim records too.
+    pub include_updates: bool,
+    /// Compiled allow/deny filters.
+    pub filters: FilterSet,
+    /// Peer description for the status.
+    pub peer: String,
+}
+
+enum Command {
+    Subscribe(Box<SubscribeRequest>, oneshot::Sender<Subscription>),
+    Status(oneshot::Sender<HubStatus>),
+}
+
+/// Handle to the running hub; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    cmd: mpsc::Sender<Command>,
+    node_name: Arc<str>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Subscribe(..) => f.write_str("Subscribe"),
+            Command::Status(_) => f.write_str("Status"),
+        }
+    }
+}
+
+impl Hub {
+    /// Starts the owner task on the current tokio runtime.
+    pub fn spawn(opts: HubOptions, pipeline: PipelineReceiver) -> (Hub, JoinHandle<()>) {
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE_SIZE);
+        let node_name: Arc<str> = Arc::from(opts.node_name.as_str());
+        let owner = Owner {
+            history: VecDeque::with_capacity(opts.history_size.min(1 << 16)),
+            subs: Vec::new(),
+            next_id: 1,
+            flows_received: 0,
+            export_drops_total: 0,
+            last_export_check: SystemTime::now(),
+            last_slow_check: Instant::now(),
+            node_name: node_name.clone(),
+            opts,
+        };
+        let handle = tokio::spawn(owner.run(pipeline, cmd_rx));
+        (
+            Hub {
+                cmd: cmd_tx,
+                node_name,
+            },
+            handle,
+        )
+    }
+
+    /// Registers a subscriber (when `follow`) and returns its stream, which
+    /// first yields the replay and then live records.
+    pub async fn subscribe(&self, req: SubscribeRequest) -> Result<Subscription, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::Subscribe(Box::new(req), tx))
+            .await
+            .map_err(|_| Status::unavailable("flow fan-out is not running"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("flow fan-out is not running"))
+    }
+
+    /// The hub's part of the status.
+    pub async fn status(&self) -> Result<HubStatus, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::Status(tx))
+            .await
+            .map_err(|_| Status::unavailable("flow fan-out is not running"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("flow fan-out is not running"))
+    }
+
+    /// Node name used in envelopes.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+}
+
+/// The response stream of one StreamFlows call.
+#[derive(Debug)]
+pub struct Subscription {
+    replay: VecDeque<Payload>,
+    rx: Option<mpsc::Receiver<Payload>>,
+    close: Option<oneshot::Receiver<Status>>,
+    node_name: Arc<str>,
+    sequence: u64,
+    done: bool,
+}
+
+impl Subscription {
+    fn wrap(&mut self, payload: Payload) -> WireResponse {
+        self.sequence += 1;
+        WireResponse {
+            payload: Some(payload),
+            node_name: self.node_name.clone(),
+            time: Some(convert::timestamp(SystemTime::now())),
+            sequence: self.sequence,
+        }
+    }
+}
+
+impl tokio_stream::Stream for Subscription {
+    type Item = Result<WireResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Some(close) = this.close.as_mut() {
+            match Pin::new(close).poll(cx) {
+                Poll::Ready(Ok(status)) => {
+                    this.done = true;
+                    this.rx = None;
+                    this.replay.clear();
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(Err(_)) => this.close = None,
+                Poll::Pending => {}
+            }
+        }
+        if let Some(p) = this.replay.pop_front() {
+            return Poll::Ready(Some(Ok(this.wrap(p))));
+        }
+        let Some(rx) = this.rx.as_mut() else {
+            this.done = true;
+            return Poll::Ready(None);
+        };
+        match rx.poll_recv(cx) {
+            Poll::Ready(Some(p)) => Poll::Ready(Some(Ok(this.wrap(p)))),
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Key of coalesced loss notices: protobuf source and CPU.
+type LossKey = (i32, Option<u32>);
+
+#[derive(Debug, Clone, Copy)]
+struct PendingLoss {
+    count: u64,
+    first: SystemTime,
+    last: SystemTime,
+}
+
+struct Sub {
+    id: u64,
+    peer: String,
+    filters: FilterSet,
+    include_updates: bool,
+    until: Option<SystemTime>,
+    tx: mpsc::Sender<Payload>,
+    close: Option<oneshot::Sender<Status>>,
+    drops: u64,
+    delivered: u64,
+    pending: HashMap<LossKey, PendingLoss>,
+    last_sent: HashMap<LossKey, Instant>,
+    period_offered: u64,
+    period_dropped: u64,
+    streak_periods: u32,
+    streak_offered: u64,
+    streak_dropped: u64,
+}
+
+impl Sub {
+    fn add_loss(&mut self, key: LossKey, count: u64, first: SystemTime, last: SystemTime) {
+        self.pending
+            .entry(key)
+            .and_modify(|p| {
+                p.count = p.count.saturating_add(count);
+                p.first = p.first.min(first);
+                p.last = p.last.max(last);
+            })
+            .or_insert(PendingLoss { count, first, last });
+    }
+
+    /// Sends pending notices whose key is not rate-limited, while the queue
+    /// has room.
+    fn flush_losses(&mut self, now: Instant) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let ready: Vec<LossKey> = self
+            .pending
+            .keys()
+            .filter(|k| {
+                self.last_sent
+                    .get(*k)
+                    .is_none_or(|t| now.duration_since(*t) >= LOSS_NOTICE_INTERVAL)
+            })
+            .copied()
+            .collect();
+        for key in ready {
+            let Some(p) = self.pending.get(&key).copied() else {
+                continue;
+            };
+            let notice = proto::LossNotice {
+                source: key.0,
+                cpu: key.1,
+                count: p.count,
+                first: Some(convert::timestamp(p.first)),
+                last: Some(convert::timestamp(p.last)),
+            };
+            match self.tx.try_send(Payload::Loss(notice)) {
+                Ok(()) => {
+                    self.pending.remove(&key);
+                    self.last_sent.insert(key, now);
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn offer(&mut self, flow: Arc<EncodedFlow>) {
+        self.period_offered += 1;
+        match self.tx.try_send(Payload::Flow(flow)) {
+            Ok(()) => self.delivered += 1,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.drops += 1;
+                self.period_dropped += 1;
+                let now = SystemTime::now();
+                self.add_loss(
+                    (proto::LossSource::SubscriberQueue as i32, None),
+                    1,
+                    now,
+                    now,
+                );
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+struct Owner {
+    opts: HubOptions,
+    history: VecDeque<Arc<EncodedFlow>>,
+    subs: Vec<Sub>,
+    next_id: u64,
+    flows_received: u64,
+    export_drops_total: u64,
+    last_export_check: SystemTime,
+    last_slow_check: Instant,
+    node_name: Arc<str>,
+}
+
+impl Owner {
+    async fn run(mut self, mut pipeline: PipelineReceiver, mut cmd: mpsc::Receiver<Command>) {
+        let mut tick = tokio::time::interval(TICK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pipeline_open = true;
+        loop {
+            tokio::select! {
+                out = pipeline.rx.recv(), if pipeline_open => match out {
+                    Some(out) => {
+                        self.handle_output(out);
+                        // Drain what is already queued without re-entering select.
+                        for _ in 0..PIPELINE_BATCH {
+                            match pipeline.rx.try_recv() {
+                                Ok(out) => self.handle_output(out),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => {
+                        pipeline_open = false;
+                        self.check_export_drops(&pipeline);
+                        for s in &mut self.subs {
+                            s.flush_losses(Instant::now() + LOSS_NOTICE_INTERVAL);
+                        }
+                        self.subs.clear();
+                    }
+                },
+                c = cmd.recv() => match c {
+                    Some(Command::Subscribe(req, reply)) => {
+                        let sub = self.subscribe(*req, pipeline_open);
+                        let _ = reply.send(sub);
+                    }
+                    Some(Command::Status(reply)) => {
+                        self.export_drops_total = pipeline.dropped.load(Ordering::Relaxed);
+                        let _ = reply.send(self.status());
+                    }
+                    None => return,
+                },
+                _ = tick.tick() => self.on_tick(&pipeline),
+            }
+        }
+    }
+
+    fn handle_output(&mut self, out: Output) {
+        match out {
+            Output::Flow(rec) => {
+                self.flows_received += 1;
+                let mut encoded: Option<Arc<EncodedFlow>> = None;
+                let host = &self.opts.host_name;
+                let mut get = |rec: &Arc<crate::model::FlowRecord>| {
+                    encoded
+                        .get_or_insert_with(|| Arc::new(EncodedFlow::new(rec.clone(), host)))
+                        .clone()
+                };
+                for s in &mut self.subs {
+                    if (!rec.is_final && !s.include_updates)
+                        || s.until.is_some_and(|u| rec.end > u)
+                        || !s.filters.matches(&rec)
+                    {
+                        continue;
+                    }
+                    s.offer(get(&rec));
+                }
+                if rec.is_final && self.opts.history_size > 0 {
+                    if self.history.len() >= self.opts.history_size {
+                        self.history.pop_front();
+                    }
+                    self.history.push_back(get(&rec));
+                }
+            }
+            Output::Loss(loss) => {
+                let key = (convert::loss_source(loss.source) as i32, loss.cpu);
+                let now = Instant::now();
+                for s in &mut self.subs {
+                    s.add_loss(key, loss.count, loss.first, loss.last);
+                    s.flush_losses(now);
+                }
+            }
+        }
+    }
+
+    fn check_export_drops(&mut self, pipeline: &PipelineReceiver) {
+        let total = pipeline.dropped.load(Ordering::Relaxed);
+        let now = SystemTime::now();
+        if total > self.export_drops_total {
+            let n = total - self.export_drops_total;
+            let key = (proto::LossSource::ExportQueue as i32, None);
+            for s in &mut self.subs {
+                s.add_loss(key, n, self.last_export_check, now);
+            }
+        }
+        self.export_drops_total = total;
+        self.last_export_check = now;
+    }
+
+    fn on_tick(&mut self, pipeline: &PipelineReceiver) {
+        self.check_export_drops(pipeline);
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let slow_period = now.duration_since(self.last_slow_check) >= SLOW_CHECK_PERIOD;
+        if slow_period {
+            self.last_slow_check = now;
+        }
+        let (slow_seconds, slow_ratio) = (self.opts.slow_seconds, self.opts.slow_drop_ratio);
+        self.subs.retain_mut(|s| {
+            if s.tx.is_closed() {
+                tracing::debug!(id = s.id, peer = %s.peer, "subscriber disconnected");
+                return false;
+            }
+            if s.until.is_some_and(|u| wall > u) {
+                s.flush_losses(now);
+                return false;
+            }
+            s.flush_losses(now);
+            if slow_period {
+                if s.period_dropped > 0 {
+                    s.streak_periods += 1;
+                    s.streak_offered += s.period_offered;
+                    s.streak_dropped += s.period_dropped;
+                } else {
+                    s.streak_periods = 0;
+                    s.streak_offered = 0;
+                    s.streak_dropped = 0;
+                }
+                s.period_offered = 0;
+                s.period_dropped = 0;
+                let ratio = s.streak_dropped as f64 / s.streak_offered.max(1) as f64;
+                if slow_seconds > 0 && s.streak_periods >= slow_seconds && ratio >= slow_ratio {
+                    let msg = format!(
+                        "subscriber too slow: dropped {} of {} records during the last {} s \
+                         (queue of {}); read faster or narrow the filters",
+                        s.streak_dropped,
+                        s.streak_offered,
+                        s.streak_periods,
+                        s.tx.max_capacity()
+                    );
+                    tracing::warn!(id = s.id, peer = %s.peer, "{msg}");
+                    if let Some(close) = s.close.take() {
+                        let _ = close.send(Status::resource_exhausted(msg));
+                    }
+                    return false;
+                }
+            }
+            true
+        });
+    }
+
+    fn subscribe(&mut self, req: SubscribeRequest, live: bool) -> Subscription {
+        let matches = |f: &Arc<EncodedFlow>| {
+            req.since.is_none_or(|s| f.record.end >= s)
+                && req.until.is_none_or(|u| f.record.end <= u)
+                && req.filters.matches(&f.record)
+        };
+        let mut replay: VecDeque<Payload> = VecDeque::new();
+        if req.number > 0 || req.since.is_some() {
+            let limit = if req.number > 0 {
+                usize::try_from(req.number).unwrap_or(usize::MAX)
+            } else {
+                usize::MAX
+            };
+            let mut picked: Vec<Arc<EncodedFlow>> = self
+                .history
+                .iter()
+                .rev()
+                .filter(|f| matches(f))
+                .take(limit)
+                .cloned()
+                .collect();
+            picked.reverse();
+            replay.extend(picked.into_iter().map(Payload::Flow));
+        }
+        let expired = req.until.is_some_and(|u| SystemTime::now() > u);
+        let (rx, close) = if req.follow && live && !expired {
+            let (tx, rx) = mpsc::channel(self.opts.queue_size.max(1));
+            let (close_tx, close_rx) = oneshot::channel();
+            let id = self.next_id;
+            self.next_id += 1;
+            tracing::debug!(id, peer = %req.peer, "subscriber connected");
+            self.subs.push(Sub {
+                id,
+                peer: req.peer,
+                filters: req.filters,
+                include_updates: req.include_updates,
+                until: req.until,
+                tx,
+                close: Some(close_tx),
+                drops: 0,
+                delivered: 0,
+                pending: HashMap::new(),
+                last_sent: HashMap::new(),
+                period_offered: 0,
+                period_dropped: 0,
+                streak_periods: 0,
+                streak_offered: 0,
+                streak_dropped: 0,
+            });
+            (Some(rx), Some(close_rx))
+        } else {
+            (None, None)
+        };
+        Subscription {
+            replay,
+            rx,
+            close,
+            node_name: self.node_name.clone(),
+            sequence: 0,
+            done: false,
+        }
+    }
+
+    fn status(&self) -> HubStatus {
+        HubStatus {
+            history_occupancy: self.history.len() as u64,
+            history_capacity: self.opts.history_size as u64,
+            subscribers: self
+                .subs
+                .iter()
+                .map(|s| SubscriberInfo {
+                    id: s.id,
+                    peer: s.peer.clone(),
+                    queue_depth: (s.tx.max_capacity() - s.tx.capacity()) as u64,
+                    queue_capacity: s.tx.max_capacity() as u64,
+                    drops: s.drops,
+                    delivered: s.delivered,
+                })
+                .collect(),
+            flows_received: self.flows_received,
+            export_queue_drops: self.export_drops_total,
+        }
+    }
+}

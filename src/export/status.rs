@@ -1,0 +1,178 @@
+//! Daemon status: what the pipeline reports through [`StatusSource`], and
+//! its protobuf form (with the fan-out's own subscriber and history parts).
+
+use std::time::Duration;
+
+use crate::export::convert;
+use crate::export::proto;
+
+/// Per-CPU perf ring counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CpuCounters {
+    /// CPU number.
+    pub cpu: u32,
+    /// Samples read from this CPU's ring.
+    pub samples: u64,
+    /// Samples the kernel dropped on this CPU's ring.
+    pub lost: u64,
+}
+
+/// DNS enrichment counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DnsCounters {
+    /// DNS response packets captured.
+    pub packets: u64,
+    /// A/AAAA answers recorded.
+    pub answers: u64,
+    /// Packets that could not be parsed.
+    pub parse_errors: u64,
+    /// Address-to-name entries kept.
+    pub entries: u64,
+}
+
+/// The pipeline's part of the status, filled by the daemon.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusSnapshot {
+    /// Time since the daemon started.
+    pub uptime: Duration,
+    /// Kernel release (`uname -r`).
+    pub kernel_release: String,
+    /// Where struct offsets came from (`btf`, `guess`).
+    pub offsets_source: String,
+    /// Names of the installed probes.
+    pub probes: Vec<String>,
+    /// Per-CPU ring counters.
+    pub cpus: Vec<CpuCounters>,
+    /// Samples that could not be decoded.
+    pub decode_errors: u64,
+    /// Missed kretprobe instances.
+    pub kretprobe_misses: u64,
+    /// Sockets tracked.
+    pub tracked_sockets: u64,
+    /// Flows tracked.
+    pub tracked_flows: u64,
+    /// Processes tracked.
+    pub tracked_processes: u64,
+    /// DNS counters.
+    pub dns: DnsCounters,
+    /// Last error the pipeline hit, if any.
+    pub last_error: Option<String>,
+}
+
+/// Provides the pipeline's status on demand. Called from the gRPC tasks:
+/// must be cheap and must not block (read atomics or a mutex-guarded copy).
+pub trait StatusSource: Send + Sync {
+    /// A consistent-enough snapshot of the pipeline's counters.
+    fn snapshot(&self) -> StatusSnapshot;
+}
+
+/// A status source with nothing to report (uptime counted from creation);
+/// useful before the pipeline is up and in tests.
+#[derive(Debug)]
+pub struct EmptyStatus {
+    started: std::time::Instant,
+}
+
+impl Default for EmptyStatus {
+    fn default() -> Self {
+        EmptyStatus {
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl StatusSource for EmptyStatus {
+    fn snapshot(&self) -> StatusSnapshot {
+        StatusSnapshot {
+            uptime: self.started.elapsed(),
+            ..StatusSnapshot::default()
+        }
+    }
+}
+
+/// One subscriber as the fan-out sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriberInfo {
+    /// Server-assigned id.
+    pub id: u64,
+    /// Peer address or `unix`.
+    pub peer: String,
+    /// Items waiting in its queue.
+    pub queue_depth: u64,
+    /// Its queue capacity.
+    pub queue_capacity: u64,
+    /// Records dropped because its queue was full.
+    pub drops: u64,
+    /// Records delivered to its queue.
+    pub delivered: u64,
+}
+
+/// The fan-out's part of the status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HubStatus {
+    /// Finished flows held for replay.
+    pub history_occupancy: u64,
+    /// History capacity.
+    pub history_capacity: u64,
+    /// Connected subscribers.
+    pub subscribers: Vec<SubscriberInfo>,
+    /// Flow records received from the pipeline.
+    pub flows_received: u64,
+    /// Outputs the pipeline could not enqueue.
+    pub export_queue_drops: u64,
+}
+
+/// Builds the protobuf status from both parts.
+pub fn to_proto(
+    snap: &StatusSnapshot,
+    hub: &HubStatus,
+    node_name: &str,
+    serving: bool,
+) -> proto::GetStatusResponse {
+    proto::GetStatusResponse {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime: Some(convert::duration(snap.uptime)),
+        kernel_release: snap.kernel_release.clone(),
+        offsets_source: snap.offsets_source.clone(),
+        probes: snap.probes.clone(),
+        cpus: snap
+            .cpus
+            .iter()
+            .map(|c| proto::CpuStatus {
+                cpu: c.cpu,
+                samples: c.samples,
+                lost: c.lost,
+            })
+            .collect(),
+        decode_errors: snap.decode_errors,
+        kretprobe_misses: snap.kretprobe_misses,
+        tracked_sockets: snap.tracked_sockets,
+        tracked_flows: snap.tracked_flows,
+        tracked_processes: snap.tracked_processes,
+        history_occupancy: hub.history_occupancy,
+        history_capacity: hub.history_capacity,
+        subscribers: hub
+            .subscribers
+            .iter()
+            .map(|s| proto::SubscriberStatus {
+                id: s.id,
+                peer: s.peer.clone(),
+                queue_depth: s.queue_depth,
+                queue_capacity: s.queue_capacity,
+                drops: s.drops,
+                delivered: s.delivered,
+            })
+            .collect(),
+        dns: Some(proto::DnsStatus {
+            packets: snap.dns.packets,
+            answers: snap.dns.answers,
+            parse_errors: snap.dns.parse_errors,
+            entries: snap.dns.entries,
+        }),
+        last_error: snap.last_error.clone().unwrap_or_default(),
+        node_name: node_name.to_string(),
+        flows_received: hub.flows_received,
+        export_queue_drops: hub.export_queue_drops,
+        serving,
+    }
+}

@@ -1,0 +1,135 @@
+//! Server-side encoding of `StreamFlowsResponse` that embeds a flow encoded
+//! once in the fan-out, so a record delivered to many subscribers is not
+//! re-encoded per subscriber. The wire bytes are identical to encoding the
+//! generated `proto::StreamFlowsResponse` (an embedded message is a
+//! length-delimited field, like `bytes`).
+
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes};
+use prost::encoding::{self, DecodeContext, WireType};
+use prost::{DecodeError, Message};
+
+use crate::export::convert;
+use crate::export::proto;
+use crate::model::FlowRecord;
+
+/// Field number of `StreamFlowsResponse.flow`.
+const TAG_FLOW: u32 = 1;
+/// Field number of `StreamFlowsResponse.loss`.
+const TAG_LOSS: u32 = 2;
+/// Field number of `StreamFlowsResponse.node_name`.
+const TAG_NODE_NAME: u32 = 1000;
+/// Field number of `StreamFlowsResponse.time`.
+const TAG_TIME: u32 = 1001;
+/// Field number of `StreamFlowsResponse.sequence`.
+const TAG_SEQUENCE: u32 = 1002;
+
+/// A flow record together with its protobuf encoding, made once and shared
+/// between the history ring and every subscriber.
+#[derive(Debug)]
+pub struct EncodedFlow {
+    /// The record (used for filtering).
+    pub record: Arc<FlowRecord>,
+    /// The encoded `proto::Flow`.
+    pub bytes: Bytes,
+}
+
+impl EncodedFlow {
+    /// Converts and encodes a record.
+    pub fn new(record: Arc<FlowRecord>, host_name: &str) -> EncodedFlow {
+        let bytes = Bytes::from(convert::flow(&record, host_name).encode_to_vec());
+        EncodedFlow { record, bytes }
+    }
+}
+
+/// The payload of one envelope.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// A pre-encoded flow.
+    Flow(Arc<EncodedFlow>),
+    /// A loss notice.
+    Loss(proto::LossNotice),
+}
+
+/// A `StreamFlowsResponse` as the server sends it. Encode-only: decoding it
+/// skips every field (clients decode `proto::StreamFlowsResponse`).
+#[derive(Debug, Clone, Default)]
+pub struct WireResponse {
+    /// The payload.
+    pub payload: Option<Payload>,
+    /// Node name.
+    pub node_name: Arc<str>,
+    /// Send time.
+    pub time: Option<prost_types::Timestamp>,
+    /// Position in the stream, from 1.
+    pub sequence: u64,
+}
+
+impl Message for WireResponse {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        match &self.payload {
+            Some(Payload::Flow(f)) => {
+                encoding::encode_key(TAG_FLOW, WireType::LengthDelimited, buf);
+                encoding::encode_varint(f.bytes.len() as u64, buf);
+                buf.put_slice(&f.bytes);
+            }
+            Some(Payload::Loss(l)) => encoding::message::encode(TAG_LOSS, l, buf),
+            None => {}
+        }
+        if !self.node_name.is_empty() {
+            encoding::encode_key(TAG_NODE_NAME, WireType::LengthDelimited, buf);
+            encoding::encode_varint(self.node_name.len() as u64, buf);
+            buf.put_slice(self.node_name.as_bytes());
+        }
+        if let Some(t) = &self.time {
+            encoding::message::encode(TAG_TIME, t, buf);
+        }
+        if self.sequence != 0 {
+            encoding::uint64::encode(TAG_SEQUENCE, &self.sequence, buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        let payload = match &self.payload {
+            Some(Payload::Flow(f)) => {
+                encoding::key_len(TAG_FLOW)
+                    + encoding::encoded_len_varint(f.bytes.len() as u64)
+                    + f.bytes.len()
+            }
+            Some(Payload::Loss(l)) => encoding::message::encoded_len(TAG_LOSS, l),
+            None => 0,
+        };
+        let node = if self.node_name.is_empty() {
+            0
+        } else {
+            encoding::key_len(TAG_NODE_NAME)
+                + encoding::encoded_len_varint(self.node_name.len() as u64)
+                + self.node_name.len()
+        };
+        let time = self
+            .time
+            .as_ref()
+            .map_or(0, |t| encoding::message::encoded_len(TAG_TIME, t));
+        let seq = if self.sequence == 0 {
+            0
+        } else {
+            encoding::uint64::encoded_len(TAG_SEQUENCE, &self.sequence)
+        };
+        payload + node + time + seq
+    }
+
+    fn clear(&mut self) {
+        *self = WireResponse::default();
+    }
+}
