@@ -1180,3 +1180,46 @@ fn timer_heaps_stay_proportional_to_live_items_under_churn() {
         "{st:?}"
     );
 }
+
+#[test]
+fn exec_and_creds_events_shape_later_attributions() {
+    let mut h = H::new();
+    h.create(S, 100, 0x1, Some(Udp));
+    h.pkt(S, Some(0x1), Udp, Out, "10.0.0.1:1", "10.0.0.2:1", 10);
+    // pid 100 drops privileges and execs something else (/proc is gone).
+    h.src.remove(100);
+    let creds = Creds {
+        uid: 65534,
+        gid: 65534,
+        euid: 65534,
+        egid: 65534,
+    };
+    h.ev(2 * S, Some(100), EventKind::Creds(creds));
+    h.ev(
+        2 * S,
+        Some(100),
+        EventKind::Exec {
+            pid: 100,
+            filename: "/usr/sbin/worker".into(),
+        },
+    );
+    h.create(3 * S, 100, 0x2, Some(Udp));
+    h.pkt(3 * S, Some(0x2), Udp, Out, "10.0.0.1:2", "10.0.0.2:2", 10);
+    h.tick(100 * S);
+    let mut v = h.flows();
+    v.sort_by_key(|r| r.sock);
+    let (before, after) = (
+        v[0].process.as_ref().unwrap(),
+        v[1].process.as_ref().unwrap(),
+    );
+    assert_eq!(
+        (before.name.as_str(), before.creds.unwrap().uid),
+        ("curl", 1000)
+    );
+    assert_eq!(
+        (after.name.as_str(), after.executable.as_str()),
+        ("worker", "/usr/sbin/worker")
+    );
+    assert_eq!(after.creds, Some(creds));
+    assert_eq!(after.created, before.created, "same process across exec");
+}
