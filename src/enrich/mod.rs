@@ -1,1 +1,2 @@
 //! Pipeline stage: enrich.
+pub mod dns;
