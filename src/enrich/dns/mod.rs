@@ -40,10 +40,19 @@ pub struct DnsName {
 }
 
 impl DnsName {
-    /// Builds a name from its chain (question name first). An empty chain
-    /// yields the root name `.`.
+    /// Builds a name from its chain (question name first). The root name
+    /// (empty string) and an empty chain are shown as `.`.
     pub fn new(chain: Vec<String>) -> Self {
-        let mut chain: Vec<Box<str>> = chain.into_iter().map(String::into_boxed_str).collect();
+        let mut chain: Vec<Box<str>> = chain
+            .into_iter()
+            .map(|s| {
+                if s.is_empty() {
+                    ".".into()
+                } else {
+                    s.into_boxed_str()
+                }
+            })
+            .collect();
         if chain.is_empty() {
             chain.push(".".into());
         }

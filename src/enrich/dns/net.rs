@@ -59,7 +59,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::Outgoing,
         DropReason::NotIp,
         DropReason::BadIpHeader,
@@ -75,7 +75,6 @@ impl DropReason {
         DropReason::Dns(WireError::NameTooLong),
         DropReason::Dns(WireError::PointerOutOfRange),
         DropReason::Dns(WireError::PointerLoop),
-        DropReason::Dns(WireError::BadLabelType),
         DropReason::Dns(WireError::BadRecordLength),
     ];
 
@@ -100,8 +99,7 @@ impl DropReason {
             DropReason::Dns(WireError::NameTooLong) => 12,
             DropReason::Dns(WireError::PointerOutOfRange) => 13,
             DropReason::Dns(WireError::PointerLoop) => 14,
-            DropReason::Dns(WireError::BadLabelType) => 15,
-            DropReason::Dns(WireError::BadRecordLength) => 16,
+            DropReason::Dns(WireError::BadRecordLength) => 15,
         }
     }
 
@@ -123,7 +121,6 @@ impl DropReason {
             DropReason::Dns(WireError::NameTooLong) => "dns_name_too_long",
             DropReason::Dns(WireError::PointerOutOfRange) => "dns_pointer_out_of_range",
             DropReason::Dns(WireError::PointerLoop) => "dns_pointer_loop",
-            DropReason::Dns(WireError::BadLabelType) => "dns_bad_label_type",
             DropReason::Dns(WireError::BadRecordLength) => "dns_bad_record_length",
         }
     }

@@ -37,7 +37,8 @@ const OPCODE_SHIFT: u16 = 11;
 const OPCODE_MASK: u16 = 0xF;
 const RCODE_MASK: u16 = 0xF;
 const OPCODE_QUERY: u16 = 0;
-/// The two top bits of a length octet: 00 label, 11 pointer, 01/10 reserved.
+/// The two top bits of a length octet: 00 label, 11 pointer, 01/10 reserved
+/// (read as a label longer than 63).
 const LABEL_KIND_MASK: u8 = 0xC0;
 const LABEL_KIND_POINTER: u8 = 0xC0;
 const POINTER_OFFSET_MASK: u16 = 0x3FFF;
@@ -61,8 +62,9 @@ pub enum WireError {
     /// QDCOUNT is not 1.
     #[error("question count is not 1")]
     QuestionCount,
-    /// A label longer than 63 octets.
-    #[error("label longer than {MAX_LABEL_LEN} octets")]
+    /// A length octet of 64..=191: a label longer than 63 octets, or one of
+    /// the reserved (01, 10) label types, e.g. the obsolete extended labels.
+    #[error("label longer than {MAX_LABEL_LEN} octets or of a reserved type")]
     LabelTooLong,
     /// A name longer than 255 octets.
     #[error("name longer than {MAX_NAME_WIRE_LEN} octets")]
@@ -74,9 +76,6 @@ pub enum WireError {
     /// loop, or a forward reference), or too many pointers in one name.
     #[error("compression pointer loop")]
     PointerLoop,
-    /// A length octet with the reserved 01 or 10 top bits.
-    #[error("reserved label type")]
-    BadLabelType,
     /// An A or AAAA record whose data has the wrong length.
     #[error("address record with wrong data length")]
     BadRecordLength,
@@ -207,7 +206,7 @@ pub fn read_name(msg: &[u8], start: usize) -> Result<(String, usize), ReadNameEr
                 pos = target;
                 run_start = target;
             }
-            _ => return Err(ReadNameError::Wire(WireError::BadLabelType)),
+            _ => return Err(ReadNameError::Wire(WireError::LabelTooLong)),
         }
     }
 }
