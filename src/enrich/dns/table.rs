@@ -177,6 +177,10 @@ pub struct TableStats {
     pub process_entries: usize,
     /// Host-map entries now.
     pub host_entries: usize,
+    /// Estimated bytes held by the maps (hash slots, order queues and
+    /// parked address lists; the name strings, shared between entries, are
+    /// not included).
+    pub approx_bytes: usize,
 }
 
 /// A map with per-entry expiry, a size bound and first-in-first-out
@@ -292,6 +296,12 @@ impl<K: Hash + Eq + Clone, V> FifoMap<K, V> {
         let map = &self.map;
         self.order
             .retain(|(k, s)| map.get(k).is_some_and(|slot| slot.seq == *s));
+    }
+
+    /// Estimated bytes of the hash table and order queue themselves.
+    fn approx_bytes(&self) -> usize {
+        self.map.capacity() * (std::mem::size_of::<(K, Slot<V>)>() + 1)
+            + self.order.capacity() * std::mem::size_of::<(K, u64)>()
     }
 
     fn iter(&self) -> impl Iterator<Item = (&K, &V, u64)> {
@@ -617,9 +627,35 @@ impl DnsTable {
         self.host.expire(now, |_, _| {});
     }
 
-    /// Counters and current sizes.
+    /// Counters and current sizes. Walks the parked responses (bounded by
+    /// the limits) to size them.
     pub fn stats(&self) -> TableStats {
+        let parked: usize = self
+            .pending
+            .iter()
+            .map(|(_, list, _)| {
+                list.capacity() * std::mem::size_of::<Parked>()
+                    + list
+                        .iter()
+                        .map(|p| p.addresses.capacity() * std::mem::size_of::<Address>())
+                        .sum::<usize>()
+            })
+            .sum();
+        let index: usize = self
+            .by_pid
+            .values()
+            .map(|set| {
+                std::mem::size_of::<(u32, HashSet<IpAddr>)>()
+                    + set.capacity() * (std::mem::size_of::<IpAddr>() + 1)
+            })
+            .sum();
         TableStats {
+            approx_bytes: self.pending.approx_bytes()
+                + parked
+                + self.claims.approx_bytes()
+                + self.procs.approx_bytes()
+                + index
+                + self.host.approx_bytes(),
             pending_clients: self.pending.len(),
             claims: self.claims.len(),
             processes: self.by_pid.len(),
@@ -627,5 +663,28 @@ impl DnsTable {
             host_entries: self.host.len(),
             ..self.stats.clone()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_queue_stays_bounded_and_evicts_the_oldest_live_key() {
+        let mut m: FifoMap<u32, ()> = FifoMap::new(4);
+        for i in 0..10_000u64 {
+            assert!(m.insert((i % 3) as u32, (), i + 100).is_none());
+        }
+        assert_eq!(m.len(), 3);
+        assert!(m.order.len() <= 3 * 2 + ORDER_SLACK + 1, "order queue grew to {}", m.order.len());
+        assert!(m.insert(10, (), 0).is_none());
+        // Keys were last written at i = 9997 (1), 9998 (2), 9999 (0).
+        assert_eq!(m.insert(11, (), 0).map(|(k, _)| k), Some(1));
+        assert_eq!(m.insert(12, (), 0).map(|(k, _)| k), Some(2));
+        m.expire(50, |_, _| {});
+        assert_eq!(m.len(), 1, "entries expiring at 0 are gone, key 0 (expiry 10099) stays");
+        assert!(m.get(&0, 50).is_some());
+        assert!(m.get(&0, 10_099).is_none(), "an entry is dead at its expiry time");
     }
 }

@@ -897,6 +897,7 @@ fn retention_is_clamped_ttl() {
     t.expire(121 * SEC);
     let s = t.stats();
     assert_eq!((s.process_entries, s.host_entries, s.processes), (1, 1, 1));
+    assert!(s.approx_bytes > 0);
     t.expire(601 * SEC);
     let s = t.stats();
     assert_eq!(
