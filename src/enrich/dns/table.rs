@@ -32,7 +32,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hashbrown::{HashMap, HashSet};
+use hashbrown::HashMap;
 
 use super::{Address, DnsName, DnsResponse};
 
@@ -59,6 +59,8 @@ pub const DEFAULT_MAX_HOST_ENTRIES: usize = 16_384;
 /// Stale FIFO-order slots tolerated beyond the live entries before the
 /// order queue is compacted.
 const ORDER_SLACK: usize = 1024;
+/// The same for the per-process address indexes, which are many and small.
+const PID_ORDER_SLACK: usize = 16;
 
 /// Bounds and windows of a [`DnsTable`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +194,8 @@ struct FifoMap<K, V> {
     /// slots whose sequence no longer matches are stale.
     order: VecDeque<(K, u64)>,
     cap: usize,
+    /// Stale order slots tolerated beyond twice the live entries.
+    slack: usize,
     next_seq: u64,
 }
 
@@ -204,10 +208,15 @@ struct Slot<V> {
 
 impl<K: Hash + Eq + Clone, V> FifoMap<K, V> {
     fn new(cap: usize) -> Self {
+        Self::with_slack(cap, ORDER_SLACK)
+    }
+
+    fn with_slack(cap: usize, slack: usize) -> Self {
         FifoMap {
             map: HashMap::new(),
             order: VecDeque::new(),
             cap: cap.max(1),
+            slack,
             next_seq: 0,
         }
     }
@@ -251,7 +260,7 @@ impl<K: Hash + Eq + Clone, V> FifoMap<K, V> {
             },
         );
         self.order.push_back((key, seq));
-        if self.order.len() > self.map.len() * 2 + ORDER_SLACK {
+        if self.order.len() > self.map.len() * 2 + self.slack {
             let map = &self.map;
             self.order
                 .retain(|(k, s)| map.get(k).is_some_and(|slot| slot.seq == *s));
@@ -336,7 +345,9 @@ pub struct DnsTable {
     pending_ports: HashMap<u16, usize>,
     claims: FifoMap<ClientKey, u32>,
     procs: FifoMap<(u32, IpAddr), Arc<DnsName>>,
-    by_pid: HashMap<u32, HashSet<IpAddr>>,
+    /// Per process, its addresses in insertion order (for the per-process
+    /// bound).
+    by_pid: HashMap<u32, FifoMap<IpAddr, ()>>,
     host: FifoMap<IpAddr, Arc<DnsName>>,
     stats: TableStats,
 }
@@ -457,25 +468,17 @@ impl DnsTable {
     }
 
     fn insert_process_entry(&mut self, pid: u32, ip: IpAddr, name: Arc<DnsName>, expires: u64) {
-        let per_process = self.limits.max_entries_per_process.max(1);
-        let set = self.by_pid.entry(pid).or_default();
-        if !set.contains(&ip) && set.len() >= per_process {
-            // Evict this process's entry that expires first.
-            let victim = set
-                .iter()
-                .filter_map(|other| {
-                    let key = (pid, *other);
-                    self.procs.map.get(&key).map(|slot| (slot.expires, *other))
-                })
-                .min()
-                .map(|(_, ip)| ip);
-            if let Some(victim) = victim {
-                set.remove(&victim);
-                self.procs.remove(&(pid, victim));
-                self.stats.process_evictions += 1;
-            }
+        let per_process = self.limits.max_entries_per_process;
+        let index = self
+            .by_pid
+            .entry(pid)
+            .or_insert_with(|| FifoMap::with_slack(per_process, PID_ORDER_SLACK));
+        // The index never expires on its own: entries leave with their
+        // process-map entry.
+        if let Some((victim, ())) = index.insert(ip, (), u64::MAX) {
+            self.procs.remove(&(pid, victim));
+            self.stats.process_evictions += 1;
         }
-        set.insert(ip);
         if let Some(((old_pid, old_ip), _)) = self.procs.insert((pid, ip), name, expires) {
             self.stats.process_evictions += 1;
             self.forget_index(old_pid, old_ip);
@@ -483,9 +486,9 @@ impl DnsTable {
     }
 
     fn forget_index(&mut self, pid: u32, ip: IpAddr) {
-        if let Some(set) = self.by_pid.get_mut(&pid) {
-            set.remove(&ip);
-            if set.is_empty() {
+        if let Some(index) = self.by_pid.get_mut(&pid) {
+            index.remove(&ip);
+            if index.len() == 0 {
                 self.by_pid.remove(&pid);
             }
         }
@@ -582,7 +585,7 @@ impl DnsTable {
         };
         let inherited: Vec<(IpAddr, Arc<DnsName>, u64)> = ips
             .iter()
-            .filter_map(|ip| {
+            .filter_map(|(ip, (), _)| {
                 let slot = self.procs.map.get(&(parent, *ip))?;
                 (slot.expires > now).then(|| (*ip, Arc::clone(&slot.value), slot.expires))
             })
@@ -594,9 +597,9 @@ impl DnsTable {
 
     /// A process exited: its answers and the claims pointing at it go.
     pub fn on_exit(&mut self, pid: u32) {
-        if let Some(ips) = self.by_pid.remove(&pid) {
-            for ip in ips {
-                self.procs.remove(&(pid, ip));
+        if let Some(index) = self.by_pid.remove(&pid) {
+            for (ip, (), _) in index.iter() {
+                self.procs.remove(&(pid, *ip));
             }
         }
         if self.claims.len() > 0 {
@@ -644,10 +647,7 @@ impl DnsTable {
         let index: usize = self
             .by_pid
             .values()
-            .map(|set| {
-                std::mem::size_of::<(u32, HashSet<IpAddr>)>()
-                    + set.capacity() * (std::mem::size_of::<IpAddr>() + 1)
-            })
+            .map(|index| std::mem::size_of::<(u32, FifoMap<IpAddr, ()>)>() + index.approx_bytes())
             .sum();
         TableStats {
             approx_bytes: self.pending.approx_bytes()
@@ -677,14 +677,25 @@ mod tests {
             assert!(m.insert((i % 3) as u32, (), i + 100).is_none());
         }
         assert_eq!(m.len(), 3);
-        assert!(m.order.len() <= 3 * 2 + ORDER_SLACK + 1, "order queue grew to {}", m.order.len());
+        assert!(
+            m.order.len() <= 3 * 2 + ORDER_SLACK + 1,
+            "order queue grew to {}",
+            m.order.len()
+        );
         assert!(m.insert(10, (), 0).is_none());
         // Keys were last written at i = 9997 (1), 9998 (2), 9999 (0).
         assert_eq!(m.insert(11, (), 0).map(|(k, _)| k), Some(1));
         assert_eq!(m.insert(12, (), 0).map(|(k, _)| k), Some(2));
         m.expire(50, |_, _| {});
-        assert_eq!(m.len(), 1, "entries expiring at 0 are gone, key 0 (expiry 10099) stays");
+        assert_eq!(
+            m.len(),
+            1,
+            "entries expiring at 0 are gone, key 0 (expiry 10099) stays"
+        );
         assert!(m.get(&0, 50).is_some());
-        assert!(m.get(&0, 10_099).is_none(), "an entry is dead at its expiry time");
+        assert!(
+            m.get(&0, 10_099).is_none(),
+            "an entry is dead at its expiry time"
+        );
     }
 }
