@@ -18,6 +18,46 @@
 //! * [`DnsTable::fork`] / [`DnsTable::on_exit`] follow the process tree.
 //!
 //! Everything is bounded (see [`TableLimits`]) and counted ([`DnsStats`]).
+//!
+//! # Wiring
+//!
+//! At start: `DnsCapture::open_if_enabled(&cfg.socket.dns)?` then
+//! `capture.spawn(capture::DEFAULT_QUEUE_LEN)?` gives a [`DnsCaptureThread`]
+//! (stops on drop) and a `Receiver<DnsResponse>`. The flow engine owns the
+//! [`DnsTable`] and, with its own clock (`now` in nanoseconds):
+//!
+//! * between events: `while let Ok(r) = rx.try_recv() { table.observe_response(now, &r) }`;
+//! * when a process's UDP socket sends to port 53: `table.claim(now, local, pid)`;
+//! * on socket close: `table.release(local)`; on fork/exit of a process:
+//!   `table.fork(now, parent, child)` / `table.on_exit(pid)`;
+//! * when a flow starts (names can expire before it ends):
+//!   `table.lookup(now, pid, remote_ip)` → `Endpoint::domain`;
+//! * every second or so: `table.expire(now)`.
+//!
+//! The status API reports `DnsStats::collect(thread.counters(), &table)`.
+//!
+//! ```
+//! use std::net::SocketAddr;
+//! use std::sync::Arc;
+//! use sockscope::enrich::dns::{Address, DnsName, DnsResponse, DnsTable, MatchSource, TableLimits};
+//!
+//! let client: SocketAddr = "192.0.2.2:40000".parse().unwrap();
+//! let response = DnsResponse {
+//!     client,
+//!     server: "192.0.2.53:53".parse().unwrap(),
+//!     id: 7,
+//!     rcode: 0,
+//!     qtype: 1,
+//!     name: Arc::new(DnsName::new(vec!["www.example.com".into(), "edge.example.net".into()])),
+//!     addresses: vec![Address { ip: "198.51.100.7".parse().unwrap(), ttl: 300 }],
+//!     truncated: false,
+//! };
+//! let mut table = DnsTable::new(TableLimits::default());
+//! table.observe_response(1_000, &response);
+//! table.claim(2_000, client, 4242);
+//! let m = table.lookup(3_000, 4242, "198.51.100.7".parse().unwrap()).unwrap();
+//! assert_eq!((m.domain(), m.source), ("www.example.com", MatchSource::Process));
+//! ```
 
 pub mod capture;
 pub mod net;
