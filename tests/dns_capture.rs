@@ -12,16 +12,22 @@ const DEADLINE: Duration = Duration::from_secs(5);
 /// How long to keep reading after the expected response, to catch copies.
 const LINGER: Duration = Duration::from_millis(500);
 
-fn lo_config() -> DnsConfig {
+fn config(interface: &str) -> DnsConfig {
     let mut cfg = DnsConfig::default();
-    cfg.af_packet.interface = "lo".to_string();
+    cfg.af_packet.interface = interface.to_string();
     cfg
 }
 
-fn open_capture() -> DnsCapture {
-    DnsCapture::open(&lo_config()).unwrap_or_else(|e| {
-        panic!("opening the AF_PACKET capture on lo failed (this test must run as root): {e}")
+fn open_capture_on(interface: &str) -> DnsCapture {
+    DnsCapture::open(&config(interface)).unwrap_or_else(|e| {
+        panic!(
+            "opening the AF_PACKET capture on {interface} failed (this test must run as root): {e}"
+        )
     })
+}
+
+fn open_capture() -> DnsCapture {
+    open_capture_on("lo")
 }
 
 /// A per-run unique tag, so concurrent runs and other traffic on lo are
@@ -102,9 +108,9 @@ fn collect(
     got
 }
 
-fn run_roundtrip(server_ip: IpAddr, client_ip: IpAddr, answer: IpAddr) {
+fn run_roundtrip(interface: &str, server_ip: IpAddr, client_ip: IpAddr, answer: IpAddr) {
     let tag = unique();
-    let mut cap = open_capture();
+    let mut cap = open_capture_on(interface);
     let client = UdpSocket::bind(SocketAddr::new(client_ip, 0)).expect("bind client socket");
     let client_addr = client.local_addr().unwrap();
     let dns_server = UdpSocket::bind(SocketAddr::new(server_ip, 53))
@@ -185,6 +191,7 @@ fn run_roundtrip(server_ip: IpAddr, client_ip: IpAddr, answer: IpAddr) {
 fn captures_ipv4_dns_response_on_lo_and_filters_the_rest_in_kernel() {
     let tag = unique();
     run_roundtrip(
+        "lo",
         server_v4(tag),
         IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V4(Ipv4Addr::new(192, 0, 2, 77)),
@@ -194,9 +201,23 @@ fn captures_ipv4_dns_response_on_lo_and_filters_the_rest_in_kernel() {
 #[test]
 fn captures_ipv6_dns_response_on_lo() {
     run_roundtrip(
+        "lo",
         IpAddr::V6(Ipv6Addr::LOCALHOST),
         IpAddr::V6(Ipv6Addr::LOCALHOST),
         IpAddr::V6("2001:db8::77".parse().unwrap()),
+    );
+}
+
+/// The default interface, `any`, sees lo too (outgoing and incoming copies;
+/// only the incoming one may come through).
+#[test]
+fn captures_on_the_any_interface() {
+    let tag = unique().rotate_left(8);
+    run_roundtrip(
+        "any",
+        server_v4(tag),
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 78)),
     );
 }
 
