@@ -161,7 +161,8 @@ pub struct TableStats {
     pub process_evictions: u64,
     /// Host-map entries evicted because the bound was reached.
     pub host_evictions: u64,
-    /// Parked clients evicted because the bound was reached.
+    /// Parked responses evicted because a bound (clients, or responses per
+    /// client) was reached.
     pub pending_evictions: u64,
     /// Claims evicted because the bound was reached.
     pub claim_evictions: u64,
@@ -439,12 +440,12 @@ impl DnsTable {
             return;
         }
         // A stale (expired, not yet swept) entry is replaced here.
-        let replaced_stale = self.pending.remove(&client).is_some();
-        if !replaced_stale {
-            *self.pending_ports.entry(client.port()).or_insert(0) += 1;
+        match self.pending.remove(&client) {
+            Some(stale) => self.stats.pending_expired += stale.len() as u64,
+            None => *self.pending_ports.entry(client.port()).or_insert(0) += 1,
         }
-        if let Some((old, _)) = self.pending.insert(client, vec![parked], expires) {
-            self.stats.pending_evictions += 1;
+        if let Some((old, list)) = self.pending.insert(client, vec![parked], expires) {
+            self.stats.pending_evictions += list.len() as u64;
             self.unpark_port(old.port());
         }
     }

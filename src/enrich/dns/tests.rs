@@ -1036,8 +1036,8 @@ fn bounds_are_enforced_and_counted() {
     }
     let s = t.stats();
     assert_eq!(s.pending_clients, 2);
-    // 3 clients x 1 per-client overflow + 1 client evicted.
-    assert_eq!(s.pending_evictions, 4);
+    // 3 clients x 1 per-client overflow + the first client's 2 responses.
+    assert_eq!(s.pending_evictions, 5);
 }
 
 #[test]
