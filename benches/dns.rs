@@ -46,7 +46,9 @@ fn packet(dns: &[u8]) -> Vec<u8> {
     let total = (28 + dns.len()) as u16;
     let mut p = vec![0x45, 0];
     p.extend(total.to_be_bytes());
-    p.extend([0, 0, 0x40, 0, 64, 17, 0, 0, 192, 0, 2, 53, 192, 0, 2, 2, 0, 53, 0x9c, 0x40]);
+    p.extend([
+        0, 0, 0x40, 0, 64, 17, 0, 0, 192, 0, 2, 53, 192, 0, 2, 2, 0, 53, 0x9c, 0x40,
+    ]);
     p.extend((total - 20).to_be_bytes());
     p.extend([0, 0]);
     p.extend(dns);
@@ -56,7 +58,9 @@ fn packet(dns: &[u8]) -> Vec<u8> {
 fn bench(c: &mut Criterion) {
     let msg = message();
     let pkt = packet(&msg);
-    c.bench_function("dns/parse_response_cname_4a", |b| b.iter(|| parse_response(black_box(&msg))));
+    c.bench_function("dns/parse_response_cname_4a", |b| {
+        b.iter(|| parse_response(black_box(&msg)))
+    });
     c.bench_function("dns/decode_packet_ipv4", |b| {
         b.iter(|| decode_packet(ETH_P_IP, PACKET_HOST, black_box(&pkt)))
     });
@@ -72,7 +76,11 @@ fn bench(c: &mut Criterion) {
             r.client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)), port);
             table.observe_response(now, &r);
             table.claim(now, r.client, u32::from(port));
-            black_box(table.lookup(now, u32::from(port), r.addresses[0].ip).is_some())
+            black_box(
+                table
+                    .lookup(now, u32::from(port), r.addresses[0].ip)
+                    .is_some(),
+            )
         })
     });
 }

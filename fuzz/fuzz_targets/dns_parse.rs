@@ -51,7 +51,10 @@ fn exercise_table(response: &DnsResponse) {
     table.on_exit(1);
     table.expire(u64::MAX);
     let s = table.stats();
-    assert_eq!(s.process_entries + s.host_entries + s.pending_clients + s.claims, 0);
+    assert_eq!(
+        s.process_entries + s.host_entries + s.pending_clients + s.claims,
+        0
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
