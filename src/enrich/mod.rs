@@ -7,6 +7,7 @@
 
 pub mod community_id;
 pub mod container;
+pub mod dns;
 pub mod process;
 pub mod users;
 

@@ -1,0 +1,198 @@
+//! DNS enrichment: names for the addresses flows talk to.
+//!
+//! DNS responses are captured on an AF_PACKET socket ([`DnsCapture`]) with a
+//! classic BPF filter so that only UDP datagrams from port 53 reach user
+//! space; IP and UDP headers are decoded with pnet_packet and the DNS
+//! message with our own parser ([`wire`], fuzzed). The capture thread sends
+//! [`DnsResponse`]s over a bounded channel to the flow engine, which feeds
+//! them to a [`DnsTable`]:
+//!
+//! * [`DnsTable::observe_response`] stores a response's addresses under the
+//!   client endpoint (the address and port the query came from);
+//! * [`DnsTable::claim`] tells the table which process owns that endpoint's
+//!   UDP socket, moving its answers (now or when they arrive, the two can
+//!   come in either order) into that process's ip → name map;
+//! * [`DnsTable::lookup`] answers "which name did process P resolve to reach
+//!   ip X", falling back to a host-wide map (and saying so) when P has no
+//!   answer of its own;
+//! * [`DnsTable::fork`] / [`DnsTable::on_exit`] follow the process tree.
+//!
+//! Everything is bounded (see [`TableLimits`]) and counted ([`DnsStats`]).
+//!
+//! # Wiring
+//!
+//! At start: `DnsCapture::open_if_enabled(&cfg.socket.dns)?` then
+//! `capture.spawn(capture::DEFAULT_QUEUE_LEN)?` gives a [`DnsCaptureThread`]
+//! (stops on drop) and a `Receiver<DnsResponse>`. The flow engine owns the
+//! [`DnsTable`] and, with its own clock (`now` in nanoseconds):
+//!
+//! * between events: `while let Ok(r) = rx.try_recv() { table.observe_response(now, &r) }`;
+//! * when a process's UDP socket sends to port 53: `table.claim(now, local, pid)`;
+//! * on socket close: `table.release(local)`; on fork/exit of a process:
+//!   `table.fork(now, parent, child)` / `table.on_exit(pid)`;
+//! * when a flow starts (names can expire before it ends):
+//!   `table.lookup(now, pid, remote_ip)` → `Endpoint::domain`;
+//! * every second or so: `table.expire(now)`.
+//!
+//! The status API reports `DnsStats::collect(thread.counters(), &table)`.
+//!
+//! ```
+//! use std::net::SocketAddr;
+//! use std::sync::Arc;
+//! use sockscope::enrich::dns::{Address, DnsName, DnsResponse, DnsTable, MatchSource, TableLimits};
+//!
+//! let client: SocketAddr = "192.0.2.2:40000".parse().unwrap();
+//! let response = DnsResponse {
+//!     client,
+//!     server: "192.0.2.53:53".parse().unwrap(),
+//!     id: 7,
+//!     rcode: 0,
+//!     qtype: 1,
+//!     name: Arc::new(DnsName::new(vec!["www.example.com".into(), "edge.example.net".into()])),
+//!     addresses: vec![Address { ip: "198.51.100.7".parse().unwrap(), ttl: 300 }],
+//!     truncated: false,
+//! };
+//! let mut table = DnsTable::new(TableLimits::default());
+//! table.observe_response(1_000, &response);
+//! table.claim(2_000, client, 4242);
+//! let m = table.lookup(3_000, 4242, "198.51.100.7".parse().unwrap()).unwrap();
+//! assert_eq!((m.domain(), m.source), ("www.example.com", MatchSource::Process));
+//! ```
+
+pub mod capture;
+pub mod net;
+pub mod table;
+pub mod wire;
+
+use std::net::SocketAddr;
+
+pub use capture::{CaptureCounters, CaptureStats, DnsCapture, DnsCaptureThread};
+pub use net::{decode_packet, filter_program, Address, DropReason};
+pub use table::{DnsMatch, DnsTable, MatchSource, TableLimits, TableStats};
+
+use crate::sys::packet::PacketError;
+
+/// A resolved name: the name the client asked for and the CNAME chain that
+/// led to the addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsName {
+    chain: Box<[Box<str>]>,
+}
+
+impl DnsName {
+    /// Builds a name from its chain (question name first). The root name
+    /// (empty string) and an empty chain are shown as `.`.
+    pub fn new(chain: Vec<String>) -> Self {
+        let mut chain: Vec<Box<str>> = chain
+            .into_iter()
+            .map(|s| {
+                if s.is_empty() {
+                    ".".into()
+                } else {
+                    s.into_boxed_str()
+                }
+            })
+            .collect();
+        if chain.is_empty() {
+            chain.push(".".into());
+        }
+        DnsName {
+            chain: chain.into_boxed_slice(),
+        }
+    }
+
+    /// The name the client asked for (reported as the flow's domain).
+    pub fn domain(&self) -> &str {
+        // `new` guarantees at least one element.
+        self.chain.first().map_or(".", |s| s)
+    }
+
+    /// The chain from the question name to the name that owns the
+    /// addresses; a single element when there was no CNAME.
+    pub fn chain(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.chain.iter().map(|s| &**s)
+    }
+
+    /// Approximate heap bytes used, for memory accounting.
+    pub fn heap_bytes(&self) -> usize {
+        self.chain.len() * std::mem::size_of::<Box<str>>()
+            + self.chain.iter().map(|s| s.len()).sum::<usize>()
+    }
+}
+
+/// One parsed DNS response as the capture hands it to the flow engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsResponse {
+    /// Where the response was sent: the endpoint the query came from.
+    pub client: SocketAddr,
+    /// The server that answered.
+    pub server: SocketAddr,
+    /// Transaction id.
+    pub id: u16,
+    /// Response code (0 = NOERROR).
+    pub rcode: u8,
+    /// Question type (1 = A, 28 = AAAA, ...).
+    pub qtype: u16,
+    /// The name asked for and its CNAME chain, shared by all addresses.
+    pub name: std::sync::Arc<DnsName>,
+    /// A and AAAA addresses of the chain's last name.
+    pub addresses: Vec<Address>,
+    /// The server set TC, or the capture or message was cut: more
+    /// addresses may exist than were seen.
+    pub truncated: bool,
+}
+
+/// Errors of the DNS capture.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// `socket.dns.type` names an unsupported capture method.
+    #[error("socket.dns.type {kind:?} is not supported (only \"af_packet\")")]
+    UnsupportedType {
+        /// The configured value.
+        kind: String,
+    },
+    /// `socket.dns.af_packet.snaplen` out of range.
+    #[error("socket.dns.af_packet.snaplen {snaplen} out of range {min}..={max}")]
+    Snaplen {
+        /// The configured value.
+        snaplen: u32,
+        /// Smallest accepted value.
+        min: u32,
+        /// Largest accepted value.
+        max: u32,
+    },
+    /// An AF_PACKET socket operation failed.
+    #[error("DNS capture on interface {interface:?}: {source}")]
+    Socket {
+        /// The configured interface.
+        interface: String,
+        /// The failing operation.
+        #[source]
+        source: PacketError,
+    },
+    /// The capture thread could not be started.
+    #[error("starting the DNS capture thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Everything the status API reports about DNS enrichment.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DnsStats {
+    /// Capture-side counters.
+    pub capture: CaptureStats,
+    /// Table-side counters and sizes.
+    pub table: TableStats,
+}
+
+impl DnsStats {
+    /// Combines a capture's counters with a table's.
+    pub fn collect(capture: &CaptureCounters, table: &DnsTable) -> Self {
+        DnsStats {
+            capture: capture.snapshot(),
+            table: table.stats(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

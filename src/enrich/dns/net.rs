@@ -1,0 +1,358 @@
+//! From a captured network-layer packet to a [`DnsResponse`]: the kernel
+//! filter program, IPv4/IPv6 and UDP header decoding (pnet_packet), and the
+//! reasons packets are dropped.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use pnet_packet::ip::IpNextHeaderProtocols;
+use pnet_packet::ipv4::Ipv4Packet;
+use pnet_packet::ipv6::Ipv6Packet;
+use pnet_packet::udp::UdpPacket;
+
+use super::wire::{self, Message, RecordData, WireError};
+use super::{DnsName, DnsResponse};
+use crate::sys::packet::BpfInsn;
+
+/// UDP port DNS servers answer from.
+pub const DNS_PORT: u16 = 53;
+/// EtherType of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// EtherType of IPv6.
+pub const ETH_P_IPV6: u16 = 0x86DD;
+/// `sll_pkttype` of packets sent by this host.
+pub const PACKET_OUTGOING: u8 = libc::PACKET_OUTGOING;
+/// Longest CNAME chain followed from the question name.
+pub const MAX_CNAME_CHAIN: usize = 16;
+
+const IPV4_MIN_HEADER_LEN: usize = 20;
+const IPV4_IHL_UNIT: usize = 4;
+/// Fragment offset bits of the IPv4 flags/fragment field.
+const IPV4_FRAG_OFFSET_MASK: u16 = 0x1FFF;
+const IPV6_HEADER_LEN: usize = 40;
+const UDP_HEADER_LEN: usize = 8;
+const IP_VERSION_4: u8 = 4;
+const IP_VERSION_6: u8 = 6;
+
+/// Why a captured packet yielded no [`DnsResponse`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Sent by this host (the incoming copy is the one kept).
+    Outgoing,
+    /// Link protocol is neither IPv4 nor IPv6, or the version nibble
+    /// disagrees with it.
+    NotIp,
+    /// IP header shorter than its minimum or than its own length field.
+    BadIpHeader,
+    /// Not UDP (IPv6 extension headers included).
+    NotUdp,
+    /// An IPv4 fragment (non-first fragments carry no UDP header; first
+    /// fragments are not reassembled).
+    Fragment,
+    /// UDP header cut or with a length below 8.
+    BadUdpHeader,
+    /// UDP source port is not 53.
+    NotDnsPort,
+    /// The DNS message was rejected.
+    Dns(WireError),
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; 16] = [
+        DropReason::Outgoing,
+        DropReason::NotIp,
+        DropReason::BadIpHeader,
+        DropReason::NotUdp,
+        DropReason::Fragment,
+        DropReason::BadUdpHeader,
+        DropReason::NotDnsPort,
+        DropReason::Dns(WireError::Truncated),
+        DropReason::Dns(WireError::NotResponse),
+        DropReason::Dns(WireError::NotQuery),
+        DropReason::Dns(WireError::QuestionCount),
+        DropReason::Dns(WireError::LabelTooLong),
+        DropReason::Dns(WireError::NameTooLong),
+        DropReason::Dns(WireError::PointerOutOfRange),
+        DropReason::Dns(WireError::PointerLoop),
+        DropReason::Dns(WireError::BadRecordLength),
+    ];
+
+    /// Number of reasons (size of a per-reason counter array).
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// Position in [`DropReason::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            DropReason::Outgoing => 0,
+            DropReason::NotIp => 1,
+            DropReason::BadIpHeader => 2,
+            DropReason::NotUdp => 3,
+            DropReason::Fragment => 4,
+            DropReason::BadUdpHeader => 5,
+            DropReason::NotDnsPort => 6,
+            DropReason::Dns(WireError::Truncated) => 7,
+            DropReason::Dns(WireError::NotResponse) => 8,
+            DropReason::Dns(WireError::NotQuery) => 9,
+            DropReason::Dns(WireError::QuestionCount) => 10,
+            DropReason::Dns(WireError::LabelTooLong) => 11,
+            DropReason::Dns(WireError::NameTooLong) => 12,
+            DropReason::Dns(WireError::PointerOutOfRange) => 13,
+            DropReason::Dns(WireError::PointerLoop) => 14,
+            DropReason::Dns(WireError::BadRecordLength) => 15,
+        }
+    }
+
+    /// Stable snake_case name for the status API and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Outgoing => "outgoing",
+            DropReason::NotIp => "not_ip",
+            DropReason::BadIpHeader => "bad_ip_header",
+            DropReason::NotUdp => "not_udp",
+            DropReason::Fragment => "fragment",
+            DropReason::BadUdpHeader => "bad_udp_header",
+            DropReason::NotDnsPort => "not_dns_port",
+            DropReason::Dns(WireError::Truncated) => "dns_truncated",
+            DropReason::Dns(WireError::NotResponse) => "dns_not_response",
+            DropReason::Dns(WireError::NotQuery) => "dns_not_query",
+            DropReason::Dns(WireError::QuestionCount) => "dns_question_count",
+            DropReason::Dns(WireError::LabelTooLong) => "dns_label_too_long",
+            DropReason::Dns(WireError::NameTooLong) => "dns_name_too_long",
+            DropReason::Dns(WireError::PointerOutOfRange) => "dns_pointer_out_of_range",
+            DropReason::Dns(WireError::PointerLoop) => "dns_pointer_loop",
+            DropReason::Dns(WireError::BadRecordLength) => "dns_bad_record_length",
+        }
+    }
+}
+
+impl From<WireError> for DropReason {
+    fn from(e: WireError) -> Self {
+        DropReason::Dns(e)
+    }
+}
+
+const fn stmt(code: u32, k: u32) -> BpfInsn {
+    BpfInsn {
+        // Classic BPF opcodes fit in 16 bits.
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+const fn jump(code: u32, k: u32, jt: u8, jf: u8) -> BpfInsn {
+    BpfInsn {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
+/// The classic BPF program attached to the cooked (`SOCK_DGRAM`) capture
+/// socket: packet offsets start at the network header whatever the link
+/// type, and the link protocol is read from the skb (`SKF_AD_PROTOCOL`), so
+/// one program serves Ethernet, loopback, tunnels and `any`. It accepts,
+/// truncated to `snaplen` bytes, packets that are not outgoing (on `lo` every
+/// packet is seen twice, outgoing then incoming) and are IPv4 or IPv6 UDP
+/// with source port 53. IPv4 fragments with a non-zero offset are refused
+/// (they carry no UDP header); a first fragment passes and is parsed as a
+/// cut-off message. IPv6 packets with extension headers before UDP are
+/// refused.
+pub fn filter_program(snaplen: u32) -> Vec<BpfInsn> {
+    use libc::{
+        BPF_ABS, BPF_B, BPF_H, BPF_IND, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_LDX,
+        BPF_MSH, BPF_RET, BPF_W, SKF_AD_OFF, SKF_AD_PKTTYPE, SKF_AD_PROTOCOL,
+    };
+    // Ancillary offsets are negative; the kernel reads k as a signed value.
+    let ad_pkttype = (SKF_AD_OFF + SKF_AD_PKTTYPE) as u32;
+    let ad_protocol = (SKF_AD_OFF + SKF_AD_PROTOCOL) as u32;
+    // Jump offsets are relative to the next instruction; the layout is:
+    //  0 ld pkttype        1 jeq OUTGOING -> drop(17)
+    //  2 ld protocol       3 jeq IP -> v4(5)       4 jeq IPV6 -> v6(12) else drop
+    //  5 ldb [9]           6 jeq UDP else drop     7 ldh [6]
+    //  8 jset fragoff -> drop                     9 ldxb 4*([0]&0xf)
+    // 10 ldh [x+0]        11 jeq 53 -> accept(16) else drop
+    // 12 ldb [6]          13 jeq UDP else drop    14 ldh [40]
+    // 15 jeq 53 -> accept else drop
+    // 16 ret snaplen      17 ret 0
+    vec![
+        stmt(BPF_LD | BPF_W | BPF_ABS, ad_pkttype),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(PACKET_OUTGOING), 15, 0),
+        stmt(BPF_LD | BPF_W | BPF_ABS, ad_protocol),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(ETH_P_IP), 1, 0),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(ETH_P_IPV6), 7, 12),
+        // IPv4
+        stmt(BPF_LD | BPF_B | BPF_ABS, 9),
+        jump(
+            BPF_JMP | BPF_JEQ | BPF_K,
+            u32::from(IpNextHeaderProtocols::Udp.0),
+            0,
+            10,
+        ),
+        stmt(BPF_LD | BPF_H | BPF_ABS, 6),
+        jump(
+            BPF_JMP | BPF_JSET | BPF_K,
+            u32::from(IPV4_FRAG_OFFSET_MASK),
+            8,
+            0,
+        ),
+        stmt(BPF_LDX | BPF_B | BPF_MSH, 0),
+        stmt(BPF_LD | BPF_H | BPF_IND, 0),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(DNS_PORT), 4, 5),
+        // IPv6
+        stmt(BPF_LD | BPF_B | BPF_ABS, 6),
+        jump(
+            BPF_JMP | BPF_JEQ | BPF_K,
+            u32::from(IpNextHeaderProtocols::Udp.0),
+            0,
+            3,
+        ),
+        stmt(BPF_LD | BPF_H | BPF_ABS, IPV6_HEADER_LEN as u32),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(DNS_PORT), 0, 1),
+        stmt(BPF_RET | BPF_K, snaplen),
+        stmt(BPF_RET | BPF_K, 0),
+    ]
+}
+
+/// Decodes one packet captured on the cooked socket (`data` starts at the
+/// network header; `protocol` and `pkttype` come from the socket address).
+/// Every byte is untrusted.
+pub fn decode_packet(protocol: u16, pkttype: u8, data: &[u8]) -> Result<DnsResponse, DropReason> {
+    if pkttype == PACKET_OUTGOING {
+        return Err(DropReason::Outgoing);
+    }
+    let (src_ip, dst_ip, l4): (IpAddr, IpAddr, &[u8]) = match protocol {
+        ETH_P_IP => {
+            let ip = Ipv4Packet::new(data).ok_or(DropReason::BadIpHeader)?;
+            if ip.get_version() != IP_VERSION_4 {
+                return Err(DropReason::NotIp);
+            }
+            let header_len = usize::from(ip.get_header_length()) * IPV4_IHL_UNIT;
+            let total_len = usize::from(ip.get_total_length());
+            if header_len < IPV4_MIN_HEADER_LEN || header_len > data.len() || total_len < header_len
+            {
+                return Err(DropReason::BadIpHeader);
+            }
+            if ip.get_next_level_protocol() != IpNextHeaderProtocols::Udp {
+                return Err(DropReason::NotUdp);
+            }
+            if ip.get_fragment_offset() & IPV4_FRAG_OFFSET_MASK != 0 {
+                return Err(DropReason::Fragment);
+            }
+            // A first fragment (offset 0, more-fragments set) is parsed as a
+            // cut-off message: its UDP length exceeds what is present.
+            let end = total_len.min(data.len());
+            (
+                IpAddr::V4(ip.get_source()),
+                IpAddr::V4(ip.get_destination()),
+                data.get(header_len..end).ok_or(DropReason::BadIpHeader)?,
+            )
+        }
+        ETH_P_IPV6 => {
+            let ip = Ipv6Packet::new(data).ok_or(DropReason::BadIpHeader)?;
+            if ip.get_version() != IP_VERSION_6 {
+                return Err(DropReason::NotIp);
+            }
+            if ip.get_next_header() != IpNextHeaderProtocols::Udp {
+                return Err(DropReason::NotUdp);
+            }
+            let end = (IPV6_HEADER_LEN + usize::from(ip.get_payload_length())).min(data.len());
+            (
+                IpAddr::V6(ip.get_source()),
+                IpAddr::V6(ip.get_destination()),
+                data.get(IPV6_HEADER_LEN..end)
+                    .ok_or(DropReason::BadIpHeader)?,
+            )
+        }
+        _ => return Err(DropReason::NotIp),
+    };
+    let udp = UdpPacket::new(l4).ok_or(DropReason::BadUdpHeader)?;
+    if udp.get_source() != DNS_PORT {
+        return Err(DropReason::NotDnsPort);
+    }
+    let udp_len = usize::from(udp.get_length());
+    if udp_len < UDP_HEADER_LEN {
+        return Err(DropReason::BadUdpHeader);
+    }
+    let cut = udp_len > l4.len();
+    let dns = l4
+        .get(UDP_HEADER_LEN..udp_len.min(l4.len()))
+        .ok_or(DropReason::BadUdpHeader)?;
+    let message = wire::parse_response(dns)?;
+    let server = SocketAddr::new(src_ip, udp.get_source());
+    let client = SocketAddr::new(dst_ip, udp.get_destination());
+    Ok(response_from_message(client, server, &message, cut))
+}
+
+/// One address of a response with the TTL that applies to it (the smallest
+/// TTL along the CNAME chain that led to it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Address {
+    /// The address.
+    pub ip: IpAddr,
+    /// Seconds the answer may be cached.
+    pub ttl: u32,
+}
+
+/// Follows the CNAME chain from the question name through the answer
+/// section and collects the A/AAAA records of its last name. Returns the
+/// chain (question name first) and the addresses. Loops and chains longer
+/// than [`MAX_CNAME_CHAIN`] stop the walk.
+pub fn resolve(message: &Message) -> (Vec<String>, Vec<Address>) {
+    let mut chain = vec![message.qname.clone()];
+    let mut chain_ttl = u32::MAX;
+    while chain.len() <= MAX_CNAME_CHAIN {
+        let Some(current) = chain.last() else { break };
+        let next = message.answers.iter().find_map(|r| match &r.data {
+            RecordData::Cname(target) if r.name == *current => Some((target, r.ttl)),
+            _ => None,
+        });
+        match next {
+            Some((target, ttl)) if !chain.contains(target) => {
+                chain_ttl = chain_ttl.min(ttl);
+                chain.push(target.clone());
+            }
+            _ => break,
+        }
+    }
+    let mut addresses: Vec<Address> = Vec::new();
+    if let Some(last) = chain.last() {
+        for r in message.answers.iter().filter(|r| r.name == *last) {
+            let ip = match r.data {
+                RecordData::A(a) => IpAddr::V4(a),
+                RecordData::Aaaa(a) => IpAddr::V6(a),
+                RecordData::Cname(_) => continue,
+            };
+            if !addresses.iter().any(|a| a.ip == ip) {
+                addresses.push(Address {
+                    ip,
+                    ttl: r.ttl.min(chain_ttl),
+                });
+            }
+        }
+    }
+    (chain, addresses)
+}
+
+/// Builds the response value the table consumes.
+pub fn response_from_message(
+    client: SocketAddr,
+    server: SocketAddr,
+    message: &Message,
+    cut: bool,
+) -> DnsResponse {
+    let (chain, addresses) = resolve(message);
+    DnsResponse {
+        client,
+        server,
+        id: message.id,
+        rcode: message.rcode,
+        qtype: message.qtype,
+        name: Arc::new(DnsName::new(chain)),
+        addresses,
+        truncated: cut || message.tc || message.incomplete,
+    }
+}
