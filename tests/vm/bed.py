@@ -49,6 +49,8 @@ VM_MEMORY_MB = 1024
 VM_CPUS = 2
 #: Boot timeout (TCG is slow; sid has been seen near 60 s on a busy host).
 BOOT_TIMEOUT_S = float(os.environ.get("SOCKSCOPE_BOOT_TIMEOUT", "300"))
+#: Boots tried before giving up (a TCG boot on an overloaded host can stall).
+BOOT_ATTEMPTS = 2
 #: Default timeout of one guest command.
 RUN_TIMEOUT_S = 60
 #: Extra host-side slack on top of the guest-side timeout.
@@ -61,11 +63,15 @@ CAPTURE_SNAPLEN = 256
 NET_MODULES = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
                "virtio_pci", "failover", "net_failover", "virtio_net")
 #: Host binaries copied into the guest with their shared libraries.
-HOST_TOOLS = ("/usr/bin/tcpdump",)
+HOST_TOOLS = ("/usr/bin/tcpdump", "/usr/bin/socat")
 
 
 class BedError(RuntimeError):
     """The VM could not be built, booted or driven."""
+
+
+class BedTimeout(BedError):
+    """The guest did not come up in time."""
 
 
 def logs_root() -> Path:
@@ -154,7 +160,7 @@ def build_initramfs(kernel: kernels.Kernel, out: Path, extra_files: dict[str, Pa
             binaries.append((daemon, GUEST_DAEMON))
         for host, guest in binaries:
             if not host.exists():
-                raise BedError(f"{host} is missing on the host (install it: apt-get install tcpdump)")
+                raise BedError(f"{host} is missing on the host (apt-get install tcpdump socat)")
             dst = root / guest.lstrip("/")
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(host, dst)
@@ -267,6 +273,20 @@ class VM:
 
     # ---- lifecycle
     def start(self) -> "VM":
+        """Build the initramfs and boot; a boot that times out is retried once, loudly."""
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            try:
+                return self._start()
+            except BedTimeout as e:
+                if attempt == BOOT_ATTEMPTS:
+                    raise
+                keep = self.logdir / f"console.attempt{attempt}.log"
+                shutil.copyfile(self.console_log, keep)
+                print(f"[bed] WARNING: {self.suite} boot attempt {attempt} timed out; console kept in {keep}; "
+                      f"retrying\n{str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+        raise AssertionError("unreachable")
+
+    def _start(self) -> "VM":
         t0 = time.monotonic()
         initrd = build_initramfs(self.kernel, self.logdir / "initramfs.cpio", self.extra_files,
                                  with_daemon=self.with_daemon)
@@ -278,7 +298,7 @@ class VM:
         argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(VM_CPUS),
                 "-m", str(VM_MEMORY_MB), "-nographic", "-no-reboot", "-nodefaults",
                 "-kernel", str(self.kernel.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
-                "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
+                "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0,romfile="]
         if self.shell:
             argv += ["-serial", "mon:stdio"]
             self.proc = subprocess.Popen(argv)
@@ -300,7 +320,7 @@ class VM:
                 pass
             if time.monotonic() > deadline:
                 self.close()
-                raise BedError(f"{self.suite}: guest agent did not answer within {BOOT_TIMEOUT_S:.0f}s\n"
+                raise BedTimeout(f"{self.suite}: guest agent did not answer within {BOOT_TIMEOUT_S:.0f}s\n"
                                + self.diagnostics())
             time.sleep(0.5)
         self.boot_seconds = time.monotonic() - t1
@@ -347,11 +367,13 @@ class VM:
         head, _, rest = raw.partition(b"\n")
         if not head.startswith(b"RC "):
             raise BedError(f"{self.suite}: bad agent reply {raw[:80]!r} to {cmd!r}")
-        out_b64, sep, err_b64 = rest.partition(b"\n--\n")
-        if not sep:
+        lines = rest.split(b"\n")
+        if b"--" not in lines:
             raise BedError(f"{self.suite}: truncated agent reply to {cmd!r}")
-        res = Result(cmd, int(head[3:]), base64.b64decode(b"".join(out_b64.split())).decode(errors="replace"),
-                     base64.b64decode(b"".join(err_b64.split())).decode(errors="replace"))
+        sep = lines.index(b"--")
+        out = base64.b64decode(b"".join(lines[:sep])).decode(errors="replace")
+        err = base64.b64decode(b"".join(lines[sep + 1:])).decode(errors="replace")
+        res = Result(cmd, int(head[3:]), out, err)
         return res.check() if check else res
 
     def spawn(self, cmd: str) -> Spawned:
@@ -386,11 +408,16 @@ class VM:
 
     # ---- oracle
     @contextlib.contextmanager
-    def capture(self, iface: str = "any", bpf: str = "tcp or udp") -> Iterator[Capture]:
-        """Capture packets with tcpdump while the block runs; totals are filled in on exit."""
+    def capture(self, bpf: str = "tcp or udp") -> Iterator[Capture]:
+        """Capture packets with tcpdump while the block runs; totals are filled in on exit.
+
+        Captures on all interfaces (Linux cooked headers carry the direction
+        the oracle needs); ``bpf`` narrows it.  The control channel's own
+        traffic is always excluded.
+        """
         self._captures += 1
         pcap = f"/tmp/bed/capture.{self._captures}.pcap"
-        proc = self.spawn(f"exec tcpdump -Z root -n -U -s {CAPTURE_SNAPLEN} -i {iface} -w {pcap} {bpf}")
+        proc = self.spawn(f"exec tcpdump -Z root -n -U --immediate-mode -s {CAPTURE_SNAPLEN} -i any -w {pcap} '({bpf}) and not port {GUEST_CONTROL_PORT}'")
         deadline = time.monotonic() + 30
         while "listening on" not in proc.log():
             if not proc.alive() or time.monotonic() > deadline:
@@ -400,7 +427,7 @@ class VM:
         try:
             yield cap
         finally:
-            time.sleep(0.3)  # let in-flight packets reach the capture
+            time.sleep(0.5)  # let in-flight packets reach the capture
             proc.stop("INT")
             cap.pcap = self.fetch(pcap)
             (self.logdir / f"capture.{self._captures}.pcap").write_bytes(cap.pcap)
@@ -480,13 +507,15 @@ class VM:
 TRY_WORKLOAD = r"""
 httpd -p 8080 -h /www
 nc -ll -p 9000 -e cat &
+socat -u UDP6-RECV:9001,ipv6only=0 /dev/null &
 i=0
 while :; do
     i=$((i+1))
     wget -q -O /dev/null http://127.0.0.1:8080/index.html
     wget -q -O /dev/null "http://[::1]:8080/index.html"
     echo "tcp $i" | nc -w 1 10.0.2.15 9000 >/dev/null
-    echo "udp $i" | nc -u -w 1 127.0.0.1 9001 >/dev/null 2>&1
+    echo "udp $i" | socat -u - UDP4-SENDTO:127.0.0.1:9001
+    echo "udp6 $i" | socat -u - UDP6-SENDTO:[::1]:9001
     sleep 2
 done
 """

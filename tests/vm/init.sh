@@ -50,7 +50,8 @@ ip link set lo up
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
-ip -6 addr add fd00:5c0:5c0::15/64 dev eth0 nodad 2>/dev/null
+echo 0 >/proc/sys/net/ipv6/conf/eth0/accept_dad
+ip -6 addr add fd00:5c0:5c0::15/64 dev eth0
 : >/etc/resolv.conf
 
 echo "bed: kernel $(uname -r) modules: $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"

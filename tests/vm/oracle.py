@@ -25,6 +25,8 @@ ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 #: IPv6 extension headers skipped to reach the transport header.
 IPV6_EXT_HEADERS = {0, 43, 60}
+#: ARPHRD_LOOPBACK: the device type of lo in cooked headers.
+ARPHRD_LOOPBACK = 772
 PCAP_HEADER_LEN = 24
 PCAP_RECORD_LEN = 16
 
@@ -38,7 +40,8 @@ class PacketRecord:
     """One captured TCP/UDP packet."""
 
     ts: float
-    outgoing: bool  # sent by this host (PACKET_OUTGOING); None-link types count as outgoing=False
+    outgoing: bool  # sent by this host (PACKET_OUTGOING); False for link types without direction
+    loopback: bool  # captured on a loopback device: both sent and received by this host
     ifindex: int | None
     proto: str  # "tcp" | "udp"
     src: tuple[str, int]
@@ -47,7 +50,7 @@ class PacketRecord:
     tcp_flags: int
 
 
-def _ip(packet: bytes, ts: float, outgoing: bool, ifindex: int | None) -> PacketRecord | None:
+def _ip(packet: bytes, ts: float, outgoing: bool, loopback: bool, ifindex: int | None) -> PacketRecord | None:
     if len(packet) < 1:
         return None
     version = packet[0] >> 4
@@ -76,7 +79,7 @@ def _ip(packet: bytes, ts: float, outgoing: bool, ifindex: int | None) -> Packet
         return None
     sport, dport = struct.unpack_from("!HH", packet, l4)
     flags = packet[l4 + 13] if proto == IPPROTO_TCP and len(packet) > l4 + 13 else 0
-    return PacketRecord(ts, outgoing, ifindex, "tcp" if proto == IPPROTO_TCP else "udp",
+    return PacketRecord(ts, outgoing, loopback, ifindex, "tcp" if proto == IPPROTO_TCP else "udp",
                         (src, sport), (dst, dport), total, flags)
 
 
@@ -103,19 +106,20 @@ def parse_pcap(data: bytes) -> list[PacketRecord]:
         ts = sec + frac * scale
         rec = None
         if linktype == LINKTYPE_LINUX_SLL and len(frame) >= 16:
-            pkttype, proto = struct.unpack_from("!H", frame, 0)[0], struct.unpack_from("!H", frame, 14)[0]
+            pkttype, hatype = struct.unpack_from("!HH", frame, 0)
+            proto = struct.unpack_from("!H", frame, 14)[0]
             if proto in (ETH_P_IP, ETH_P_IPV6):
-                rec = _ip(frame[16:], ts, pkttype == PACKET_OUTGOING, None)
+                rec = _ip(frame[16:], ts, pkttype == PACKET_OUTGOING, hatype == ARPHRD_LOOPBACK, None)
         elif linktype == LINKTYPE_LINUX_SLL2 and len(frame) >= 20:
-            proto, _res, ifindex = struct.unpack_from("!HHI", frame, 0)
+            proto, _res, ifindex, hatype = struct.unpack_from("!HHIH", frame, 0)
             pkttype = frame[10]
             if proto in (ETH_P_IP, ETH_P_IPV6):
-                rec = _ip(frame[20:], ts, pkttype == PACKET_OUTGOING, ifindex)
+                rec = _ip(frame[20:], ts, pkttype == PACKET_OUTGOING, hatype == ARPHRD_LOOPBACK, ifindex)
         elif linktype == LINKTYPE_ETHERNET and len(frame) >= 14:
             if struct.unpack_from("!H", frame, 12)[0] in (ETH_P_IP, ETH_P_IPV6):
-                rec = _ip(frame[14:], ts, False, None)
+                rec = _ip(frame[14:], ts, False, False, None)
         elif linktype == LINKTYPE_RAW:
-            rec = _ip(frame, ts, False, None)
+            rec = _ip(frame, ts, False, False, None)
         elif linktype not in (LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2, LINKTYPE_ETHERNET):
             raise PcapError(f"unsupported link type {linktype}")
         if rec is not None:
@@ -148,18 +152,19 @@ class Totals:
 
     ``sent[(proto, src, dst)]`` counts packets the host transmitted (packet
     type OUTGOING); ``received[...]`` counts packets delivered to the host.
-    A loopback packet is seen once in each table, as it is both sent and
-    received by this host.
+    AF_PACKET shows a loopback packet once (as incoming); it is counted in
+    both tables, as it is both sent and received by this host.
     """
 
     def __init__(self, packets: list[PacketRecord]):
         self.sent: dict[tuple, Counter] = defaultdict(Counter)
         self.received: dict[tuple, Counter] = defaultdict(Counter)
         for p in packets:
-            table = self.sent if p.outgoing else self.received
             key = (p.proto, p.src, p.dst)
-            c = table[key]
-            table[key] = Counter(c.packets + 1, c.bytes + p.ip_len)
+            tables = (self.sent, self.received) if p.loopback else (self.sent if p.outgoing else self.received,)
+            for table in tables:
+                c = table[key]
+                table[key] = Counter(c.packets + 1, c.bytes + p.ip_len)
 
     def flow(self, proto: str, local: tuple[str, int], remote: tuple[str, int]) -> FlowTotals:
         """Totals for the flow between ``local`` and ``remote`` (``(ip, port)``)."""
