@@ -107,6 +107,11 @@ def pytest_terminal_summary(terminalreporter):
         missing = facts.get("filter_functions_missing")
         if missing is not None:
             tr.write_line(f"     not in available_filter_functions: {', '.join(missing) or 'none'}")
+        if facts.get("filter_functions_ambiguous"):
+            tr.write_line("     listed more than once: "
+                          + ", ".join(f"{k} x{v}" for k, v in facts["filter_functions_ambiguous"].items()))
+        if "kprobe_rejected" in facts:
+            tr.write_line(f"     kprobe rejected: {', '.join(facts['kprobe_rejected']) or 'none'}")
     out = bed.logs_root() / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))

@@ -57,13 +57,38 @@ def test_release_and_btf(vm):
 
 def test_available_filter_functions(vm):
     listing = vm.fetch(f"{TRACING}/available_filter_functions", timeout=120).decode()
-    names = {line.split()[0] for line in listing.splitlines() if line.strip()}
+    counts: dict[str, int] = {}
+    for line in listing.splitlines():
+        if line.strip():
+            name = line.split()[0]
+            counts[name] = counts.get(name, 0) + 1
+    names = set(counts)
     assert len(names) > 1000, "available_filter_functions is implausibly short"
     present = [f for f in CANDIDATE_FUNCTIONS if f in names]
     missing = [f for f in CANDIDATE_FUNCTIONS if f not in names]
-    _write_facts(vm, filter_functions_present=present, filter_functions_missing=missing)
+    # A name listed more than once is several static functions: a kprobe on it is ambiguous.
+    ambiguous = {f: counts[f] for f in present if counts[f] > 1}
+    _write_facts(vm, filter_functions_present=present, filter_functions_missing=missing,
+                 filter_functions_ambiguous=ambiguous, filter_functions_total=len(names))
     # What the smoke probes below attach to must be there on every kernel.
     assert "tcp_connect" in names and "tcp_v4_rcv" in names and "inet_csk_accept" in names
+
+
+def test_kprobe_accepted_per_candidate_function(vm):
+    """Register an entry kprobe on every candidate; record which the kernel accepts."""
+    script = "; ".join(
+        f"if echo 'p:facts/f{i} {f}' >> {TRACING}/kprobe_events 2>/dev/null; then echo 'ok {f}'; "
+        f"echo '-:facts/f{i}' >> {TRACING}/kprobe_events; else echo 'no {f}'; fi"
+        for i, f in enumerate(CANDIDATE_FUNCTIONS))
+    out = vm.run(script, timeout=120, check=True).out.split("\n")
+    verdict = dict(reversed(line.split(" ", 1)) for line in out if line.strip())
+    assert set(verdict) == set(CANDIDATE_FUNCTIONS), f"incomplete probe report: {out}"
+    rejected = [f for f in CANDIDATE_FUNCTIONS if verdict[f] != "ok"]
+    _write_facts(vm, kprobe_rejected=rejected)
+    assert "facts/" not in vm.run(f"cat {TRACING}/kprobe_events").out, "probes were not removed"
+    # These are the backbone of any probe set; every supported kernel must accept them.
+    for f in ("tcp_connect", "inet_csk_accept", "udp_sendmsg", "inet_release"):
+        assert f not in rejected, f"{vm.suite}: kprobe on {f} rejected"
 
 
 def test_kprobes_fire_on_tcp_connection(vm):
