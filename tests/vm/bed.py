@@ -19,6 +19,7 @@ import base64
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import socket
@@ -267,7 +268,8 @@ class VM:
         self.shell = shell
         self.extra_files = extra_files
         self.proc: subprocess.Popen | None = None
-        self.boot_seconds: float | None = None
+        self.boot_seconds: float | None = None  # qemu start until the agent answers
+        self.guest_uptime_at_ready: float | None = None  # guest's own clock when /init was ready
         self.daemon: Spawned | None = None
         self._captures = 0
 
@@ -324,6 +326,9 @@ class VM:
                                + self.diagnostics())
             time.sleep(0.5)
         self.boot_seconds = time.monotonic() - t1
+        m = re.search(r"SOCKSCOPE-BED-READY port=\d+ uptime=([0-9.]+)", self.console_log.read_text(errors="replace")
+                      if self.console_log.exists() else "")
+        self.guest_uptime_at_ready = float(m.group(1)) if m else None
         return self
 
     def close(self) -> None:

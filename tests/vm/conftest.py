@@ -43,6 +43,7 @@ def vm_session(request):
         info["error"] = str(e).splitlines()[0][:200]
         raise
     info["boot_s"] = round(v.boot_seconds, 1)
+    info["guest_uptime_at_ready_s"] = v.guest_uptime_at_ready
     info["setup_s"] = round(time.monotonic() - t0, 1)
     yield v
     v.close()
@@ -101,7 +102,9 @@ def pytest_terminal_summary(terminalreporter):
         summary[suite] = {**info, "outcomes": oc, "facts": facts}
         status = "FAIL" if oc.get("failed") or oc.get("error") or info.get("error") else "ok"
         boot = f"{info['boot_s']:.1f}s" if "boot_s" in info else "-"
-        tr.write_line(f"{status:4} {suite:9} {info.get('release', '?'):28} boot {boot:>7}  "
+        if info.get("guest_uptime_at_ready_s") is not None:
+            boot += f" (guest uptime {info['guest_uptime_at_ready_s']:.1f}s)"
+        tr.write_line(f"{status:4} {suite:9} {info.get('release', '?'):28} boot {boot}  "
                       + ", ".join(f"{n} {k}" for k, n in sorted(oc.items()))
                       + (f"  [{info['error']}]" if info.get("error") else ""))
         missing = facts.get("filter_functions_missing")
