@@ -55,6 +55,10 @@ BOOT_TIMEOUT_S = float(os.environ.get("SOCKSCOPE_BOOT_TIMEOUT", "180"))
 CONSOLE_LOGLEVEL = int(os.environ.get("SOCKSCOPE_CONSOLE_LOGLEVEL", "6"))
 #: Boots tried before giving up (a TCG boot on an overloaded host can stall).
 BOOT_ATTEMPTS = 2
+#: Line /init prints on the console once the control agent listens.
+READY_MARKER = "SOCKSCOPE-BED-READY"
+#: Reply timeout of one readiness probe during boot.
+BOOT_PROBE_TIMEOUT_S = 5
 #: Default timeout of one guest command.
 RUN_TIMEOUT_S = 60
 #: Extra host-side slack on top of the guest-side timeout.
@@ -318,8 +322,13 @@ class VM:
             if self.proc.poll() is not None:
                 raise BedError(f"qemu exited with {self.proc.returncode} while booting {self.suite}\n"
                                + self.diagnostics())
+            # Connecting before the guest listens makes slirp retransmit the SYN
+            # with backoff, which would add seconds: wait for /init's marker
+            # first (the console is a file unless in shell mode).
+            ready = self.shell or READY_MARKER in self._console_text()
             try:
-                if self.run("echo bed-ok", timeout=10, connect_timeout=2).out.strip() == "bed-ok":
+                if ready and self.run("echo bed-ok", timeout=BOOT_PROBE_TIMEOUT_S, connect_timeout=2,
+                                      reply_timeout=BOOT_PROBE_TIMEOUT_S).out.strip() == "bed-ok":
                     break
             except (OSError, BedError):
                 pass
@@ -327,10 +336,9 @@ class VM:
                 self.close()
                 raise BedTimeout(f"{self.suite}: guest agent did not answer within {BOOT_TIMEOUT_S:.0f}s\n"
                                + self.diagnostics())
-            time.sleep(0.5)
+            time.sleep(0.1 if not ready else 0.5)
         self.boot_seconds = time.monotonic() - t1
-        m = re.search(r"SOCKSCOPE-BED-READY port=\d+ uptime=([0-9.]+)", self.console_log.read_text(errors="replace")
-                      if self.console_log.exists() else "")
+        m = re.search(READY_MARKER + r" port=\d+ uptime=([0-9.]+)", self._console_text())
         self.guest_uptime_at_ready = float(m.group(1)) if m else None
         return self
 
@@ -348,6 +356,12 @@ class VM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _console_text(self) -> str:
+        try:
+            return self.console_log.read_text(errors="replace")
+        except OSError:
+            return ""
 
     # ---- control channel
     def _request(self, line: str, payload: bytes = b"", timeout: float = RUN_TIMEOUT_S,
@@ -367,10 +381,13 @@ class VM:
         return b"".join(chunks)
 
     def run(self, cmd: str, timeout: float = RUN_TIMEOUT_S, check: bool = False,
-            connect_timeout: float = 10) -> Result:
-        """Run ``sh -c cmd`` in the guest; returns exit code, stdout, stderr."""
+            connect_timeout: float = 10, reply_timeout: float | None = None) -> Result:
+        """Run ``sh -c cmd`` in the guest; returns exit code, stdout, stderr.
+
+        The guest kills the command after ``timeout`` seconds (exit code 137).
+        """
         arg = base64.b64encode(cmd.encode()).decode()
-        raw = self._request(f"RUN {int(timeout)} {arg}", timeout=timeout + SOCKET_SLACK_S,
+        raw = self._request(f"RUN {int(timeout)} {arg}", timeout=reply_timeout or timeout + SOCKET_SLACK_S,
                             connect_timeout=connect_timeout)
         head, _, rest = raw.partition(b"\n")
         if not head.startswith(b"RC "):
