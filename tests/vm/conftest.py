@@ -1,0 +1,120 @@
+"""pytest fixtures of the VM test bed.
+
+``vm`` is one booted guest per kernel suite (session scope, parametrized
+over ``SOCKSCOPE_KERNELS``; test ids carry the suite, so ``-k bookworm``
+selects one).  Between tests a daemon left running is stopped.  A failing
+test gets the guest console tail and daemon log attached to its report, and
+the run ends with a per-kernel summary (also written to
+``<logs>/summary.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bed  # noqa: E402
+import kernels  # noqa: E402
+
+#: suite -> {"release", "boot_s", "error"}
+_KERNEL_INFO: dict[str, dict] = defaultdict(dict)
+#: suite -> outcome -> count
+_OUTCOMES: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+
+@pytest.fixture(scope="session", params=kernels.selected_suites())
+def vm_session(request):
+    """The booted guest of one kernel suite, shared by all tests of that suite."""
+    suite = request.param
+    info = _KERNEL_INFO[suite]
+    t0 = time.monotonic()
+    try:
+        v = bed.VM(suite)
+        info["release"] = v.kernel.release
+        v.start()
+    except Exception as e:  # recorded for the summary, then re-raised: never a skip
+        info["error"] = str(e).splitlines()[0][:200]
+        raise
+    info["boot_s"] = round(v.boot_seconds, 1)
+    info["guest_uptime_at_ready_s"] = v.guest_uptime_at_ready
+    info["setup_s"] = round(time.monotonic() - t0, 1)
+    yield v
+    v.close()
+
+
+@pytest.fixture
+def vm(vm_session):
+    """The current kernel's guest; a daemon still running after the test is stopped."""
+    yield vm_session
+    if vm_session.daemon is not None and vm_session.proc.poll() is None:
+        try:
+            (vm_session.logdir / "sockscope.log").write_text(vm_session.daemon_log())
+            vm_session.stop_daemon("KILL", timeout=10)
+        except (OSError, bed.BedError):
+            vm_session.daemon = None
+
+
+def _suite_of(item) -> str | None:
+    cs = getattr(item, "callspec", None)
+    if cs is None:
+        return None
+    return cs.params.get("vm_session")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    suite = _suite_of(item)
+    if suite is None:
+        return
+    if rep.when == "call" or (rep.when == "setup" and not rep.passed):
+        _OUTCOMES[suite]["passed" if rep.passed else "skipped" if rep.skipped else
+                         "failed" if rep.when == "call" else "error"] += 1
+    if rep.failed:
+        v = item.funcargs.get("vm") or item.funcargs.get("vm_session")
+        if v is not None:
+            rep.sections.append((f"VM {suite} diagnostics", v.diagnostics()))
+        else:
+            rep.sections.append((f"VM {suite}", f"kernel {suite} failed to boot; logs in {bed.logs_root() / suite}"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _OUTCOMES and not _KERNEL_INFO:
+        return
+    tr = terminalreporter
+    tr.section("per-kernel summary")
+    summary = {}
+    for suite in kernels.SUITES:
+        if suite not in _OUTCOMES and suite not in _KERNEL_INFO:
+            continue
+        info = _KERNEL_INFO.get(suite, {})
+        oc = dict(_OUTCOMES.get(suite, {}))
+        facts_file = bed.logs_root() / suite / "facts.json"
+        facts = json.loads(facts_file.read_text()) if facts_file.exists() else {}
+        summary[suite] = {**info, "outcomes": oc, "facts": facts}
+        status = "FAIL" if oc.get("failed") or oc.get("error") or info.get("error") else "ok"
+        boot = f"{info['boot_s']:.1f}s" if "boot_s" in info else "-"
+        if info.get("guest_uptime_at_ready_s") is not None:
+            boot += f" (guest uptime {info['guest_uptime_at_ready_s']:.1f}s)"
+        tr.write_line(f"{status:4} {suite:9} {info.get('release', '?'):28} boot {boot}  "
+                      + ", ".join(f"{n} {k}" for k, n in sorted(oc.items()))
+                      + (f"  [{info['error']}]" if info.get("error") else ""))
+        missing = facts.get("filter_functions_missing")
+        if missing is not None:
+            tr.write_line(f"     not in available_filter_functions: {', '.join(missing) or 'none'}")
+        if facts.get("filter_functions_ambiguous"):
+            tr.write_line("     listed more than once: "
+                          + ", ".join(f"{k} x{v}" for k, v in facts["filter_functions_ambiguous"].items()))
+        if "kprobe_rejected" in facts:
+            tr.write_line(f"     kprobe rejected: {', '.join(facts['kprobe_rejected']) or 'none'}")
+    out = bed.logs_root() / "summary.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))

@@ -1,0 +1,48 @@
+"""Daemon smoke scenario, ready for when `sockscope serve` is wired.
+
+Rename to test_daemon_smoke.py to enable: boot, daemon up, a host gRPC
+client subscribes, a guest HTTP transfer over loopback becomes a flow whose
+counters match the packet capture.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+import grpc_client
+import oracle
+
+HTTP_PORT = 8080
+#: Short timeouts so the flow is final quickly.
+DAEMON_ARGS = ["-E", "socket.flow_inactive_timeout=2s", "-E", "socket.flow_termination_timeout=1s"]
+#: How long to wait for the final record.
+FLOW_WAIT_S = 60
+
+
+def test_kprobe_flow_reaches_host_client(vm):
+    pb, rpc = grpc_client.load_stubs()
+    vm.start_daemon(DAEMON_ARGS)
+    vm.run(f"netstat -ltn | grep -q ':{HTTP_PORT} ' || httpd -p {HTTP_PORT} -h /www", check=True)
+    with grpc.insecure_channel(f"127.0.0.1:{vm.grpc_port}") as ch:
+        stream = rpc.FlowServiceStub(ch).StreamFlows(pb.StreamFlowsRequest(follow=True), timeout=FLOW_WAIT_S)
+        time.sleep(1)  # let the subscription register
+        with vm.capture(f"tcp port {HTTP_PORT}") as cap:
+            vm.run(f"wget -q -O /dev/null http://127.0.0.1:{HTTP_PORT}/index.html", check=True)
+        client = next(k for k in cap.totals.sent if k[0] == "tcp" and k[2] == ("127.0.0.1", HTTP_PORT))
+        flow = None
+        for resp in stream:
+            f = resp.flow
+            if (resp.WhichOneof("event") == "flow" and f.final and f.local.port == client[1][1]
+                    and f.remote.port == HTTP_PORT):
+                flow = f
+                break
+        stream.cancel()
+    assert flow is not None, "no final flow for the wget connection"
+    assert flow.process.name == "wget" or "wget" in flow.process.executable
+    oracle.assert_flow_matches(cap.totals, "tcp", (flow.local.ip, flow.local.port),
+                               (flow.remote.ip, flow.remote.port),
+                               local_packets=flow.local.packets, local_bytes=flow.local.bytes,
+                               remote_packets=flow.remote.packets, remote_bytes=flow.remote.bytes)
+    assert vm.stop_daemon("TERM") == 0
