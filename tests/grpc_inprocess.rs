@@ -1210,3 +1210,134 @@ async fn status_reports_subscribers_and_history() {
         t0.elapsed()
     );
 }
+
+/// Runs the openssl CLI (required for the TLS test).
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl CLI is required for the TLS test");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Creates a CA and a `localhost` server certificate signed by it; returns
+/// (ca cert, server cert, server key).
+fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    openssl(dir, &csr);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost\n").expect("ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.crt",
+        ],
+    );
+    (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    )
+}
+
+#[tokio::test]
+async fn tls_listener_on_non_loopback_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca_cert, cert, key) = test_pki(dir.path());
+    let mut cfg = Config::default();
+    // Non-loopback (any address) is accepted because TLS is configured.
+    cfg.server.listen = "0.0.0.0:0".into();
+    cfg.server.unix_socket = String::new();
+    cfg.server.tls_cert = Some(cert.clone());
+    cfg.server.tls_key = Some(key);
+    cfg.validate().expect("TLS config valid");
+    let opts = ServerOptions::from_config(&cfg).expect("options");
+    let l = export::bind(&opts).await.expect("bind");
+    let port = l.tcp_addr().expect("addr").port();
+    let (tx, rx) = export::pipeline_channel(16);
+    tokio::spawn(export::serve(
+        l,
+        opts,
+        rx,
+        Arc::new(EmptyStatus::default()),
+        HealthHandle::new(),
+        std::future::pending(),
+    ));
+    assert!(tx.send(record(Rec {
+        id: 11,
+        ..Rec::default()
+    })));
+    let ca = tonic::transport::Certificate::from_pem(std::fs::read(&ca_cert).expect("ca"));
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(ca)
+        .domain_name("localhost");
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://localhost:{port}"))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("TLS connect");
+    wait_history(&ch, 1).await;
+    let mut st = client::flow_client(ch)
+        .stream_flows(replay(1))
+        .await
+        .expect("stream")
+        .into_inner();
+    assert_eq!(drain_ids(&mut st).await, vec![11]);
+    // Plaintext to the TLS port fails.
+    let plain = client::connect(&ServerAddr::Tcp(format!("127.0.0.1:{port}"))).await;
+    if let Ok(ch) = plain {
+        let r = client::flow_client(ch)
+            .get_status(proto::GetStatusRequest {})
+            .await;
+        assert!(r.is_err(), "plaintext request to the TLS port succeeded");
+    }
+}
