@@ -1341,3 +1341,83 @@ async fn tls_listener_on_non_loopback_address() {
         assert!(r.is_err(), "plaintext request to the TLS port succeeded");
     }
 }
+
+/// Appends an HTTP/2 frame.
+fn h2_frame(out: &mut Vec<u8>, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = payload.len() as u32;
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.push(ty);
+    out.push(flags);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Appends an HPACK literal (without indexing) with a static name index.
+fn hpack_literal(out: &mut Vec<u8>, name_index: u8, value: &[u8]) {
+    assert!(name_index < 15 && value.len() < 127);
+    out.push(name_index);
+    out.push(value.len() as u8);
+    out.extend_from_slice(value);
+}
+
+#[tokio::test]
+async fn unix_socket_accepts_the_socket_path_as_authority() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start().await;
+    let path = s.unix.display().to_string();
+    let mut conn = tokio::net::UnixStream::connect(&s.unix)
+        .await
+        .expect("connect");
+    let mut req = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2_frame(&mut req, 0x4, 0, 0, &[]); // SETTINGS
+    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+                                      // :authority = the socket path, literal with incremental indexing (idx 1).
+    block.push(0x41);
+    block.push(path.len() as u8);
+    block.extend_from_slice(path.as_bytes());
+    hpack_literal(&mut block, 4, b"/sockscope.v1.FlowService/GetStatus");
+    block.extend_from_slice(&[0x0f, 0x10]); // content-type (index 31), 4-bit prefix
+    block.push(16);
+    block.extend_from_slice(b"application/grpc");
+    block.extend_from_slice(&[0x00, 2, b't', b'e', 8]);
+    block.extend_from_slice(b"trailers");
+    h2_frame(&mut req, 0x1, 0x4, 1, &block); // HEADERS, END_HEADERS
+    h2_frame(&mut req, 0x0, 0x1, 1, &[0, 0, 0, 0, 0]); // DATA, END_STREAM: empty message
+    conn.write_all(&req).await.expect("write");
+    // Read frames until stream 1 answers: HEADERS + DATA (success) or RST_STREAM.
+    let mut buf = Vec::new();
+    let mut got_headers = false;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        while buf.len() >= 9 {
+            let len =
+                (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (ty, stream) = (buf[3], u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]));
+            let payload: Vec<u8> = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            match (ty, stream) {
+                (0x3, 1) => panic!("stream reset by the server: error code {payload:?}"),
+                (0x7, _) => panic!("connection GOAWAY: {payload:?}"),
+                (0x1, 1) => got_headers = true,
+                (0x0, 1) if payload.len() > 5 => {
+                    assert!(got_headers);
+                    let msg = <proto::GetStatusResponse as Message>::decode(&payload[5..])
+                        .expect("status");
+                    assert_eq!(msg.node_name, "test-node");
+                    return;
+                }
+                _ => {}
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, conn.read(&mut chunk))
+            .await
+            .expect("timed out waiting for the response")
+            .expect("read");
+        assert!(n > 0, "connection closed without a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}

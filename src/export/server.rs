@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 use tonic::codegen::{http, Body, BoxFuture, StdError};
 use tonic::server::{NamedService, ServerStreamingService, UnaryService};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
@@ -387,7 +388,9 @@ pub async fn serve(
             .add_service(health_svc.clone())
             .add_service(refl_v1.clone())
             .add_service(refl_v1alpha.clone());
-        let incoming = UnixListenerStream::new(unix);
+        // Clients may send the socket path as :authority; see `authority`.
+        let incoming = UnixListenerStream::new(unix)
+            .map(|conn| conn.map(crate::export::authority::AuthorityRewrite::new));
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move {
             let r = router.serve_with_incoming_shutdown(incoming, stop).await;
