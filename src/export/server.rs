@@ -6,7 +6,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -615,6 +614,3 @@ where
         }
     }
 }
-
-/// Boxed future helper type used by the service.
-pub type ServeFuture = Pin<Box<dyn Future<Output = Result<(), ServerError>> + Send>>;
