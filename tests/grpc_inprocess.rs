@@ -1210,3 +1210,214 @@ async fn status_reports_subscribers_and_history() {
         t0.elapsed()
     );
 }
+
+/// Runs the openssl CLI (required for the TLS test).
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl CLI is required for the TLS test");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Creates a CA and a `localhost` server certificate signed by it; returns
+/// (ca cert, server cert, server key).
+fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    openssl(dir, &csr);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost\n").expect("ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.crt",
+        ],
+    );
+    (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    )
+}
+
+#[tokio::test]
+async fn tls_listener_on_non_loopback_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca_cert, cert, key) = test_pki(dir.path());
+    let mut cfg = Config::default();
+    // Non-loopback (any address) is accepted because TLS is configured.
+    cfg.server.listen = "0.0.0.0:0".into();
+    cfg.server.unix_socket = String::new();
+    cfg.server.tls_cert = Some(cert.clone());
+    cfg.server.tls_key = Some(key);
+    cfg.validate().expect("TLS config valid");
+    let opts = ServerOptions::from_config(&cfg).expect("options");
+    let l = export::bind(&opts).await.expect("bind");
+    let port = l.tcp_addr().expect("addr").port();
+    let (tx, rx) = export::pipeline_channel(16);
+    tokio::spawn(export::serve(
+        l,
+        opts,
+        rx,
+        Arc::new(EmptyStatus::default()),
+        HealthHandle::new(),
+        std::future::pending(),
+    ));
+    assert!(tx.send(record(Rec {
+        id: 11,
+        ..Rec::default()
+    })));
+    let ca = tonic::transport::Certificate::from_pem(std::fs::read(&ca_cert).expect("ca"));
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(ca)
+        .domain_name("localhost");
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://localhost:{port}"))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("TLS connect");
+    wait_history(&ch, 1).await;
+    let mut st = client::flow_client(ch)
+        .stream_flows(replay(1))
+        .await
+        .expect("stream")
+        .into_inner();
+    assert_eq!(drain_ids(&mut st).await, vec![11]);
+    // Plaintext to the TLS port fails.
+    let plain = client::connect(&ServerAddr::Tcp(format!("127.0.0.1:{port}"))).await;
+    if let Ok(ch) = plain {
+        let r = client::flow_client(ch)
+            .get_status(proto::GetStatusRequest {})
+            .await;
+        assert!(r.is_err(), "plaintext request to the TLS port succeeded");
+    }
+}
+
+/// Appends an HTTP/2 frame.
+fn h2_frame(out: &mut Vec<u8>, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = payload.len() as u32;
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.push(ty);
+    out.push(flags);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Appends an HPACK literal (without indexing) with a static name index.
+fn hpack_literal(out: &mut Vec<u8>, name_index: u8, value: &[u8]) {
+    assert!(name_index < 15 && value.len() < 127);
+    out.push(name_index);
+    out.push(value.len() as u8);
+    out.extend_from_slice(value);
+}
+
+#[tokio::test]
+async fn unix_socket_accepts_the_socket_path_as_authority() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start().await;
+    let path = s.unix.display().to_string();
+    let mut conn = tokio::net::UnixStream::connect(&s.unix)
+        .await
+        .expect("connect");
+    let mut req = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2_frame(&mut req, 0x4, 0, 0, &[]); // SETTINGS
+    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+                                      // :authority = the socket path, literal with incremental indexing (idx 1).
+    block.push(0x41);
+    block.push(path.len() as u8);
+    block.extend_from_slice(path.as_bytes());
+    hpack_literal(&mut block, 4, b"/sockscope.v1.FlowService/GetStatus");
+    block.extend_from_slice(&[0x0f, 0x10]); // content-type (index 31), 4-bit prefix
+    block.push(16);
+    block.extend_from_slice(b"application/grpc");
+    block.extend_from_slice(&[0x00, 2, b't', b'e', 8]);
+    block.extend_from_slice(b"trailers");
+    h2_frame(&mut req, 0x1, 0x4, 1, &block); // HEADERS, END_HEADERS
+    h2_frame(&mut req, 0x0, 0x1, 1, &[0, 0, 0, 0, 0]); // DATA, END_STREAM: empty message
+    conn.write_all(&req).await.expect("write");
+    // Read frames until stream 1 answers: HEADERS + DATA (success) or RST_STREAM.
+    let mut buf = Vec::new();
+    let mut got_headers = false;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        while buf.len() >= 9 {
+            let len =
+                (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (ty, stream) = (buf[3], u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]));
+            let payload: Vec<u8> = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            match (ty, stream) {
+                (0x3, 1) => panic!("stream reset by the server: error code {payload:?}"),
+                (0x7, _) => panic!("connection GOAWAY: {payload:?}"),
+                (0x1, 1) => got_headers = true,
+                (0x0, 1) if payload.len() > 5 => {
+                    assert!(got_headers);
+                    let msg = <proto::GetStatusResponse as Message>::decode(&payload[5..])
+                        .expect("status");
+                    assert_eq!(msg.node_name, "test-node");
+                    return;
+                }
+                _ => {}
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, conn.read(&mut chunk))
+            .await
+            .expect("timed out waiting for the response")
+            .expect("read");
+        assert!(n > 0, "connection closed without a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}

@@ -155,3 +155,111 @@ pub fn flow_document(rec: &FlowRecord, host: &HostInfo) -> Value {
     doc.insert("service".into(), json!({ "type": "system" }));
     Value::Object(doc)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::convert;
+    use crate::model::{Creds, Endpoint, ProcessInfo, Transport};
+    use std::time::UNIX_EPOCH;
+
+    fn record(direction: FlowDirection) -> FlowRecord {
+        let start = UNIX_EPOCH + Duration::from_millis(1_566_506_795_001);
+        FlowRecord {
+            id: 7,
+            is_final: true,
+            complete: true,
+            transport: Transport::Tcp,
+            direction,
+            local: Endpoint {
+                ip: "10.0.2.15".parse().expect("ip"),
+                port: 40192,
+                packets: 5,
+                bytes: 294,
+                domain: None,
+            },
+            remote: Endpoint {
+                ip: "151.101.66.217".parse().expect("ip"),
+                port: 80,
+                packets: 5,
+                bytes: 437,
+                domain: Some("elastic.co".into()),
+            },
+            start,
+            end: start + Duration::from_nanos(30_728_600),
+            community_id: "1:jdjL1TkdpF1v1GM0+JxRRp+V7KI=".into(),
+            sock: 0xffff_8de2_9d33_7000,
+            process: Some(ProcessInfo {
+                pid: 4970,
+                ppid: 1,
+                name: "curl".into(),
+                args: vec!["curl".into(), "http://elastic.co/".into()],
+                executable: "/usr/bin/curl".into(),
+                created: Some(start),
+                creds: Some(Creds {
+                    uid: 1000,
+                    gid: 1000,
+                    euid: 1000,
+                    egid: 1000,
+                }),
+                user_name: Some("vagrant".into()),
+                group_name: Some("vagrant".into()),
+                container_id: None,
+                pod_uid: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn document_has_the_seed_shape() {
+        let host = HostInfo {
+            name: "stretch".into(),
+            ..HostInfo::default()
+        };
+        let d = flow_document(&record(FlowDirection::Egress), &host);
+        assert_eq!(d["source"]["ip"], "10.0.2.15");
+        assert_eq!(d["source"]["port"], 40192);
+        assert_eq!(d["client"], d["source"]);
+        assert_eq!(d["destination"]["ip"], "151.101.66.217");
+        assert_eq!(d["destination"]["domain"], "elastic.co");
+        assert_eq!(d["server"], d["destination"]);
+        assert_eq!(d["network"]["packets"], 10);
+        assert_eq!(d["network"]["bytes"], 731);
+        assert_eq!(d["network"]["direction"], "outbound");
+        assert_eq!(d["network"]["type"], "ipv4");
+        assert_eq!(d["network"]["transport"], "tcp");
+        assert_eq!(d["event"]["duration"], 30_728_600);
+        assert_eq!(d["event"]["start"], "2019-08-22T20:46:35.001Z");
+        assert_eq!(d["event"]["action"], "network_flow");
+        assert_eq!(d["user"]["id"], "1000");
+        assert_eq!(d["group"]["name"], "vagrant");
+        assert_eq!(d["process"]["executable"], "/usr/bin/curl");
+        assert_eq!(
+            d["system"]["audit"]["socket"]["kernel_sock_address"],
+            "0xffff8de29d337000"
+        );
+        assert_eq!(d["system"]["audit"]["socket"]["egid"], 1000);
+        assert_eq!(d["flow"]["final"], true);
+        assert_eq!(d["host"]["name"], "stretch");
+        // Ingress: the remote end is the source.
+        let d = flow_document(&record(FlowDirection::Ingress), &host);
+        assert_eq!(d["source"]["ip"], "151.101.66.217");
+        assert_eq!(d["network"]["direction"], "inbound");
+    }
+
+    #[test]
+    fn proto_round_trip_renders_the_same_document() {
+        let rec = record(FlowDirection::Unknown);
+        let host = HostInfo {
+            name: "h".into(),
+            ..HostInfo::default()
+        };
+        let (back, host_name) =
+            convert::flow_from_proto(&convert::flow(&rec, "h")).expect("round trip");
+        assert_eq!(host_name, "h");
+        assert_eq!(back, rec);
+        assert_eq!(flow_document(&back, &host), flow_document(&rec, &host));
+        // Unknown direction: the lower port (80) is the server.
+        assert_eq!(flow_document(&rec, &host)["server"]["port"], 80);
+    }
+}

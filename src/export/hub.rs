@@ -403,7 +403,10 @@ impl Owner {
         let mut tick = tokio::time::interval(TICK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pipeline_open = true;
-        loop {
+        let mut commands_open = true;
+        // Runs while the pipeline feeds subscribers or handles can still
+        // subscribe.
+        while pipeline_open || commands_open {
             tokio::select! {
                 out = pipeline.rx.recv(), if pipeline_open => match out {
                     Some(out) => {
@@ -425,7 +428,7 @@ impl Owner {
                         self.subs.clear();
                     }
                 },
-                c = cmd.recv() => match c {
+                c = cmd.recv(), if commands_open => match c {
                     Some(Command::Subscribe(req, reply)) => {
                         let sub = self.subscribe(*req, pipeline_open);
                         let _ = reply.send(sub);
@@ -434,7 +437,7 @@ impl Owner {
                         self.export_drops_total = pipeline.dropped.load(Ordering::Relaxed);
                         let _ = reply.send(self.status());
                     }
-                    None => return,
+                    None => commands_open = false,
                 },
                 _ = tick.tick() => self.on_tick(&pipeline),
             }

@@ -7,6 +7,7 @@
 //! [`server::serve`] with the receiver, a [`status::StatusSource`] and a
 //! [`server::HealthHandle`].
 
+pub mod authority;
 pub mod client;
 pub mod convert;
 pub mod ecs;

@@ -6,7 +6,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -14,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 use tonic::codegen::{http, Body, BoxFuture, StdError};
 use tonic::server::{NamedService, ServerStreamingService, UnaryService};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
@@ -387,7 +387,9 @@ pub async fn serve(
             .add_service(health_svc.clone())
             .add_service(refl_v1.clone())
             .add_service(refl_v1alpha.clone());
-        let incoming = UnixListenerStream::new(unix);
+        // Clients may send the socket path as :authority; see `authority`.
+        let incoming = UnixListenerStream::new(unix)
+            .map(|conn| conn.map(crate::export::authority::AuthorityRewrite::new));
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move {
             let r = router.serve_with_incoming_shutdown(incoming, stop).await;
@@ -612,6 +614,3 @@ where
         }
     }
 }
-
-/// Boxed future helper type used by the service.
-pub type ServeFuture = Pin<Box<dyn Future<Output = Result<(), ServerError>> + Send>>;

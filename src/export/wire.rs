@@ -133,3 +133,89 @@ impl Message for WireResponse {
         *self = WireResponse::default();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, FlowDirection, Transport};
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn record() -> Arc<FlowRecord> {
+        let t = UNIX_EPOCH + Duration::from_secs(1_566_506_795);
+        Arc::new(FlowRecord {
+            id: 42,
+            is_final: true,
+            complete: true,
+            transport: Transport::Tcp,
+            direction: FlowDirection::Egress,
+            local: Endpoint {
+                ip: "10.0.2.15".parse().expect("ip"),
+                port: 40192,
+                packets: 5,
+                bytes: 294,
+                domain: None,
+            },
+            remote: Endpoint {
+                ip: "151.101.66.217".parse().expect("ip"),
+                port: 80,
+                packets: 5,
+                bytes: 437,
+                domain: Some("elastic.co".into()),
+            },
+            start: t,
+            end: t + Duration::from_millis(31),
+            community_id: "1:jdjL1TkdpF1v1GM0+JxRRp+V7KI=".into(),
+            sock: 0xffff_8de2_9d33_7000,
+            process: None,
+        })
+    }
+
+    #[test]
+    fn pre_encoded_envelope_matches_generated_encoding() {
+        let rec = record();
+        let enc = Arc::new(EncodedFlow::new(rec.clone(), "host"));
+        let time = Some(prost_types::Timestamp {
+            seconds: 5,
+            nanos: 7,
+        });
+        let wire = WireResponse {
+            payload: Some(Payload::Flow(enc)),
+            node_name: Arc::from("node-a"),
+            time,
+            sequence: 300,
+        };
+        let generated = proto::StreamFlowsResponse {
+            event: Some(proto::stream_flows_response::Event::Flow(convert::flow(
+                &rec, "host",
+            ))),
+            node_name: "node-a".into(),
+            time,
+            sequence: 300,
+        };
+        assert_eq!(wire.encode_to_vec(), generated.encode_to_vec());
+        assert_eq!(wire.encoded_len(), generated.encoded_len());
+        let back = proto::StreamFlowsResponse::decode(wire.encode_to_vec().as_slice())
+            .expect("decodes as the generated type");
+        assert_eq!(back, generated);
+
+        let loss = proto::LossNotice {
+            source: proto::LossSource::KernelRing as i32,
+            cpu: Some(0),
+            count: 9,
+            first: time,
+            last: time,
+        };
+        let wire = WireResponse {
+            payload: Some(Payload::Loss(loss)),
+            node_name: Arc::from(""),
+            time: None,
+            sequence: 0,
+        };
+        let generated = proto::StreamFlowsResponse {
+            event: Some(proto::stream_flows_response::Event::Loss(loss)),
+            ..Default::default()
+        };
+        assert_eq!(wire.encode_to_vec(), generated.encode_to_vec());
+        assert_eq!(wire.encoded_len(), generated.encoded_len());
+    }
+}
