@@ -114,7 +114,11 @@ def pytest_terminal_summary(terminalreporter):
             tr.write_line("     listed more than once: "
                           + ", ".join(f"{k} x{v}" for k, v in facts["filter_functions_ambiguous"].items()))
         if "kprobe_rejected" in facts:
-            tr.write_line(f"     kprobe rejected: {', '.join(facts['kprobe_rejected']) or 'none'}")
+            tr.write_line(f"     kprobe rejected: {', '.join(facts['kprobe_rejected']) or 'none'}; "
+                          f"$argN: {'yes' if facts.get('kprobe_argn') else 'no'}, "
+                          f"BTF args (sk->field): {'yes' if facts.get('kprobe_btf_args') else 'no'}")
+        if "legacy_functions_present" in facts:
+            tr.write_line(f"     other names present: {', '.join(facts['legacy_functions_present']) or 'none'}")
     out = bed.logs_root() / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))

@@ -26,6 +26,9 @@ CANDIDATE_FUNCTIONS = (
     "udpv6_queue_rcv_skb", "tcp_v4_do_rcv", "tcp_v6_do_rcv", "__ip_local_out", "ip_local_out",
     "ip6_xmit", "inet6_csk_xmit",
 )
+#: Older or alternative names, recorded as well (not probed).
+LEGACY_FUNCTIONS = ("_do_fork", "do_fork", "ip_local_out_sk", "tcp_v4_connect", "tcp_v6_connect",
+                    "udp_v4_rcv", "udp_v6_rcv", "__sys_connect", "security_socket_connect")
 TRACING = "/sys/kernel/tracing"
 HTTP_PORT = 8080
 #: Size of /www/index.html in the initramfs (19 bytes * 64).
@@ -69,7 +72,8 @@ def test_available_filter_functions(vm):
     # A name listed more than once is several static functions: a kprobe on it is ambiguous.
     ambiguous = {f: counts[f] for f in present if counts[f] > 1}
     _write_facts(vm, filter_functions_present=present, filter_functions_missing=missing,
-                 filter_functions_ambiguous=ambiguous, filter_functions_total=len(names))
+                 filter_functions_ambiguous=ambiguous, filter_functions_total=len(names),
+                 legacy_functions_present=[f for f in LEGACY_FUNCTIONS if f in names])
     # What the smoke probes below attach to must be there on every kernel.
     assert "tcp_connect" in names and "tcp_v4_rcv" in names and "inet_csk_accept" in names
 
@@ -84,7 +88,13 @@ def test_kprobe_accepted_per_candidate_function(vm):
     verdict = dict(reversed(line.split(" ", 1)) for line in out if line.strip())
     assert set(verdict) == set(CANDIDATE_FUNCTIONS), f"incomplete probe report: {out}"
     rejected = [f for f in CANDIDATE_FUNCTIONS if verdict[f] != "ok"]
-    _write_facts(vm, kprobe_rejected=rejected)
+    def accepted(fetch: str) -> bool:
+        return vm.run(f"echo 'p:facts/fa tcp_connect {fetch}' >> {TRACING}/kprobe_events && "
+                      f"echo '-:facts/fa' >> {TRACING}/kprobe_events").rc == 0
+
+    # $argN (4.20+) and BTF-typed arguments by name with member access (CONFIG_PROBE_EVENTS_BTF_ARGS).
+    _write_facts(vm, kprobe_rejected=rejected, kprobe_argn=accepted("sk=$arg1:x64"),
+                 kprobe_btf_args=accepted("dport=sk->__sk_common.skc_dport"))
     assert "facts/" not in vm.run(f"cat {TRACING}/kprobe_events").out, "probes were not removed"
     # These are the backbone of any probe set; every supported kernel must accept them.
     for f in ("tcp_connect", "inet_csk_accept", "udp_sendmsg", "inet_release"):
