@@ -339,8 +339,7 @@ fn run_with_probes(
             .name("sockscope-engine".into())
             .spawn(move || {
                 engine_loop(
-                    engine_cfg, procs, wall, perf_clock, event_rx, lost_rx, pipe_tx, &shared,
-                    &stop,
+                    engine_cfg, procs, wall, perf_clock, event_rx, lost_rx, pipe_tx, &shared, &stop,
                 )
             })
             .map_err(|source| DaemonError::Runtime {
@@ -386,7 +385,9 @@ async fn termination_signal() {
     ) {
         (Ok(i), Ok(t)) => (i, t),
         _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL leaves probes behind");
+            tracing::error!(
+                "cannot install signal handlers; stop with SIGKILL leaves probes behind"
+            );
             std::future::pending::<()>().await;
             return;
         }
@@ -523,13 +524,17 @@ fn reader_loop(
             },
             RingItem::Lost { cpu, count } => {
                 if lost_tx.try_send((cpu, count)).is_err() {
-                    shared.lost_queue_overflow.fetch_add(count, Ordering::Relaxed);
+                    shared
+                        .lost_queue_overflow
+                        .fetch_add(count, Ordering::Relaxed);
                 }
             }
         }
     };
     while !stop.load(Ordering::SeqCst) {
-        rings.read(ring::DEFAULT_POLL_TIMEOUT, &mut |item| handle(item, &mut batch))?;
+        rings.read(ring::DEFAULT_POLL_TIMEOUT, &mut |item| {
+            handle(item, &mut batch)
+        })?;
         send_batch(&mut batch);
         if last_stats.elapsed() >= STATS_PERIOD {
             last_stats = Instant::now();
@@ -616,7 +621,9 @@ fn engine_loop(
             last_tick = Instant::now();
             let now = now_kernel();
             match wall.sync_if_due(now, &mut source) {
-                Ok(Some(_)) => offset.store(clamp_offset(wall.stats().offset_ns), Ordering::Relaxed),
+                Ok(Some(_)) => {
+                    offset.store(clamp_offset(wall.stats().offset_ns), Ordering::Relaxed)
+                }
                 Ok(None) => {}
                 Err(e) => tracing::warn!("clock re-sync failed: {e}"),
             }
