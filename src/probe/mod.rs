@@ -7,6 +7,7 @@
 pub mod btf;
 pub mod check;
 pub mod error;
+pub mod guess;
 pub mod tracefs;
 
 pub use btf::{Field, Offsets, Provenance};

@@ -1,0 +1,162 @@
+//! Runs inside a VM booted on a Debian kernel: sets the probe stage up with
+//! BTF and with guessed offsets, compares every offset, checks that the
+//! guess probes, instance and loopback addresses are gone afterwards, then
+//! hides BTF (bind mount over /sys/kernel/btf/vmlinux) and checks that
+//! `socket.offsets: auto` falls back to guessing. Lines starting with `@@`
+//! are parsed by `run.py` on the host.
+
+use std::path::Path;
+use std::time::Instant;
+
+use sockscope::config::{OffsetsMode, SocketConfig};
+use sockscope::probe::{self, Field, Offsets, Provenance};
+
+fn cfg(mode: OffsetsMode) -> SocketConfig {
+    SocketConfig {
+        offsets: mode,
+        ..SocketConfig::default()
+    }
+}
+
+/// Compares every field; `sock.__sk_common` by offset only (its size is
+/// not observable by guessing). Returns the number of differences.
+fn diff(btf: &Offsets, guessed: &Offsets, label: &str) -> usize {
+    let mut a: Vec<(&str, Field)> = btf.fields().to_vec();
+    a.push(("sockaddr_in6.sin6_addr", btf.sin6_addr));
+    let mut b: Vec<(&str, Field)> = guessed.fields().to_vec();
+    b.push(("sockaddr_in6.sin6_addr", guessed.sin6_addr));
+    let mut bad = 0;
+    for ((name, x), (_, y)) in a.iter().zip(b.iter()) {
+        let same = if *name == "sock.__sk_common" {
+            x.offset == y.offset
+        } else {
+            x == y
+        };
+        println!(
+            "@@FIELD {label} {name} btf={}/{}/{:?} guess={}/{}/{:?} {}",
+            x.offset,
+            x.size,
+            x.bits,
+            y.offset,
+            y.size,
+            y.bits,
+            if same { "ok" } else { "DIFF" }
+        );
+        if !same {
+            bad += 1;
+        }
+    }
+    println!("@@COMPARED {label} fields={} diffs={bad}", a.len());
+    bad
+}
+
+fn leftovers(tfs: &probe::Tracefs) -> (bool, bool, usize) {
+    let kev = std::fs::read_to_string(tfs.kprobe_events()).unwrap_or_default();
+    let probes = kev.lines().any(|l| l.contains("_guess/"));
+    let inst = std::fs::read_dir(tfs.root().join("instances"))
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with("_guess"))
+        })
+        .unwrap_or(false);
+    let v6 = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+    let ula = v6
+        .lines()
+        .filter(|l| l.starts_with("fd") && l.trim_end().ends_with(" lo"))
+        .count();
+    (probes, inst, ula)
+}
+
+fn main() {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("@@KERNEL {}", release.trim());
+
+    let t = Instant::now();
+    let btf = probe::setup(&cfg(OffsetsMode::Auto)).expect("setup with BTF");
+    let btf_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(matches!(btf.offsets.provenance, Provenance::Btf(_)));
+    println!("@@TIME btf_setup_ms={btf_ms:.1}");
+
+    let t = Instant::now();
+    let guessed = probe::setup(&cfg(OffsetsMode::Guess));
+    let guess_ms = t.elapsed().as_secs_f64() * 1e3;
+    println!("@@TIME guess_setup_ms={guess_ms:.1}");
+    let guessed = match guessed {
+        Ok(s) => s,
+        Err(e) => {
+            println!("@@GUESS_FAILED {e}");
+            let _ = probe::check(&cfg(OffsetsMode::Guess))
+                .iter()
+                .map(|i| println!("{i}"))
+                .count();
+            return;
+        }
+    };
+    for g in &guessed.guesses {
+        println!(
+            "@@REPORT {} reps={} ms={:.1} {}",
+            g.name,
+            g.repetitions,
+            g.duration.as_secs_f64() * 1e3,
+            g
+        );
+    }
+    println!("{}", guessed.offsets);
+    diff(&btf.offsets, &guessed.offsets, "forced");
+    let (p, i, u) = leftovers(&guessed.tracefs);
+    println!("@@LEFTOVERS probes={p} instance={i} ula_on_lo={u}");
+
+    // The probe set built from guessed offsets must be accepted.
+    let guard = probe::ProbeGuard::install(&guessed.tracefs, &guessed.probes);
+    println!(
+        "@@INSTALL_GUESSED {}",
+        match &guard {
+            Ok(g) => format!("ok {} events", g.events().len()),
+            Err(e) => format!("FAILED {e}"),
+        }
+    );
+    drop(guard);
+    drop(guessed);
+
+    // Hide BTF: auto must fall back to guessing and say why.
+    let vmlinux = Path::new(probe::btf::VMLINUX_BTF);
+    nix::mount::mount(
+        Some(Path::new("/dev/null")),
+        vmlinux,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind mount over vmlinux BTF");
+    let t = Instant::now();
+    let auto = probe::setup(&cfg(OffsetsMode::Auto));
+    let auto_ms = t.elapsed().as_secs_f64() * 1e3;
+    println!("@@TIME auto_hidden_setup_ms={auto_ms:.1}");
+    match auto {
+        Ok(s) => {
+            match &s.offsets.provenance {
+                Provenance::Guess { why } => println!("@@AUTO guess why={why}"),
+                Provenance::Btf(p) => println!("@@AUTO btf {}", p.display()),
+            }
+            diff(&btf.offsets, &s.offsets, "auto");
+        }
+        Err(e) => println!("@@AUTO FAILED {e}"),
+    }
+    let btf_only = probe::setup(&cfg(OffsetsMode::Btf));
+    println!(
+        "@@BTF_MODE_HIDDEN {}",
+        match btf_only {
+            Ok(_) => "unexpectedly ok".to_string(),
+            Err(e) => format!("error exit={} {e}", e.exit_code()),
+        }
+    );
+    println!("@@CHECK_BEGIN");
+    for item in probe::check(&cfg(OffsetsMode::Auto)) {
+        if !item.name.starts_with("probe ") {
+            println!("{item}");
+        }
+    }
+    println!("@@CHECK_END");
+    let _ = nix::mount::umount(vmlinux);
+    println!("@@DONE");
+}
