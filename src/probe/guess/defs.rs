@@ -59,8 +59,9 @@ const MAX_PAYLOAD: usize = 1200;
 const ID_MIN: u32 = 100_000;
 /// Upper end of the random id range.
 const ID_MAX: u32 = 2_000_000_000;
-/// Smallest kernel address (x86-64 canonical upper half).
-const KERNEL_ADDR_MIN: u64 = 0xffff_8000_0000_0000;
+/// Smallest kernel address: the x86-64 upper half with 5-level paging
+/// (0xff00…; 4-level kernels start higher, at 0xffff8…).
+const KERNEL_ADDR_MIN: u64 = 0xff00_0000_0000_0000;
 /// AF_INET.
 const AF_INET: u16 = 2;
 /// AF_INET6.
@@ -69,6 +70,13 @@ const AF_INET6: u16 = 10;
 const SOCK_STREAM: u16 = 1;
 /// SOCK_DGRAM.
 const SOCK_DGRAM: u16 = 2;
+/// SOCK_RAW.
+const SOCK_RAW: u16 = 3;
+/// Range of random protocol numbers for the raw socket (unassigned and
+/// experimental numbers, never TCP/UDP).
+const RAW_PROTO_MIN: u8 = 143;
+/// Upper end of the raw protocol range.
+const RAW_PROTO_MAX: u8 = 254;
 /// IPPROTO_TCP.
 const IPPROTO_TCP: u8 = 6;
 /// IPPROTO_UDP.
@@ -240,6 +248,16 @@ fn sock_addr_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), Gues
         x.add("sock_common.skc_num", find_u16(d, src6.port()));
         x.add("sock_common.skc_family", find_u16(d, AF_INET6));
     }
+    // The kernel mirrors IPv4 addresses into the IPv6 fields as v4-mapped
+    // addresses (sk_daddr_set, sk_rcv_saddr_set): not the IPv4 fields.
+    for (v4f, v6f) in [
+        ("sock_common.skc_daddr", "sock_common.skc_v6_daddr"),
+        ("sock_common.skc_rcv_saddr", "sock_common.skc_v6_rcv_saddr"),
+    ] {
+        if let Resolution::Unique(o) = x.resolution(v6f) {
+            x.remove_within(v4f, o, 16);
+        }
+    }
     Ok(())
 }
 
@@ -267,6 +285,11 @@ fn sock_type_probes(_: &Known) -> Result<Vec<GuessProbe>, GuessError> {
         GuessProbe {
             name: "g_udp_send",
             functions: &["udp_sendmsg"],
+            fetchargs: sock_dump_args(),
+        },
+        GuessProbe {
+            name: "g_raw_send",
+            functions: &["raw_sendmsg"],
             fetchargs: sock_dump_args(),
         },
     ])
@@ -303,6 +326,32 @@ fn sock_type_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), Gues
         )?;
         for r in ctx.collect("UDP send", |r| r.probe == 1 && at_port(ctx, r, src.port()))? {
             observe(ctx, &r, SOCK_DGRAM, proto_num);
+        }
+    }
+    // A raw socket adds a third type and a random protocol; it needs
+    // CAP_NET_RAW and is skipped without it.
+    let saddr = need(ctx.known, ctx.guess, "sock_common.skc_rcv_saddr")?.offset as usize;
+    let ip = net::random_v4();
+    let proto = fastrand::u8(RAW_PROTO_MIN..=RAW_PROTO_MAX);
+    if let Ok(fd) = net::raw_socket(ip, i32::from(proto)) {
+        net::send_to(&fd, net::v4(net::random_v4(), 0), fastrand::usize(1..=MAX_PAYLOAD))?;
+        let bound = |ctx: &Ctx<'_, '_>, r: &Rec| {
+            r.probe == 2 && ctx.field(r, "a").get(saddr..saddr + 4) == Some(&ip.octets()[..])
+        };
+        for r in ctx.collect("raw send", |r| bound(ctx, r))? {
+            observe(ctx, &r, SOCK_RAW, proto);
+        }
+    }
+    // Every known layout puts sk_type right before a u16 sk_protocol
+    // (5.6+) or right after an 8-bit one (bitfields before): use that only
+    // to break a tie the samples could not.
+    if let (Resolution::Unique(p), Resolution::Ambiguous(c)) =
+        (x.resolution("sock.sk_protocol"), x.resolution("sock.sk_type"))
+    {
+        let wide = x.get(PROTOCOL_WIDE).is_some_and(|s| s.contains(&p));
+        let adjacent = if wide { p.checked_sub(2) } else { Some(p + 1) };
+        if let Some(a) = adjacent.filter(|a| c.contains(a)) {
+            x.add("sock.sk_type", [a].into());
         }
     }
     Ok(())
@@ -556,6 +605,12 @@ fn skb_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), GuessError
     for r in &recs {
         let sd = ctx.field(r, "s");
         let words = header_words(ctx, r, &hdr);
+        if std::env::var_os("GUESS_DEBUG").is_some() {
+            eprintln!("DBG skb probe={} words={words:?} len={ip_len}", r.probe);
+            for (i, c) in sd.chunks(8).enumerate() {
+                eprintln!("DBG  {:3} {:016x}", i * 8, u64_at(c, 0).unwrap_or(0));
+            }
+        }
         x.add("sk_buff.data", words.iter().map(|i| i * WORD).collect());
         x.add("sk_buff.len", find_u32(sd, ip_len));
         let (mut head, mut nh, mut th) = (Cands::new(), Cands::new(), Cands::new());
@@ -709,6 +764,9 @@ fn msghdr_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), GuessEr
         mine(ctx, r, 0) && !name_words(ctx, r, AF_INET, port, &addr).is_empty()
     })? {
         let words = name_words(ctx, &r, AF_INET, port, &addr);
+        if std::env::var_os("GUESS_DEBUG").is_some() {
+            eprintln!("DBG msghdr words={:?} m={:02x?}", words.iter().map(|w| w.0).collect::<Vec<_>>(), ctx.field(&r, "m"));
+        }
         x.add("msghdr.msg_name", words.iter().map(|w| w.0 * WORD).collect());
         x.add("sockaddr_in.sin_port", words.iter().flat_map(|w| w.1.clone()).collect());
         x.add("sockaddr_in.sin_addr", words.iter().flat_map(|w| w.2.clone()).collect());

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::socket::{self, MsgFlags, SockaddrStorage};
+use nix::sys::socket::{self, MsgFlags, SockaddrIn, SockaddrIn6, SockaddrLike};
 
 use crate::sys::guess::{self as gsys, AddrOp};
 
@@ -58,8 +58,27 @@ pub fn random_ula() -> Ipv6Addr {
     Ipv6Addr::from(b)
 }
 
-fn sockaddr(a: SocketAddr) -> SockaddrStorage {
-    SockaddrStorage::from(a)
+/// The exact-length socket address (`sockaddr_in` is 16 bytes,
+/// `sockaddr_in6` 28: the kernel sees these lengths in `msg_namelen`).
+enum Sa {
+    V4(SockaddrIn),
+    V6(SockaddrIn6),
+}
+
+impl Sa {
+    fn of(a: SocketAddr) -> Sa {
+        match a {
+            SocketAddr::V4(v) => Sa::V4(SockaddrIn::from(v)),
+            SocketAddr::V6(v) => Sa::V6(SockaddrIn6::from(v)),
+        }
+    }
+
+    fn like(&self) -> &dyn SockaddrLike {
+        match self {
+            Sa::V4(a) => a,
+            Sa::V6(a) => a,
+        }
+    }
 }
 
 fn sys_err(call: &'static str, what: String, errno: Errno) -> GuessError {
@@ -80,7 +99,7 @@ fn bind_random(fd: &OwnedFd, ip: IpAddr) -> Result<SocketAddr, GuessError> {
     let mut attempts = 0;
     loop {
         let a = SocketAddr::new(ip, random_port());
-        match socket::bind(fd.as_raw_fd(), &sockaddr(a)) {
+        match socket::bind(fd.as_raw_fd(), Sa::of(a).like()) {
             Ok(()) => return Ok(a),
             Err(Errno::EADDRINUSE) if attempts < BIND_ATTEMPTS => attempts += 1,
             Err(Errno::EADDRNOTAVAIL) if start.elapsed() < ADDR_READY_WAIT => {
@@ -101,7 +120,7 @@ pub fn tcp_connect(src_ip: IpAddr, dst: SocketAddr) -> Result<(OwnedFd, SocketAd
         0,
     )?;
     let src = bind_random(&fd, src_ip)?;
-    match socket::connect(fd.as_raw_fd(), &sockaddr(dst)) {
+    match socket::connect(fd.as_raw_fd(), Sa::of(dst).like()) {
         Ok(()) | Err(Errno::EINPROGRESS) | Err(Errno::ECONNREFUSED) => Ok((fd, src)),
         Err(e) => Err(sys_err("connect", dst.to_string(), e)),
     }
@@ -126,6 +145,14 @@ pub fn udp_socket(
     Ok((fd, a))
 }
 
+/// A raw IPv4 socket of `protocol` bound to `ip` (needs CAP_NET_RAW).
+pub fn raw_socket(ip: std::net::Ipv4Addr, protocol: i32) -> Result<OwnedFd, GuessError> {
+    let fd = gsys::socket_with_protocol(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, protocol)?;
+    let a = v4(ip, 0);
+    socket::bind(fd.as_raw_fd(), Sa::of(a).like()).map_err(|e| sys_err("bind", a.to_string(), e))?;
+    Ok(fd)
+}
+
 /// Sends `len` bytes from `fd` to `dst`.
 pub fn send_to(fd: &OwnedFd, dst: SocketAddr, len: usize) -> Result<(), GuessError> {
     let mut buf = vec![0u8; len];
@@ -133,7 +160,7 @@ pub fn send_to(fd: &OwnedFd, dst: SocketAddr, len: usize) -> Result<(), GuessErr
     socket::sendto(
         fd.as_raw_fd(),
         &buf,
-        &sockaddr(dst),
+        Sa::of(dst).like(),
         MsgFlags::empty(),
     )
     .map(|_| ())

@@ -95,6 +95,14 @@ impl Intersection {
         }
     }
 
+    /// Drops `field`'s candidates in `[start, start + len)` (a value that
+    /// the kernel also mirrors into another, already located field).
+    pub fn remove_within(&mut self, field: &'static str, start: u32, len: u32) {
+        if let Some(cur) = self.sets.get_mut(field) {
+            cur.retain(|&o| o < start || o >= start.saturating_add(len));
+        }
+    }
+
     /// Current candidates of `field`.
     pub fn get(&self, field: &str) -> Option<&Offsets> {
         self.sets.get(field)
@@ -185,5 +193,8 @@ mod tests {
         assert_eq!(x.resolution("f"), Resolution::Ambiguous(vec![4, 8]));
         x.add("f", [8].into());
         assert_eq!(x.resolution("f"), Resolution::Unique(8));
+        x.add("g", [4, 60, 68].into());
+        x.remove_within("g", 56, 16);
+        assert_eq!(x.resolution("g"), Resolution::Unique(4));
     }
 }
