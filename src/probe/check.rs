@@ -240,7 +240,9 @@ pub fn check(cfg: &SocketConfig) -> Vec<CheckItem> {
             reason: "guessing needs tracefs".into(),
         }),
     };
-    items.push(CheckItem::from_result("offsets", &offsets, |o| o.to_string()));
+    items.push(CheckItem::from_result("offsets", &offsets, |o| {
+        o.to_string()
+    }));
     if let (Ok(t), Ok(o)) = (&tfs, &offsets) {
         let path = t.root().join("available_filter_functions");
         match t.available_functions() {

@@ -161,7 +161,10 @@ fn deref(off: u32, base: &str) -> String {
 
 /// Concatenation of the named dump fields of a record.
 fn joined(ctx: &Ctx<'_, '_>, r: &Rec, names: &[&str]) -> Vec<u8> {
-    names.iter().flat_map(|n| ctx.field(r, n).to_vec()).collect()
+    names
+        .iter()
+        .flat_map(|n| ctx.field(r, n).to_vec())
+        .collect()
 }
 
 fn mine(ctx: &Ctx<'_, '_>, r: &Rec, probe: usize) -> bool {
@@ -236,15 +239,24 @@ fn sock_addr_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), Gues
         let d = ctx.field(r, "a");
         x.add("sock_common.skc_daddr", find_bytes(d, &daddr, 4));
         x.add("sock_common.skc_rcv_saddr", find_bytes(d, &v4_of(src4), 4));
-        x.add("sock_common.skc_dport", find_bytes(d, &be16(dst4.port()), 2));
+        x.add(
+            "sock_common.skc_dport",
+            find_bytes(d, &be16(dst4.port()), 2),
+        );
         x.add("sock_common.skc_num", find_u16(d, src4.port()));
         x.add("sock_common.skc_family", find_u16(d, AF_INET));
     }
     for r in &r6 {
         let d = ctx.field(r, "a");
         x.add("sock_common.skc_v6_daddr", find_bytes(d, &daddr6, 4));
-        x.add("sock_common.skc_v6_rcv_saddr", find_bytes(d, &v6_of(src6), 4));
-        x.add("sock_common.skc_dport", find_bytes(d, &be16(dst6.port()), 2));
+        x.add(
+            "sock_common.skc_v6_rcv_saddr",
+            find_bytes(d, &v6_of(src6), 4),
+        );
+        x.add(
+            "sock_common.skc_dport",
+            find_bytes(d, &be16(dst6.port()), 2),
+        );
         x.add("sock_common.skc_num", find_u16(d, src6.port()));
         x.add("sock_common.skc_family", find_u16(d, AF_INET6));
     }
@@ -297,7 +309,8 @@ fn sock_type_probes(_: &Known) -> Result<Vec<GuessProbe>, GuessError> {
 
 fn sock_type_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), GuessError> {
     let num = need(ctx.known, ctx.guess, "sock_common.skc_num")?.offset as usize;
-    let at_port = |ctx: &Ctx<'_, '_>, r: &Rec, port: u16| u16_at(ctx.field(r, "a"), num) == Some(port);
+    let at_port =
+        |ctx: &Ctx<'_, '_>, r: &Rec, port: u16| u16_at(ctx.field(r, "a"), num) == Some(port);
     let mut observe = |ctx: &Ctx<'_, '_>, r: &Rec, ty: u16, proto: u8| {
         let d = joined(ctx, r, &["a", "b"]);
         x.add("sock.sk_type", find_u16(&d, ty));
@@ -308,7 +321,9 @@ fn sock_type_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), Gues
         IpAddr::V4(net::random_v4()),
         net::v4(net::random_v4(), net::random_port()),
     )?;
-    for r in ctx.collect("TCP connect", |r| r.probe == 0 && at_port(ctx, r, src.port()))? {
+    for r in ctx.collect("TCP connect", |r| {
+        r.probe == 0 && at_port(ctx, r, src.port())
+    })? {
         observe(ctx, &r, SOCK_STREAM, IPPROTO_TCP);
     }
     drop(fd);
@@ -316,7 +331,10 @@ fn sock_type_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), Gues
         let (fd, src) = match net::udp_socket(IpAddr::V4(net::random_v4()), proto, false) {
             Ok(v) => v,
             // UDP-Lite may be compiled out; plain UDP must work.
-            Err(_) if proto == IPPROTO_UDPLITE => continue,
+            Err(e) if proto == IPPROTO_UDPLITE => {
+                ctx.note(format!("UDP-Lite unavailable ({e})"));
+                continue;
+            }
             Err(e) => return Err(e),
         };
         net::send_to(
@@ -333,25 +351,38 @@ fn sock_type_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), Gues
     let saddr = need(ctx.known, ctx.guess, "sock_common.skc_rcv_saddr")?.offset as usize;
     let ip = net::random_v4();
     let proto = fastrand::u8(RAW_PROTO_MIN..=RAW_PROTO_MAX);
-    if let Ok(fd) = net::raw_socket(ip, i32::from(proto)) {
-        net::send_to(&fd, net::v4(net::random_v4(), 0), fastrand::usize(1..=MAX_PAYLOAD))?;
-        let bound = |ctx: &Ctx<'_, '_>, r: &Rec| {
-            r.probe == 2 && ctx.field(r, "a").get(saddr..saddr + 4) == Some(&ip.octets()[..])
-        };
-        for r in ctx.collect("raw send", |r| bound(ctx, r))? {
-            observe(ctx, &r, SOCK_RAW, proto);
+    match net::raw_socket(ip, i32::from(proto)) {
+        Err(e) => ctx.note(format!(
+            "raw socket unavailable ({e}): sk_type from TCP/UDP only"
+        )),
+        Ok(fd) => {
+            net::send_to(
+                &fd,
+                net::v4(net::random_v4(), 0),
+                fastrand::usize(1..=MAX_PAYLOAD),
+            )?;
+            let bound = |ctx: &Ctx<'_, '_>, r: &Rec| {
+                r.probe == 2 && ctx.field(r, "a").get(saddr..saddr + 4) == Some(&ip.octets()[..])
+            };
+            for r in ctx.collect("raw send", |r| bound(ctx, r))? {
+                observe(ctx, &r, SOCK_RAW, proto);
+            }
         }
     }
     // Every known layout puts sk_type right before a u16 sk_protocol
     // (5.6+) or right after an 8-bit one (bitfields before): use that only
     // to break a tie the samples could not.
-    if let (Resolution::Unique(p), Resolution::Ambiguous(c)) =
-        (x.resolution("sock.sk_protocol"), x.resolution("sock.sk_type"))
-    {
+    if let (Resolution::Unique(p), Resolution::Ambiguous(c)) = (
+        x.resolution("sock.sk_protocol"),
+        x.resolution("sock.sk_type"),
+    ) {
         let wide = x.get(PROTOCOL_WIDE).is_some_and(|s| s.contains(&p));
         let adjacent = if wide { p.checked_sub(2) } else { Some(p + 1) };
         if let Some(a) = adjacent.filter(|a| c.contains(a)) {
             x.add("sock.sk_type", [a].into());
+            ctx.note(format!(
+                "sk_type candidates {c:?}: took {a}, next to sk_protocol"
+            ));
         }
     }
     Ok(())
@@ -363,7 +394,10 @@ fn sock_type_finish(x: &Intersection) -> Result<Vec<(&'static str, Field)>, Gues
     let ty = unique(G, x, "sock.sk_type")?;
     let wide = x.get(PROTOCOL_WIDE).is_some_and(|s| s.contains(&proto));
     if wide {
-        return Ok(vec![("sock.sk_type", plain(ty, 2)), ("sock.sk_protocol", plain(proto, 2))]);
+        return Ok(vec![
+            ("sock.sk_type", plain(ty, 2)),
+            ("sock.sk_protocol", plain(proto, 2)),
+        ]);
     }
     // Before 5.6 both are bitfields of one 32-bit unit (protocol 8 bits,
     // type 16 bits).
@@ -508,7 +542,9 @@ fn socket_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), GuessEr
     )?;
     let sk = sk_of(ctx, &ctx.collect("TCP connect", |r| mine(ctx, r, 0))?).unwrap_or(0);
     drop(fd);
-    let has_sk = |ctx: &Ctx<'_, '_>, r: &Rec, sk: u64| mine(ctx, r, 2) && !find_u64(ctx.field(r, "s"), sk).is_empty();
+    let has_sk = |ctx: &Ctx<'_, '_>, r: &Rec, sk: u64| {
+        mine(ctx, r, 2) && !find_u64(ctx.field(r, "s"), sk).is_empty()
+    };
     for r in ctx.collect("TCP close", |r| has_sk(ctx, r, sk))? {
         let d = ctx.field(&r, "s");
         x.add("socket.sk", find_u64(d, sk));
@@ -538,7 +574,9 @@ const SKB_FIELDS: &[(&str, u32)] = &[
 
 fn skb_args(skb: &str) -> String {
     let mut v = vec![dump("s", skb, 0, SKB_WORDS)];
-    v.extend((0..SKB_WORDS).map(|i| format!("d{i}=+0({}):u8[{SKB_POINTEE}]", deref(i * WORD, skb))));
+    v.extend(
+        (0..SKB_WORDS).map(|i| format!("d{i}=+0({}):u8[{SKB_POINTEE}]", deref(i * WORD, skb))),
+    );
     v.join(" ")
 }
 
@@ -605,12 +643,6 @@ fn skb_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), GuessError
     for r in &recs {
         let sd = ctx.field(r, "s");
         let words = header_words(ctx, r, &hdr);
-        if std::env::var_os("GUESS_DEBUG").is_some() {
-            eprintln!("DBG skb probe={} words={words:?} len={ip_len}", r.probe);
-            for (i, c) in sd.chunks(8).enumerate() {
-                eprintln!("DBG  {:3} {:016x}", i * 8, u64_at(c, 0).unwrap_or(0));
-            }
-        }
         x.add("sk_buff.data", words.iter().map(|i| i * WORD).collect());
         x.add("sk_buff.len", find_u32(sd, ip_len));
         let (mut head, mut nh, mut th) = (Cands::new(), Cands::new(), Cands::new());
@@ -744,7 +776,13 @@ fn msghdr_probes(_: &Known) -> Result<Vec<GuessProbe>, GuessError> {
 
 /// (word index, port offsets, address offsets) of pointees holding the
 /// destination we sent to.
-fn name_words(ctx: &Ctx<'_, '_>, r: &Rec, family: u16, port: [u8; 2], addr: &[u8]) -> Vec<(u32, Cands, Cands)> {
+fn name_words(
+    ctx: &Ctx<'_, '_>,
+    r: &Rec,
+    family: u16,
+    port: [u8; 2],
+    addr: &[u8],
+) -> Vec<(u32, Cands, Cands)> {
     (0..MSGHDR_WORDS)
         .filter_map(|i| {
             let n = ctx.field(r, &format!("n{i}"));
@@ -764,13 +802,22 @@ fn msghdr_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), GuessEr
         mine(ctx, r, 0) && !name_words(ctx, r, AF_INET, port, &addr).is_empty()
     })? {
         let words = name_words(ctx, &r, AF_INET, port, &addr);
-        if std::env::var_os("GUESS_DEBUG").is_some() {
-            eprintln!("DBG msghdr words={:?} m={:02x?}", words.iter().map(|w| w.0).collect::<Vec<_>>(), ctx.field(&r, "m"));
-        }
-        x.add("msghdr.msg_name", words.iter().map(|w| w.0 * WORD).collect());
-        x.add("sockaddr_in.sin_port", words.iter().flat_map(|w| w.1.clone()).collect());
-        x.add("sockaddr_in.sin_addr", words.iter().flat_map(|w| w.2.clone()).collect());
-        x.add("msghdr.msg_namelen", find_u32(ctx.field(&r, "m"), SOCKADDR_IN_LEN));
+        x.add(
+            "msghdr.msg_name",
+            words.iter().map(|w| w.0 * WORD).collect(),
+        );
+        x.add(
+            "sockaddr_in.sin_port",
+            words.iter().flat_map(|w| w.1.clone()).collect(),
+        );
+        x.add(
+            "sockaddr_in.sin_addr",
+            words.iter().flat_map(|w| w.2.clone()).collect(),
+        );
+        x.add(
+            "msghdr.msg_namelen",
+            find_u32(ctx.field(&r, "m"), SOCKADDR_IN_LEN),
+        );
     }
     drop(fd);
     let (fd, _) = net::udp_socket(IpAddr::V6(ctx.pool.fresh()?), 0, false)?;
@@ -781,10 +828,22 @@ fn msghdr_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), GuessEr
         mine(ctx, r, 1) && !name_words(ctx, r, AF_INET6, port, &addr).is_empty()
     })? {
         let words = name_words(ctx, &r, AF_INET6, port, &addr);
-        x.add("msghdr.msg_name", words.iter().map(|w| w.0 * WORD).collect());
-        x.add("sockaddr_in6.sin6_port", words.iter().flat_map(|w| w.1.clone()).collect());
-        x.add("sockaddr_in6.sin6_addr", words.iter().flat_map(|w| w.2.clone()).collect());
-        x.add("msghdr.msg_namelen", find_u32(ctx.field(&r, "m"), SOCKADDR_IN6_LEN));
+        x.add(
+            "msghdr.msg_name",
+            words.iter().map(|w| w.0 * WORD).collect(),
+        );
+        x.add(
+            "sockaddr_in6.sin6_port",
+            words.iter().flat_map(|w| w.1.clone()).collect(),
+        );
+        x.add(
+            "sockaddr_in6.sin6_addr",
+            words.iter().flat_map(|w| w.2.clone()).collect(),
+        );
+        x.add(
+            "msghdr.msg_namelen",
+            find_u32(ctx.field(&r, "m"), SOCKADDR_IN6_LEN),
+        );
     }
     Ok(())
 }
@@ -900,4 +959,126 @@ pub(crate) fn offsets_from(k: &Known, provenance: Provenance) -> Result<Offsets,
         sin6_port: g("sockaddr_in6.sin6_port")?,
         sin6_addr: g("sockaddr_in6.sin6_addr")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::spec::MAX_FETCHARGS;
+
+    #[test]
+    fn every_guess_probe_fits_the_fetcharg_limit() {
+        let mut known = Known::new();
+        known.insert("proto.name", plain(408, PROTO_NAME_LEN));
+        let mut probes = 0;
+        for d in DEFS {
+            let Some(f) = d.probes_fn else { continue };
+            for p in f(&known).expect(d.name) {
+                let args: Vec<&str> = p.fetchargs.split_whitespace().collect();
+                assert!(
+                    args.len() <= MAX_FETCHARGS,
+                    "{} {}: {}",
+                    d.name,
+                    p.name,
+                    args.len()
+                );
+                let mut names: Vec<&str> =
+                    args.iter().filter_map(|a| a.split('=').next()).collect();
+                names.sort_unstable();
+                names.dedup();
+                assert_eq!(
+                    names.len(),
+                    args.len(),
+                    "{} {}: duplicate names",
+                    d.name,
+                    p.name
+                );
+                probes += 1;
+            }
+        }
+        assert!(probes >= 10, "{probes}");
+    }
+
+    #[test]
+    fn dependent_guesses_need_their_inputs() {
+        let e = sock_prot_probes(&Known::new()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                GuessError::Dependency {
+                    field: "proto.name",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn modern_sock_type_is_two_plain_u16() {
+        let mut x = Intersection::default();
+        x.add("sock.sk_protocol", [574].into());
+        x.add(PROTOCOL_WIDE, [574, 600].into());
+        x.add("sock.sk_type", [572].into());
+        let f = sock_type_finish(&x).unwrap();
+        assert_eq!(f[0], ("sock.sk_type", plain(572, 2)));
+        assert_eq!(f[1], ("sock.sk_protocol", plain(574, 2)));
+    }
+
+    #[test]
+    fn old_sock_type_becomes_bitfields_of_one_unit() {
+        // Before 5.6: sk_protocol bits 8..16 and sk_type bits 16..32 of the
+        // 32-bit unit at 0x1f8 (protocol byte at 0x1f9, type at 0x1fa).
+        let mut x = Intersection::default();
+        x.add("sock.sk_protocol", [0x1f9].into());
+        x.add(PROTOCOL_WIDE, Cands::new());
+        x.add("sock.sk_type", [0x1fa].into());
+        let f = sock_type_finish(&x).unwrap();
+        let t = Field {
+            offset: 0x1f8,
+            size: 4,
+            bits: Some((16, 16)),
+        };
+        let p = Field {
+            offset: 0x1f8,
+            size: 4,
+            bits: Some((8, 8)),
+        };
+        assert_eq!(f, vec![("sock.sk_type", t), ("sock.sk_protocol", p)]);
+        assert_eq!(p.fetch_type(), "b8@8/32");
+    }
+
+    #[test]
+    fn random_ids_are_distinct_and_in_range() {
+        for _ in 0..100 {
+            let ids = random_ids::<7>();
+            for (i, v) in ids.iter().enumerate() {
+                assert!((ID_MIN..=ID_MAX).contains(v));
+                assert!(!ids[..i].contains(v));
+            }
+        }
+    }
+
+    #[test]
+    fn offsets_need_every_field() {
+        let mut k = Known::new();
+        for d in DEFS {
+            for &(name, size) in d.fields {
+                k.insert(name, plain(1, size));
+            }
+        }
+        let why = Provenance::Guess { why: "test".into() };
+        let o = offsets_from(&k, why.clone()).unwrap();
+        assert_eq!(o.sin6_addr.size, 16);
+        assert!(o.to_string().contains("guessed at run time (test)"));
+        k.remove("cred.egid");
+        let e = offsets_from(&k, why).unwrap_err();
+        assert!(matches!(
+            e,
+            GuessError::Dependency {
+                field: "cred.egid",
+                ..
+            }
+        ));
+    }
 }

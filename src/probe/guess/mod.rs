@@ -100,7 +100,9 @@ pub enum GuessError {
         field: &'static str,
     },
     /// Intersection left no candidate: the value is not where it is looked for.
-    #[error("guess {guess}: no offset of {field} is consistent with all {repetitions} repetitions")]
+    #[error(
+        "guess {guess}: no offset of {field} is consistent with all {repetitions} repetitions"
+    )]
     NoCandidate {
         /// The guess.
         guess: &'static str,
@@ -110,7 +112,9 @@ pub enum GuessError {
         repetitions: u32,
     },
     /// Several offsets stayed consistent.
-    #[error("guess {guess}: {field} still ambiguous after {repetitions} repetitions: {candidates:?}")]
+    #[error(
+        "guess {guess}: {field} still ambiguous after {repetitions} repetitions: {candidates:?}"
+    )]
     Ambiguous {
         /// The guess.
         guess: &'static str,
@@ -122,7 +126,9 @@ pub enum GuessError {
         repetitions: u32,
     },
     /// The guess did not finish within `socket.guess_timeout`.
-    #[error("guess {guess} exceeded socket.guess_timeout ({timeout:?}) after {repetitions} repetitions")]
+    #[error(
+        "guess {guess} exceeded socket.guess_timeout ({timeout:?}) after {repetitions} repetitions"
+    )]
     Timeout {
         /// The guess.
         guess: &'static str,
@@ -152,6 +158,8 @@ pub struct GuessReport {
     pub duration: Duration,
     /// Repetitions run.
     pub repetitions: u32,
+    /// Remarks: triggers skipped, ties broken by layout knowledge.
+    pub notes: Vec<String>,
 }
 
 impl fmt::Display for GuessReport {
@@ -172,7 +180,11 @@ impl fmt::Display for GuessReport {
                     list.join(" "),
                     self.duration.as_secs_f64() * 1e3,
                     self.repetitions
-                )
+                )?;
+                for n in &self.notes {
+                    write!(f, "; {n}")?;
+                }
+                Ok(())
             }
             Err(e) => write!(
                 f,
@@ -197,7 +209,11 @@ pub struct Guessed {
 /// Results known so far, by field name.
 pub(crate) type Known = BTreeMap<&'static str, Field>;
 
-pub(crate) fn need(known: &Known, guess: &'static str, field: &'static str) -> Result<Field, GuessError> {
+pub(crate) fn need(
+    known: &Known,
+    guess: &'static str,
+    field: &'static str,
+) -> Result<Field, GuessError> {
     known
         .get(field)
         .copied()
@@ -215,12 +231,24 @@ pub(crate) struct Ctx<'a, 'i> {
     pub deadline: Instant,
     pub timeout: Duration,
     pub rep: u32,
+    pub notes: &'a mut Vec<String>,
 }
 
 impl Ctx<'_, '_> {
+    /// Adds a remark to the guess's report (once).
+    pub fn note(&mut self, n: String) {
+        if !self.notes.contains(&n) {
+            self.notes.push(n);
+        }
+    }
+
     /// Drains records until one satisfies `want` (or the wait/guess time is
     /// up) and returns every drained record that satisfies it.
-    pub fn collect(&self, what: &'static str, want: impl Fn(&Rec) -> bool) -> Result<Vec<Rec>, GuessError> {
+    pub fn collect(
+        &self,
+        what: &'static str,
+        want: impl Fn(&Rec) -> bool,
+    ) -> Result<Vec<Rec>, GuessError> {
         let start = Instant::now();
         let mut got = Vec::new();
         loop {
@@ -290,7 +318,18 @@ fn run_all(
     for def in defs::DEFS {
         let start = Instant::now();
         let mut reps = 0;
-        let r = run_one(def, tfs, &inst, &available, &mut pool, &known, tid, cfg.guess_timeout, &mut reps);
+        let mut notes = Vec::new();
+        let r = run_one(
+            def,
+            tfs,
+            &inst,
+            &available,
+            &mut pool,
+            &known,
+            tid,
+            cfg.guess_timeout,
+            (&mut reps, &mut notes),
+        );
         let duration = start.elapsed();
         match r {
             Ok(fields) => {
@@ -301,6 +340,7 @@ fn run_all(
                     result: Ok(()),
                     duration,
                     repetitions: reps,
+                    notes,
                 });
             }
             Err(e) => {
@@ -311,6 +351,7 @@ fn run_all(
                     result: Err(e.to_string()),
                     duration,
                     repetitions: reps,
+                    notes,
                 });
                 first_err.get_or_insert(ProbeError::Guess {
                     guess: def.name.into(),
@@ -324,7 +365,13 @@ fn run_all(
     if let Some(e) = first_err {
         return Err(e);
     }
-    defs::offsets_from(&known, Provenance::Guess { why: why.to_string() }).map_err(wrap)
+    defs::offsets_from(
+        &known,
+        Provenance::Guess {
+            why: why.to_string(),
+        },
+    )
+    .map_err(wrap)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -337,7 +384,7 @@ fn run_one(
     known: &Known,
     tid: u32,
     timeout: Duration,
-    reps: &mut u32,
+    (reps, notes): (&mut u32, &mut Vec<String>),
 ) -> Result<Vec<(&'static str, Field)>, GuessError> {
     let Some(probes_fn) = def.probes_fn else {
         return def.finish(&Intersection::default(), known);
@@ -366,6 +413,7 @@ fn run_one(
             deadline,
             timeout,
             rep: *reps,
+            notes,
         };
         (def.rep)(&mut ctx, &mut x)?;
         *reps += 1;

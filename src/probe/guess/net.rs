@@ -114,11 +114,8 @@ fn bind_random(fd: &OwnedFd, ip: IpAddr) -> Result<SocketAddr, GuessError> {
 /// connecting) to `dst`. Nothing needs to listen: the probes fire when the
 /// SYN is sent and the RST ends it. Close it by dropping it.
 pub fn tcp_connect(src_ip: IpAddr, dst: SocketAddr) -> Result<(OwnedFd, SocketAddr), GuessError> {
-    let fd = gsys::socket_with_protocol(
-        domain(dst.ip()),
-        libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
-        0,
-    )?;
+    let fd =
+        gsys::socket_with_protocol(domain(dst.ip()), libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
     let src = bind_random(&fd, src_ip)?;
     match socket::connect(fd.as_raw_fd(), Sa::of(dst).like()) {
         Ok(()) | Err(Errno::EINPROGRESS) | Err(Errno::ECONNREFUSED) => Ok((fd, src)),
@@ -133,11 +130,8 @@ pub fn udp_socket(
     protocol: i32,
     no_check: bool,
 ) -> Result<(OwnedFd, SocketAddr), GuessError> {
-    let fd = gsys::socket_with_protocol(
-        domain(ip),
-        libc::SOCK_DGRAM | libc::SOCK_NONBLOCK,
-        protocol,
-    )?;
+    let fd =
+        gsys::socket_with_protocol(domain(ip), libc::SOCK_DGRAM | libc::SOCK_NONBLOCK, protocol)?;
     if no_check {
         gsys::set_udp_no_check(fd.as_fd())?;
     }
@@ -147,9 +141,14 @@ pub fn udp_socket(
 
 /// A raw IPv4 socket of `protocol` bound to `ip` (needs CAP_NET_RAW).
 pub fn raw_socket(ip: std::net::Ipv4Addr, protocol: i32) -> Result<OwnedFd, GuessError> {
-    let fd = gsys::socket_with_protocol(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, protocol)?;
+    let fd = gsys::socket_with_protocol(
+        libc::AF_INET,
+        libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+        protocol,
+    )?;
     let a = v4(ip, 0);
-    socket::bind(fd.as_raw_fd(), Sa::of(a).like()).map_err(|e| sys_err("bind", a.to_string(), e))?;
+    socket::bind(fd.as_raw_fd(), Sa::of(a).like())
+        .map_err(|e| sys_err("bind", a.to_string(), e))?;
     Ok(fd)
 }
 
@@ -157,14 +156,9 @@ pub fn raw_socket(ip: std::net::Ipv4Addr, protocol: i32) -> Result<OwnedFd, Gues
 pub fn send_to(fd: &OwnedFd, dst: SocketAddr, len: usize) -> Result<(), GuessError> {
     let mut buf = vec![0u8; len];
     fastrand::fill(&mut buf);
-    socket::sendto(
-        fd.as_raw_fd(),
-        &buf,
-        Sa::of(dst).like(),
-        MsgFlags::empty(),
-    )
-    .map(|_| ())
-    .map_err(|e| sys_err("sendto", dst.to_string(), e))
+    socket::sendto(fd.as_raw_fd(), &buf, Sa::of(dst).like(), MsgFlags::empty())
+        .map(|_| ())
+        .map_err(|e| sys_err("sendto", dst.to_string(), e))
 }
 
 /// Drains a non-blocking socket's receive queue.

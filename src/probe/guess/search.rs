@@ -149,7 +149,10 @@ mod tests {
         buf[9..13].copy_from_slice(&0xdead_beefu32.to_le_bytes());
         buf[16..24].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
         assert_eq!(find_u32(&buf, 0xdead_beef), [4].into());
-        assert_eq!(find_bytes(&buf, &0xdead_beefu32.to_le_bytes(), 1), [4, 9].into());
+        assert_eq!(
+            find_bytes(&buf, &0xdead_beefu32.to_le_bytes(), 1),
+            [4, 9].into()
+        );
         assert_eq!(find_u64(&buf, 0x1122_3344_5566_7788), [16].into());
         assert_eq!(find_u16(&buf, 0x7788), [16].into());
         assert!(find_u32(&buf[..6], 0xdead_beef).is_empty());

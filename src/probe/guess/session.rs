@@ -67,8 +67,7 @@ pub fn remove_stale_instances(tfs: &Tracefs) -> Vec<String> {
     let mut removed = Vec::new();
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let dead = group_pid(&name)
-            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        let dead = group_pid(&name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
         if dead && fs::remove_dir(e.path()).is_ok() {
             removed.push(name);
         }

@@ -35,7 +35,7 @@ mount -t devtmpfs dev /dev
 mount -t tracefs nodev /sys/kernel/tracing
 mount -t tmpfs tmp /tmp
 ip link set lo up
-GUESS_DEBUG=1 RUST_BACKTRACE=1 /bin/guesscmp
+RUST_BACKTRACE=1 /bin/guesscmp
 echo "@@EXIT $?"
 poweroff -f
 """
