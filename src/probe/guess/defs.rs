@@ -88,6 +88,13 @@ const SOCKADDR_IN6_LEN: u32 = 28;
 /// Bits per byte.
 const BITS: u32 = 8;
 
+/// Fields resolved by a guess.
+pub(crate) type Resolved = Vec<(&'static str, Field)>;
+/// Builds the probes of a guess from earlier results.
+type ProbesFn = fn(&Known) -> Result<Vec<GuessProbe>, GuessError>;
+/// Turns final candidates into fields.
+type FinishFn = fn(&Intersection) -> Result<Resolved, GuessError>;
+
 /// One guess.
 pub(crate) struct Def {
     /// Name in reports.
@@ -97,12 +104,12 @@ pub(crate) struct Def {
     /// Repetitions to run at least.
     pub min_reps: u32,
     /// The probes to install (None: nothing to trace).
-    pub probes_fn: Option<fn(&Known) -> Result<Vec<GuessProbe>, GuessError>>,
+    pub probes_fn: Option<ProbesFn>,
     /// One repetition: trigger, read, add candidates.
     pub rep: fn(&mut Ctx<'_, '_>, &mut Intersection) -> Result<(), GuessError>,
     /// Turns the final candidates into fields (None: one plain field per
     /// entry of `fields`).
-    pub custom_finish: Option<fn(&Intersection) -> Result<Vec<(&'static str, Field)>, GuessError>>,
+    pub custom_finish: Option<FinishFn>,
 }
 
 impl Def {
@@ -369,16 +376,25 @@ fn sock_type_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), Gues
             }
         }
     }
-    // Every known layout puts sk_type right before a u16 sk_protocol
-    // (5.6+) or right after an 8-bit one (bitfields before): use that only
-    // to break a tie the samples could not.
+    // sk_type and sk_protocol are neighbours in every known layout (type
+    // before protocol on 5.6-6.x, after it on 7.x, and the byte after an
+    // 8-bit protocol before 5.6): without the raw socket's third sample,
+    // a tie is broken only when exactly one candidate is a neighbour.
     if let (Resolution::Unique(p), Resolution::Ambiguous(c)) = (
         x.resolution("sock.sk_protocol"),
         x.resolution("sock.sk_type"),
     ) {
         let wide = x.get(PROTOCOL_WIDE).is_some_and(|s| s.contains(&p));
-        let adjacent = if wide { p.checked_sub(2) } else { Some(p + 1) };
-        if let Some(a) = adjacent.filter(|a| c.contains(a)) {
+        let near: Vec<u32> = if wide {
+            [p.checked_sub(2), p.checked_add(2)]
+                .into_iter()
+                .flatten()
+                .collect()
+        } else {
+            vec![p + 1]
+        };
+        let hits: Vec<u32> = c.iter().copied().filter(|o| near.contains(o)).collect();
+        if let [a] = hits[..] {
             x.add("sock.sk_type", [a].into());
             ctx.note(format!(
                 "sk_type candidates {c:?}: took {a}, next to sk_protocol"
