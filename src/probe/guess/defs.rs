@@ -339,7 +339,8 @@ fn sock_type_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), Gues
             Ok(v) => v,
             // UDP-Lite may be compiled out; plain UDP must work.
             Err(e) if proto == IPPROTO_UDPLITE => {
-                ctx.note(format!("UDP-Lite unavailable ({e})"));
+                tracing::debug!(error = %e, "no UDP-Lite socket for the sk_type guess");
+                ctx.note("UDP-Lite unavailable".into());
                 continue;
             }
             Err(e) => return Err(e),

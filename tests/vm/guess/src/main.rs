@@ -67,6 +67,42 @@ fn leftovers(tfs: &probe::Tracefs) -> (bool, bool, usize) {
     (probes, inst, ula)
 }
 
+/// Capability number of CAP_NET_RAW.
+const CAP_NET_RAW: u32 = 13;
+/// `_LINUX_CAPABILITY_VERSION_3`.
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// Clears CAP_NET_RAW from this thread's effective set.
+fn drop_net_raw() -> bool {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut h = Header {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let mut d = [Data::default(); 2];
+    // SAFETY: header and two data structs laid out as the kernel's
+    // __user_cap_header_struct / __user_cap_data_struct, valid for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut h as *mut Header, d.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    d[0].effective &= !(1 << CAP_NET_RAW);
+    // SAFETY: as above.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) };
+    rc == 0
+}
+
 fn main() {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("@@KERNEL {}", release.trim());
@@ -158,5 +194,20 @@ fn main() {
     }
     println!("@@CHECK_END");
     let _ = nix::mount::umount(vmlinux);
+
+    // Without CAP_NET_RAW the raw-socket sample of sock_type is skipped.
+    if drop_net_raw() {
+        match probe::setup(&cfg(OffsetsMode::Guess)) {
+            Ok(s) => {
+                for g in s.guesses.iter().filter(|g| g.name == "sock_type") {
+                    println!("@@NORAW_REPORT {g}");
+                }
+                diff(&btf.offsets, &s.offsets, "noraw");
+            }
+            Err(e) => println!("@@NORAW FAILED {e}"),
+        }
+    } else {
+        println!("@@NORAW could not drop CAP_NET_RAW");
+    }
     println!("@@DONE");
 }
