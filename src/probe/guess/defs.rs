@@ -360,9 +360,10 @@ fn sock_type_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), Gues
     let ip = net::random_v4();
     let proto = fastrand::u8(RAW_PROTO_MIN..=RAW_PROTO_MAX);
     match net::raw_socket(ip, i32::from(proto)) {
-        Err(e) => ctx.note(format!(
-            "raw socket unavailable ({e}): sk_type from TCP/UDP only"
-        )),
+        Err(e) => {
+            tracing::debug!(error = %e, "no raw socket for the sk_type guess");
+            ctx.note("raw socket unavailable (CAP_NET_RAW?): sk_type from TCP/UDP only".into());
+        }
         Ok(fd) => {
             net::send_to(
                 &fd,
