@@ -85,7 +85,7 @@ def verdict(suite, text):
     problems = []
     if "@@DONE" not in text:
         problems.append("tool did not finish")
-    for label in ["forced", "auto", "noraw"]:
+    for label in ["forced", "auto", "mapped", "noraw"]:
         m = re.search(rf"@@COMPARED {label} fields=(\d+) diffs=(\d+)", text)
         if not m:
             problems.append(f"no {label} comparison")

@@ -195,6 +195,18 @@ fn main() {
     println!("@@CHECK_END");
     let _ = nix::mount::umount(vmlinux);
 
+    // IPv6 off on lo: the IPv6 guesses use IPv4-mapped addresses instead.
+    let lo6 = "/proc/sys/net/ipv6/conf/lo/disable_ipv6";
+    std::fs::write(lo6, "1").expect("disable IPv6 on lo");
+    match probe::setup(&cfg(OffsetsMode::Guess)) {
+        Ok(s) => {
+            println!("@@MAPPED ipv6_monitored={}", s.ipv6);
+            diff(&btf.offsets, &s.offsets, "mapped");
+        }
+        Err(e) => println!("@@MAPPED FAILED {e}"),
+    }
+    std::fs::write(lo6, "0").expect("enable IPv6 on lo");
+
     // Without CAP_NET_RAW the raw-socket sample of sock_type is skipped.
     if drop_net_raw() {
         match probe::setup(&cfg(OffsetsMode::Guess)) {
