@@ -175,7 +175,13 @@ fn check_reports_every_requirement_and_setup_fails_on_kprobes() {
     assert_eq!(status("tracefs").status, CheckStatus::Ok);
     assert_eq!(status("kprobe events").status, CheckStatus::Fail);
     assert_ne!(status("kprobe events").exit_code, 0);
-    assert_eq!(status("BTF offsets").status, CheckStatus::Ok);
+    assert_eq!(status("offsets").status, CheckStatus::Ok);
+    assert!(
+        status("offsets").detail.starts_with("offsets from btf"),
+        "auto with readable BTF must not guess: {}",
+        status("offsets").detail
+    );
+    assert!(!items.iter().any(|i| i.name.starts_with("guess ")));
     assert_eq!(status("CAP_SYS_ADMIN").status, CheckStatus::Ok);
     assert_eq!(status("probe ip_out").detail, "ip_output");
     assert_eq!(status("probe tcp_accept").detail, "inet_csk_accept");

@@ -46,6 +46,12 @@ impl Field {
 pub enum Provenance {
     /// Read from a BTF file.
     Btf(PathBuf),
+    /// Discovered at run time by [`crate::probe::guess`].
+    Guess {
+        /// Why guessing was used (forced by configuration, or why BTF was
+        /// unusable).
+        why: String,
+    },
 }
 
 /// The struct member offsets the probe set needs.
@@ -346,8 +352,10 @@ impl Offsets {
 
 impl fmt::Display for Offsets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Provenance::Btf(p) = &self.provenance;
-        writeln!(f, "offsets from btf ({})", p.display())?;
+        match &self.provenance {
+            Provenance::Btf(p) => writeln!(f, "offsets from btf ({})", p.display())?,
+            Provenance::Guess { why } => writeln!(f, "offsets guessed at run time ({why})")?,
+        }
         for (name, field) in self.fields() {
             write!(
                 f,

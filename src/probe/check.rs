@@ -7,6 +7,7 @@ use crate::config::{OffsetsMode, SocketConfig};
 
 use super::btf::{Offsets, VMLINUX_BTF};
 use super::error::ProbeError;
+use super::guess::{self, GuessReport};
 use super::spec::{probe_set, resolve, ResolvedProbe};
 use super::tracefs::{self, Tracefs};
 
@@ -79,6 +80,8 @@ pub struct Setup {
     pub probes: Vec<ResolvedProbe>,
     /// Whether IPv6 is monitored.
     pub ipv6: bool,
+    /// Reports of the offset guesses (empty when offsets came from BTF).
+    pub guesses: Vec<GuessReport>,
 }
 
 /// Decides whether IPv6 is monitored: `socket.enable_ipv6`, else whether
@@ -94,14 +97,48 @@ pub fn ipv6_wanted(cfg: &SocketConfig) -> Result<bool, ProbeError> {
     }
 }
 
-/// Loads offsets as `socket.offsets` says (only BTF is implemented).
-pub fn load_offsets(cfg: &SocketConfig) -> Result<Offsets, ProbeError> {
+/// Offsets and, when they were guessed, the report of every guess.
+#[derive(Debug)]
+pub struct LoadedOffsets {
+    /// The offsets, or why none could be obtained.
+    pub offsets: Result<Offsets, ProbeError>,
+    /// One report per guess (empty when BTF was used).
+    pub guesses: Vec<GuessReport>,
+}
+
+/// Loads offsets as `socket.offsets` says: `btf` reads [`VMLINUX_BTF`],
+/// `guess` always guesses, `auto` uses BTF when it can be read and parsed
+/// and guesses otherwise (the reason is kept in the provenance).
+pub fn load_offsets(cfg: &SocketConfig, tfs: &Tracefs) -> LoadedOffsets {
+    load_offsets_from(cfg, tfs, Path::new(VMLINUX_BTF))
+}
+
+/// [`load_offsets`] with another BTF file.
+pub fn load_offsets_from(cfg: &SocketConfig, tfs: &Tracefs, btf: &Path) -> LoadedOffsets {
+    let guess = |why: &str| {
+        let lo_v6 = tracefs::ipv6_on_loopback() == Some(true);
+        let g = guess::guess_offsets(tfs, cfg, lo_v6, why);
+        LoadedOffsets {
+            offsets: g.offsets,
+            guesses: g.reports,
+        }
+    };
     match cfg.offsets {
-        OffsetsMode::Auto | OffsetsMode::Btf => Offsets::from_btf(Path::new(VMLINUX_BTF)),
-        OffsetsMode::Guess => Err(ProbeError::Btf {
-            path: VMLINUX_BTF.into(),
-            reason: "socket.offsets=guess is not supported; use auto or btf".into(),
-        }),
+        OffsetsMode::Btf => LoadedOffsets {
+            offsets: Offsets::from_btf(btf),
+            guesses: Vec::new(),
+        },
+        OffsetsMode::Guess => guess("socket.offsets=guess"),
+        OffsetsMode::Auto => match Offsets::from_btf(btf) {
+            Ok(o) => LoadedOffsets {
+                offsets: Ok(o),
+                guesses: Vec::new(),
+            },
+            Err(e) => {
+                tracing::info!(error = %e, "no usable BTF, guessing struct offsets");
+                guess(&format!("socket.offsets=auto and BTF unusable: {e}"))
+            }
+        },
     }
 }
 
@@ -112,7 +149,9 @@ pub fn setup(cfg: &SocketConfig) -> Result<Setup, ProbeError> {
     tracefs::check_sys_admin()?;
     tracefs.check_kprobes()?;
     let ipv6 = ipv6_wanted(cfg)?;
-    let offsets = load_offsets(cfg)?;
+    let loaded = load_offsets(cfg, &tracefs);
+    let guesses = loaded.guesses;
+    let offsets = loaded.offsets?;
     let available = tracefs.available_functions()?;
     let probes = resolve(
         probe_set(&offsets),
@@ -125,6 +164,7 @@ pub fn setup(cfg: &SocketConfig) -> Result<Setup, ProbeError> {
         offsets,
         probes,
         ipv6,
+        guesses,
     })
 }
 
@@ -177,8 +217,30 @@ pub fn check(cfg: &SocketConfig) -> Vec<CheckItem> {
             "not monitored".into()
         }
     }));
-    let offsets = load_offsets(cfg);
-    items.push(CheckItem::from_result("BTF offsets", &offsets, |o| {
+    let offsets = match &tfs {
+        Ok(t) => {
+            let loaded = load_offsets(cfg, t);
+            for g in &loaded.guesses {
+                items.push(CheckItem {
+                    name: format!("guess {}", g.name),
+                    status: if g.result.is_ok() {
+                        CheckStatus::Ok
+                    } else {
+                        CheckStatus::Fail
+                    },
+                    detail: g.to_string(),
+                    exit_code: 0,
+                });
+            }
+            loaded.offsets
+        }
+        Err(_) if cfg.offsets != OffsetsMode::Guess => Offsets::from_btf(Path::new(VMLINUX_BTF)),
+        Err(_) => Err(ProbeError::Guess {
+            guess: "setup".into(),
+            reason: "guessing needs tracefs".into(),
+        }),
+    };
+    items.push(CheckItem::from_result("offsets", &offsets, |o| {
         o.to_string()
     }));
     if let (Ok(t), Ok(o)) = (&tfs, &offsets) {

@@ -123,6 +123,14 @@ pub enum ProbeError {
         /// The error.
         source: std::io::Error,
     },
+    /// Struct offsets could not be guessed.
+    #[error("offset guess {guess} failed: {reason}; run `sockscope check` for every guess, or use a kernel with BTF (socket.offsets=btf)")]
+    Guess {
+        /// The guess that failed.
+        guess: String,
+        /// Why.
+        reason: String,
+    },
     /// A file had unexpected content.
     #[error("unexpected content in {path}: {what}")]
     Parse {
@@ -152,6 +160,7 @@ impl ProbeError {
                 ProbeError::Remove { .. } => 11,
                 ProbeError::Io { .. } => 12,
                 ProbeError::Parse { .. } => 13,
+                ProbeError::Guess { .. } => 14,
             }
     }
 

@@ -300,6 +300,9 @@ fn remove_group(tfs: &Tracefs, group: &str) -> Result<Vec<String>, ProbeError> {
 /// Removes the probes of `sockscope_<pid>` groups whose process is no longer
 /// running (`/proc/<pid>` missing). Returns the removed `GROUP/NAME`s.
 pub fn remove_stale_groups(tfs: &Tracefs) -> Result<Vec<String>, ProbeError> {
+    // A probe still enabled in a dead process's guess instance cannot be
+    // removed: drop those instances first.
+    super::guess::remove_stale_instances(tfs);
     let path = tfs.kprobe_events();
     let text = fs::read_to_string(&path).map_err(|e| ProbeError::io("read", &path, e))?;
     let mut groups: Vec<String> = parse_kprobe_events(&text)

@@ -1,12 +1,14 @@
 //! Pipeline stage: probe.
 //!
-//! Finds tracefs, checks the kernel, reads struct offsets from BTF, builds
+//! Finds tracefs, checks the kernel, reads struct offsets from BTF (or
+//! guesses them at run time, [`guess`]), builds
 //! the kprobe/tracepoint set for this kernel and installs it under a group
 //! private to this process, removing it again on drop.
 
 pub mod btf;
 pub mod check;
 pub mod error;
+pub mod guess;
 pub mod tracefs;
 
 pub use btf::{Field, Offsets, Provenance};
