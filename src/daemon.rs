@@ -224,6 +224,18 @@ impl Clock for EngineClock {
     }
 }
 
+/// Where the offsets came from, with each guess's result and duration when
+/// they were guessed.
+fn offsets_source(setup: &probe::Setup) -> String {
+    match &setup.offsets.provenance {
+        probe::btf::Provenance::Btf(p) => format!("btf ({})", p.display()),
+        probe::btf::Provenance::Guess { why } => {
+            let guesses: Vec<String> = setup.guesses.iter().map(|g| g.to_string()).collect();
+            format!("guess ({why}): {}", guesses.join("; "))
+        }
+    }
+}
+
 fn kernel_release() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
@@ -351,9 +363,7 @@ fn run_with_probes(
     let status = Arc::new(DaemonStatus {
         started: Instant::now(),
         kernel_release: kernel_release(),
-        offsets_source: match &setup.offsets.provenance {
-            probe::btf::Provenance::Btf(p) => format!("btf ({})", p.display()),
-        },
+        offsets_source: offsets_source(setup),
         probes: events
             .iter()
             .map(|e| match e.function {
