@@ -3,7 +3,6 @@
 //! against the status it mirrors, the health-only listener, and the new
 //! configuration keys.
 
-use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,7 +74,10 @@ async fn jsonl_writes_the_flows_a_subscriber_with_the_same_filter_gets() {
     let path = dir.path().join("out/flows.jsonl");
     let cfg = JsonlConfig {
         path: path.display().to_string(),
-        filters: vec![json!({"destination_port": [443]}), json!({"process_name": ["dig"]})],
+        filters: vec![
+            json!({"destination_port": [443]}),
+            json!({"process_name": ["dig"]}),
+        ],
         deny: vec![json!({"process_name": ["blocked"]})],
         ..JsonlConfig::default()
     };
@@ -110,19 +112,22 @@ async fn jsonl_writes_the_flows_a_subscriber_with_the_same_filter_gets() {
         .await
         .expect("subscribe");
     for out in [
-        flow(1, 443, "curl", true),     // allowed by port
-        flow(2, 80, "curl", true),      // no allow filter matches
-        flow(3, 443, "blocked", true),  // denied
-        flow(4, 53, "dig", true),       // allowed by name
-        flow(5, 443, "curl", false),    // interim: not without include_updates
-        flow(6, 8443, "wget", true),    // no allow filter matches
-        flow(7, 443, "wget", true),     // allowed by port
+        flow(1, 443, "curl", true),    // allowed by port
+        flow(2, 80, "curl", true),     // no allow filter matches
+        flow(3, 443, "blocked", true), // denied
+        flow(4, 53, "dig", true),      // allowed by name
+        flow(5, 443, "curl", false),   // interim: not without include_updates
+        flow(6, 8443, "wget", true),   // no allow filter matches
+        flow(7, 443, "wget", true),    // allowed by port
     ] {
         assert!(tx.send(out), "pipeline refused an output");
     }
     drop(tx); // the pipeline ends: subscribers' streams end after delivery
     let mut from_sub = Vec::new();
-    while let Some(item) = tokio::time::timeout(WAIT, sub.next()).await.expect("timeout") {
+    while let Some(item) = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("timeout")
+    {
         if let Some(Payload::Flow(f)) = item.expect("stream item").payload {
             from_sub.push(f.record.id);
         }
@@ -263,7 +268,10 @@ async fn metrics_endpoint_serves_the_status_over_http() {
     // The hub handles outputs asynchronously: wait until all four arrived.
     let deadline = tokio::time::Instant::now() + WAIT;
     while hub.status().await.expect("hub").flows_received < 4 {
-        assert!(tokio::time::Instant::now() < deadline, "hub did not see the flows");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hub did not see the flows"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (head, body) = http_get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -277,13 +285,19 @@ async fn metrics_endpoint_serves_the_status_over_http() {
         .expect("number");
     assert_eq!(len, body.len());
     // The first snapshot is n = 1.
-    assert_eq!(value(&body, "sockscope_ring_samples_total{cpu=\"1\"}"), 20.0);
+    assert_eq!(
+        value(&body, "sockscope_ring_samples_total{cpu=\"1\"}"),
+        20.0
+    );
     assert_eq!(value(&body, "sockscope_decode_errors_total"), 1.0);
     assert_eq!(value(&body, "sockscope_flows_emitted_total"), 4.0);
     assert_eq!(value(&body, "sockscope_history_flows"), 4.0);
     assert_eq!(value(&body, "sockscope_subscribers"), 1.0);
     assert_eq!(
-        value(&body, "sockscope_subscriber_delivered{subscriber=\"1\",peer=\"peer-1\"}"),
+        value(
+            &body,
+            "sockscope_subscriber_delivered{subscriber=\"1\",peer=\"peer-1\"}"
+        ),
         4.0
     );
     assert_eq!(value(&body, "sockscope_serving"), 1.0);
@@ -382,11 +396,17 @@ fn new_configuration_keys_load_and_validate() {
          \x20   deny:\n      - process_name: [nscd]\n",
     );
     let cfg = config::load_from(Some(f.path()), Vec::new(), &[]).expect("valid config");
-    assert_eq!(cfg.socket.host_root.as_deref(), Some(std::path::Path::new("/host")));
+    assert_eq!(
+        cfg.socket.host_root.as_deref(),
+        Some(std::path::Path::new("/host"))
+    );
     assert_eq!(cfg.server.health_listen, "0.0.0.0:50052");
     assert_eq!(cfg.metrics.listen, "0.0.0.0:9464");
     let j = &cfg.export.jsonl;
-    assert_eq!((j.max_size, j.max_files, j.include_updates), (1000, 2, true));
+    assert_eq!(
+        (j.max_size, j.max_files, j.include_updates),
+        (1000, 2, true)
+    );
     let f0 = jsonl::filter_from_value("f", &j.filters[0]).expect("filter");
     assert_eq!(f0.destination_port, vec![53]);
     assert_eq!(f0.transport, vec![proto::Transport::Udp as i32]);
