@@ -272,6 +272,10 @@ class VM:
         self.with_daemon = daemon_binary() is not None if with_daemon is None else with_daemon
         self.grpc_port = grpc_host_port or free_port()
         self.control_port = free_port()
+        # free_port() releases the port it found, so two calls can return
+        # the same one: every forward needs its own.
+        while self.control_port == self.grpc_port:
+            self.control_port = free_port()
         #: guest TCP port -> host port on 127.0.0.1, beyond gRPC and control.
         self.forwards: dict[int, int] = {}
         for guest_port in sorted(set(extra_forwards) - {GUEST_GRPC_PORT, GUEST_CONTROL_PORT}):
