@@ -49,6 +49,12 @@ pub const DEFAULT_UNIX_SOCKET_MODE: u32 = 0o660;
 pub const DEFAULT_HISTORY_SIZE: usize = 16_384;
 /// Default `server.subscriber_queue_size`.
 pub const DEFAULT_SUBSCRIBER_QUEUE_SIZE: usize = 4096;
+/// Default `export.jsonl.max_size` in bytes (0 disables rotation).
+pub const DEFAULT_JSONL_MAX_SIZE: u64 = 100 * 1024 * 1024;
+/// Default `export.jsonl.max_files` (the active file plus rotated ones).
+pub const DEFAULT_JSONL_MAX_FILES: usize = 7;
+/// Largest accepted `export.jsonl.max_files`.
+pub const MAX_JSONL_MAX_FILES: usize = 1024;
 
 /// Where struct offsets come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -75,6 +81,62 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Prometheus metrics endpoint.
+    pub metrics: MetricsConfig,
+    /// Additional flow outputs.
+    pub export: ExportConfig,
+}
+
+/// `metrics.*`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` of the plaintext HTTP endpoint serving `/metrics`;
+    /// empty disables it.
+    pub listen: String,
+}
+
+/// `export.*`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// JSON lines output of ECS flow documents.
+    pub jsonl: JsonlConfig,
+}
+
+/// `export.jsonl.*`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JsonlConfig {
+    /// File to append to, or `-` for standard output; empty disables it.
+    pub path: String,
+    /// Rotate when the file would grow beyond this many bytes; 0 never
+    /// rotates. Ignored for standard output.
+    pub max_size: u64,
+    /// Files kept: the active one plus `max_files - 1` rotated ones
+    /// (`path.1` is the newest).
+    pub max_files: usize,
+    /// Write interim records of long flows too.
+    pub include_updates: bool,
+    /// Allow filters, as `sockscope.v1.FlowFilter` objects (field names as
+    /// in the proto, e.g. `{destination_port: [53], transport: [TRANSPORT_UDP]}`);
+    /// a flow is written when it matches any of them (or the list is empty).
+    pub filters: Vec<serde_json::Value>,
+    /// Deny filters: a flow matching any of them is not written.
+    pub deny: Vec<serde_json::Value>,
+}
+
+impl Default for JsonlConfig {
+    fn default() -> Self {
+        JsonlConfig {
+            path: String::new(),
+            max_size: DEFAULT_JSONL_MAX_SIZE,
+            max_files: DEFAULT_JSONL_MAX_FILES,
+            include_updates: false,
+            filters: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
 }
 
 /// `socket.*`.
@@ -118,6 +180,10 @@ pub struct SocketConfig {
     pub include_self: bool,
     /// Root of the proc filesystem to read processes from.
     pub proc_root: PathBuf,
+    /// Root of the host filesystem whose `etc/passwd` and `etc/group` name
+    /// users and groups; unset: the parent of `proc_root` when that is named
+    /// `proc` (`/proc` → `/`, `/host/proc` → `/host`), else `/`.
+    pub host_root: Option<PathBuf>,
     /// Debug: record raw samples with their formats to this file.
     pub record_path: Option<PathBuf>,
     /// DNS enrichment.
@@ -142,6 +208,7 @@ impl Default for SocketConfig {
             offsets: OffsetsMode::Auto,
             include_self: false,
             proc_root: PathBuf::from("/proc"),
+            host_root: None,
             record_path: None,
             dns: DnsConfig::default(),
         }
@@ -214,6 +281,9 @@ pub struct ServerConfig {
     pub subscriber_queue_size: usize,
     /// Node name reported in every response; defaults to the host name.
     pub node_name: Option<String>,
+    /// Plaintext TCP address serving only `grpc.health.v1` (for probes that
+    /// cannot do TLS); empty disables it.
+    pub health_listen: String,
 }
 
 impl Default for ServerConfig {
@@ -229,6 +299,7 @@ impl Default for ServerConfig {
             history_size: DEFAULT_HISTORY_SIZE,
             subscriber_queue_size: DEFAULT_SUBSCRIBER_QUEUE_SIZE,
             node_name: None,
+            health_listen: String::new(),
         }
     }
 }
@@ -490,6 +561,25 @@ impl Config {
                 "requires server.tls_cert and server.tls_key",
             ));
         }
+        for (key, addr) in [
+            ("server.health_listen", &v.health_listen),
+            ("metrics.listen", &self.metrics.listen),
+        ] {
+            if !addr.trim().is_empty() {
+                addr.trim()
+                    .parse::<std::net::SocketAddr>()
+                    .map_err(|e| invalid(key, format!("{addr:?}: {e}")))?;
+            }
+        }
+        let j = &self.export.jsonl;
+        if j.max_files == 0 || j.max_files > MAX_JSONL_MAX_FILES {
+            return Err(invalid(
+                "export.jsonl.max_files",
+                format!("{} out of range 1-{MAX_JSONL_MAX_FILES}", j.max_files),
+            ));
+        }
+        crate::export::jsonl::compile_filters(&j.filters, &j.deny)
+            .map_err(|e| invalid("export.jsonl", e.to_string()))?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid(
                 "log.format",

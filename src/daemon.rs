@@ -27,9 +27,11 @@ use crate::cli::exit;
 use crate::config::Config;
 use crate::decode::{Decoder, EventDesc};
 use crate::enrich;
-use crate::export::hub::{pipeline_channel, PipelineSender};
+use crate::export::ecs::HostInfo;
+use crate::export::hub::{pipeline_channel, Hub, PipelineSender};
 use crate::export::server::{self, HealthHandle, ServerOptions};
 use crate::export::status::{CpuCounters, StatusSnapshot, StatusSource};
+use crate::export::{jsonl, metrics};
 use crate::flow::{Clock, Engine, EngineConfig, EngineStats};
 use crate::model::{Event, KernelTime, Loss, LossSource, Output};
 use crate::probe::{self, check::CheckStatus, ProbeError, ProbeGuard};
@@ -52,6 +54,9 @@ const MISSES_PERIOD: Duration = Duration::from_secs(2);
 const PIPELINE_CAPACITY: usize = 16_384;
 /// Worker threads of the gRPC runtime.
 const RUNTIME_WORKERS: usize = 2;
+/// How long the JSON lines output may take to write the flushed records
+/// after the server stopped.
+const JSONL_DRAIN: Duration = Duration::from_secs(5);
 
 /// Why the daemon stopped or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +82,12 @@ pub enum DaemonError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Server(#[from] server::ServerError),
+    /// The metrics endpoint could not be set up.
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    /// The JSON lines output could not be set up.
+    #[error("export.jsonl: {0}")]
+    Jsonl(#[from] jsonl::JsonlError),
     /// A thread or the runtime could not be started.
     #[error("{what}: {source}")]
     Runtime {
@@ -95,10 +106,11 @@ impl DaemonError {
             DaemonError::Ring(_) | DaemonError::Decoder(_) | DaemonError::Clock(_) => {
                 exit::KERNEL_UNSUPPORTED
             }
-            DaemonError::Server(_) => exit::LISTEN,
-            DaemonError::Process(_) | DaemonError::Record(_) | DaemonError::Runtime { .. } => {
-                exit::FAILURE
-            }
+            DaemonError::Server(_) | DaemonError::Metrics(_) => exit::LISTEN,
+            DaemonError::Jsonl(_)
+            | DaemonError::Process(_)
+            | DaemonError::Record(_)
+            | DaemonError::Runtime { .. } => exit::FAILURE,
         }
     }
 }
@@ -234,6 +246,12 @@ fn offsets_source(setup: &probe::Setup) -> String {
             format!("guess ({why}): {}", guesses.join("; "))
         }
     }
+}
+
+fn machine() -> Option<String> {
+    nix::sys::utsname::uname()
+        .ok()
+        .map(|u| u.machine().to_string_lossy().into_owned())
 }
 
 fn kernel_release() -> String {
@@ -442,6 +460,41 @@ fn serve_grpc(
         if let Some(p) = listeners.unix_path() {
             tracing::info!(path = %p.display(), "gRPC listening on Unix socket");
         }
+        if let Some(a) = listeners.health_addr() {
+            tracing::info!(addr = %a, "gRPC health listening on TCP (plaintext, health only)");
+        }
+        let metrics_listener = match metrics::parse_listen(&cfg.metrics.listen)? {
+            Some(addr) => {
+                let l = metrics::bind(addr).await?;
+                tracing::info!(addr = %l.local_addr().unwrap_or(addr), "metrics listening");
+                Some(l)
+            }
+            None => None,
+        };
+        let (hub, hub_task) = Hub::spawn(opts.hub.clone(), pipe_rx);
+        let jsonl_task = if cfg.export.jsonl.path.trim().is_empty() {
+            None
+        } else {
+            let host = HostInfo {
+                name: opts.hub.host_name.clone(),
+                architecture: machine(),
+                kernel: Some(status.kernel_release.clone()),
+            };
+            let t = jsonl::spawn(&hub, &cfg.export.jsonl, host).await?;
+            tracing::info!(path = %cfg.export.jsonl.path, "writing flows as JSON lines");
+            Some(t)
+        };
+        let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let metrics_task = metrics_listener.map(|l| {
+            let source = metrics::MetricsSource {
+                status: status.clone(),
+                hub: hub.clone(),
+                health: health.clone(),
+            };
+            tokio::spawn(metrics::serve(l, source, async move {
+                let _ = metrics_stop_rx.await;
+            }))
+        });
         health.set_serving(true);
 
         // Watchdog: kretprobe misses and pipeline liveness.
@@ -477,8 +530,20 @@ fn serve_grpc(
             stop_pipeline.store(true, Ordering::SeqCst);
             tokio::time::sleep(SHUTDOWN_DRAIN).await;
         };
-        let r = server::serve(listeners, opts, pipe_rx, status, health, shutdown).await;
+        let r = server::serve_with_hub(listeners, opts, hub, status, health, shutdown).await;
         watchdog.abort();
+        let _ = metrics_stop_tx.send(());
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+        // The JSON lines stream ends when the engine has flushed its last
+        // records and closed the pipeline.
+        if let Some(t) = jsonl_task {
+            if tokio::time::timeout(JSONL_DRAIN, t).await.is_err() {
+                tracing::warn!("JSON lines output did not finish within {JSONL_DRAIN:?}");
+            }
+        }
+        hub_task.abort();
         r.map_err(DaemonError::from)
     })
 }

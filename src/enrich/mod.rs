@@ -27,8 +27,17 @@ pub fn host_root_for(proc_root: &Path) -> PathBuf {
     }
 }
 
+/// Root whose `etc/passwd` and `etc/group` name users: `socket.host_root`
+/// when set, else [`host_root_for`] the proc root.
+pub fn host_root(cfg: &Config) -> PathBuf {
+    cfg.socket
+        .host_root
+        .clone()
+        .unwrap_or_else(|| host_root_for(&cfg.socket.proc_root))
+}
+
 /// The process table for a configuration: procfs at `socket.proc_root`,
-/// users and groups from the matching host root, bounded by
+/// users and groups from [`host_root`], bounded by
 /// `limits.max_processes`, exited processes kept resolvable for
 /// `socket.flow_termination_timeout`, and filled by an initial scan.
 /// A missing or unreadable passwd/group file is logged and leaves names
@@ -36,7 +45,7 @@ pub fn host_root_for(proc_root: &Path) -> PathBuf {
 pub fn open_process_table(cfg: &Config) -> Result<ProcessTable, ProcError> {
     let proc_root = &cfg.socket.proc_root;
     let source = ProcFs::new(proc_root)?;
-    let users = UserDb::load(host_root_for(proc_root)).unwrap_or_else(|e| {
+    let users = UserDb::load(host_root(cfg)).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "user and group names unavailable");
         UserDb::empty()
     });
@@ -64,6 +73,31 @@ mod tests {
             PathBuf::from("/host")
         );
         assert_eq!(host_root_for(Path::new("/srv/procfs")), PathBuf::from("/"));
+    }
+
+    #[test]
+    fn host_root_option_overrides_the_derived_root() {
+        let mut cfg = Config::default();
+        assert_eq!(host_root(&cfg), PathBuf::from("/"));
+        cfg.socket.proc_root = PathBuf::from("/host/proc");
+        assert_eq!(host_root(&cfg), PathBuf::from("/host"));
+        cfg.socket.host_root = Some(PathBuf::from("/srv/root"));
+        assert_eq!(host_root(&cfg), PathBuf::from("/srv/root"));
+    }
+
+    #[test]
+    fn users_are_read_under_the_configured_host_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("etc")).expect("mkdir");
+        std::fs::write(dir.path().join("etc/passwd"), "someone:x:0:0::/:/bin/sh\n")
+            .expect("passwd");
+        std::fs::write(dir.path().join("etc/group"), "somegroup:x:0:\n").expect("group");
+        let mut cfg = Config::default();
+        cfg.socket.host_root = Some(dir.path().to_path_buf());
+        let mut t = open_process_table(&cfg).expect("/proc must be readable");
+        let me = t.lookup(std::process::id());
+        assert_eq!(me.user_name.as_deref(), Some("someone"));
+        assert_eq!(me.group_name.as_deref(), Some("somegroup"));
     }
 
     #[test]

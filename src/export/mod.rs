@@ -13,6 +13,8 @@ pub mod convert;
 pub mod ecs;
 pub mod filter;
 pub mod hub;
+pub mod jsonl;
+pub mod metrics;
 pub mod server;
 pub mod status;
 pub mod wire;
@@ -24,5 +26,7 @@ pub mod proto {
 }
 
 pub use hub::{pipeline_channel, Hub, HubOptions, PipelineReceiver, PipelineSender};
-pub use server::{bind, serve, HealthHandle, Listeners, ServerError, ServerOptions};
+pub use server::{
+    bind, serve, serve_with_hub, HealthHandle, Listeners, ServerError, ServerOptions,
+};
 pub use status::{StatusSnapshot, StatusSource};

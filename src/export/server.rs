@@ -85,6 +85,14 @@ pub enum ServerError {
         /// I/O error.
         source: std::io::Error,
     },
+    /// `server.health_listen` is not an address.
+    #[error("server.health_listen: invalid address {addr:?}: {source}")]
+    HealthAddr {
+        /// The configured value.
+        addr: String,
+        /// Parse error.
+        source: std::net::AddrParseError,
+    },
     /// Neither TCP nor Unix socket configured.
     #[error("server: neither server.listen nor server.unix_socket is set")]
     NoListener,
@@ -118,6 +126,9 @@ pub struct ServerOptions {
     pub unix_socket_mode: u32,
     /// TLS for the TCP listener.
     pub tls: Option<TlsFiles>,
+    /// Plaintext TCP address serving only `grpc.health.v1`, if enabled.
+    /// Exempt from the TLS rule: it carries no flow data.
+    pub health_listen: Option<SocketAddr>,
     /// Fan-out options (history, queue size, node name).
     pub hub: HubOptions,
 }
@@ -176,6 +187,19 @@ impl ServerOptions {
                 return Err(ServerError::InsecureListen(addr));
             }
         }
+        let health_listen = if s.health_listen.trim().is_empty() {
+            None
+        } else {
+            Some(
+                s.health_listen
+                    .trim()
+                    .parse::<SocketAddr>()
+                    .map_err(|source| ServerError::HealthAddr {
+                        addr: s.health_listen.clone(),
+                        source,
+                    })?,
+            )
+        };
         let node_name = s.node_name.clone().unwrap_or_else(host_name);
         let mut hub = HubOptions::new(s.history_size, s.subscriber_queue_size, &node_name);
         hub.host_name = host_name();
@@ -184,6 +208,7 @@ impl ServerOptions {
             unix_socket,
             unix_socket_mode: s.unix_socket_mode,
             tls,
+            health_listen,
             hub,
         })
     }
@@ -227,12 +252,18 @@ pub struct Listeners {
     tcp: Option<TcpListener>,
     tcp_addr: Option<SocketAddr>,
     unix: Option<(UnixListener, PathBuf)>,
+    health: Option<(TcpListener, SocketAddr)>,
 }
 
 impl Listeners {
     /// The bound TCP address (useful with port 0).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp_addr
+    }
+
+    /// The bound health-only TCP address.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.as_ref().map(|(_, a)| *a)
     }
 
     /// The Unix socket path.
@@ -294,10 +325,23 @@ pub async fn bind(opts: &ServerOptions) -> Result<Listeners, ServerError> {
         Some(p) => Some((prepare_unix_socket(p, opts.unix_socket_mode)?, p.clone())),
         None => None,
     };
+    let health = match opts.health_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::BindTcp { addr, source })?;
+            let local = l
+                .local_addr()
+                .map_err(|source| ServerError::BindTcp { addr, source })?;
+            Some((l, local))
+        }
+        None => None,
+    };
     Ok(Listeners {
         tcp,
         tcp_addr,
         unix,
+        health,
     })
 }
 
@@ -328,6 +372,22 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let (hub, hub_task) = Hub::spawn(opts.hub.clone(), pipeline);
+    let r = serve_with_hub(listeners, opts, hub, status, health, shutdown).await;
+    hub_task.abort();
+    r
+}
+
+/// Like [`serve`] with a fan-out hub the caller spawned (so it can also
+/// subscribe in-process or read the hub's status); the hub keeps running
+/// after this returns.
+pub async fn serve_with_hub(
+    listeners: Listeners,
+    opts: ServerOptions,
+    hub: Hub,
+    status: Arc<dyn StatusSource>,
+    health: HealthHandle,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let svc = FlowServiceServer::new(FlowServiceImpl {
         hub,
         status,
@@ -397,6 +457,13 @@ pub async fn serve(
             r
         });
     }
+    if let Some((tcp, _)) = listeners.health {
+        // Plaintext, health only: no flow data, so no TLS requirement.
+        let router = tonic::transport::Server::builder().add_service(health_svc.clone());
+        let incoming = TcpListenerStream::new(tcp);
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move { router.serve_with_incoming_shutdown(incoming, stop).await });
+    }
     let mut result = Ok(());
     while let Some(r) = tasks.join_next().await {
         if let Ok(Err(e)) = r {
@@ -407,7 +474,6 @@ pub async fn serve(
         }
     }
     health_task.abort();
-    hub_task.abort();
     result
 }
 

@@ -263,7 +263,7 @@ class VM:
 
     def __init__(self, suite: str, *, extra_files: dict[str, Path | bytes] | None = None,
                  with_daemon: bool | None = None, shell: bool = False, grpc_host_port: int | None = None,
-                 logdir: Path | None = None):
+                 logdir: Path | None = None, extra_forwards: "list[int] | tuple[int, ...]" = ()):
         self.suite = suite
         self.kernel = kernels.fetch(suite)
         self.logdir = logdir or logs_root() / suite
@@ -272,6 +272,17 @@ class VM:
         self.with_daemon = daemon_binary() is not None if with_daemon is None else with_daemon
         self.grpc_port = grpc_host_port or free_port()
         self.control_port = free_port()
+        # free_port() releases the port it found, so two calls can return
+        # the same one: every forward needs its own.
+        while self.control_port == self.grpc_port:
+            self.control_port = free_port()
+        #: guest TCP port -> host port on 127.0.0.1, beyond gRPC and control.
+        self.forwards: dict[int, int] = {}
+        for guest_port in sorted(set(extra_forwards) - {GUEST_GRPC_PORT, GUEST_CONTROL_PORT}):
+            host = free_port()
+            while host in (self.grpc_port, self.control_port, *self.forwards.values()):
+                host = free_port()
+            self.forwards[guest_port] = host
         self.shell = shell
         self.extra_files = extra_files
         self.proc: subprocess.Popen | None = None
@@ -303,7 +314,8 @@ class VM:
         cmdline = (f"console=ttyS0 panic=-1 loglevel={CONSOLE_LOGLEVEL} bed.port={GUEST_CONTROL_PORT} "
                    f"bed.shell={1 if self.shell else 0} net.ifnames=0 tsc=reliable no_timer_check")
         netdev = (f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.grpc_port}-:{GUEST_GRPC_PORT},"
-                  f"hostfwd=tcp:127.0.0.1:{self.control_port}-:{GUEST_CONTROL_PORT}")
+                  f"hostfwd=tcp:127.0.0.1:{self.control_port}-:{GUEST_CONTROL_PORT}"
+                  + "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in self.forwards.items()))
         argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(VM_CPUS),
                 "-m", str(VM_MEMORY_MB), "-nographic", "-no-reboot", "-nodefaults",
                 "-kernel", str(self.kernel.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
@@ -341,6 +353,15 @@ class VM:
         m = re.search(READY_MARKER + r" port=\d+ uptime=([0-9.]+)", self._console_text())
         self.guest_uptime_at_ready = float(m.group(1)) if m else None
         return self
+
+    def host_port(self, guest_port: int) -> int:
+        """Host port (on 127.0.0.1) forwarded to a guest TCP port."""
+        if guest_port == GUEST_GRPC_PORT:
+            return self.grpc_port
+        if guest_port not in self.forwards:
+            raise BedError(f"guest port {guest_port} is not forwarded; declare it in the test module's "
+                           f"GUEST_FORWARDS (forwarded: {sorted(self.forwards)})")
+        return self.forwards[guest_port]
 
     def close(self) -> None:
         if self.proc and self.proc.poll() is None:

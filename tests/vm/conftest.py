@@ -35,8 +35,12 @@ def vm_session(request):
     suite = request.param
     info = _KERNEL_INFO[suite]
     t0 = time.monotonic()
+    # Extra guest ports to forward: the union of GUEST_FORWARDS of the
+    # collected test modules (the guest is shared, so it is booted with all).
+    forwards = sorted({int(p) for item in request.session.items
+                       for p in getattr(getattr(item, "module", None), "GUEST_FORWARDS", ())})
     try:
-        v = bed.VM(suite)
+        v = bed.VM(suite, extra_forwards=forwards)
         info["release"] = v.kernel.release
         v.start()
     except Exception as e:  # recorded for the summary, then re-raised: never a skip
