@@ -247,7 +247,6 @@ impl StatusSource for DaemonStatus {
                 self.shared.dns_table.lock().ok().and_then(|g| g.clone()),
             ),
             last_error: self.shared.last_error.lock().ok().and_then(|g| g.clone()),
-            ..StatusSnapshot::default()
         }
     }
 }
