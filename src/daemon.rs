@@ -9,7 +9,17 @@
 //!   in timestamp order and hands batches of [`Event`]s to the engine over a
 //!   bounded queue (`socket.perf_queue_size` samples), never blocking on it;
 //! * the **engine thread** owns the flow [`Engine`] and pushes records and
-//!   loss notices into the fan-out hub with `try_send`.
+//!   loss notices into the fan-out hub with `try_send`;
+//! * the **DNS capture thread** (when `socket.dns.enabled`, the default)
+//!   reads DNS responses from an AF_PACKET socket and hands them to the
+//!   engine over a bounded channel, which the engine drains before each
+//!   batch of events (see [`crate::flow`] for how names reach flows).
+//!
+//! DNS enrichment is required when enabled: if the capture socket cannot be
+//! opened (no CAP_NET_RAW, unknown interface) the daemon exits at start,
+//! before any probe is installed, with [`exit::NO_PERMISSION`] or
+//! [`exit::USAGE`] and a message naming `socket.dns.enabled`; a capture
+//! thread that stops later stops the daemon like any pipeline failure.
 //!
 //! Teardown runs in the reverse order of setup: the reader stops and drops
 //! the rings (closing every perf fd), the engine flushes its flows as final
@@ -18,7 +28,7 @@
 //! panic hook installed before they are created.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,9 +37,14 @@ use crate::cli::exit;
 use crate::config::Config;
 use crate::decode::{Decoder, EventDesc};
 use crate::enrich;
+use crate::enrich::dns::{
+    self as dns, CaptureCounters, DnsCapture, DnsError, DnsResponse, DnsTable, DropReason,
+    TableLimits, TableStats,
+};
 use crate::export::ecs::HostInfo;
 use crate::export::hub::{pipeline_channel, Hub, PipelineSender};
 use crate::export::server::{self, HealthHandle, ServerOptions};
+use crate::export::status::DnsCounters;
 use crate::export::status::{CpuCounters, StatusSnapshot, StatusSource};
 use crate::export::{jsonl, metrics};
 use crate::flow::{Clock, Engine, EngineConfig, EngineStats};
@@ -39,6 +54,7 @@ use crate::ring::clock::{PerfClock, SysClockSource, WallClock};
 use crate::ring::record::{RecordHeader, RecordedEvent, Recorder};
 use crate::ring::{self, RingItem, RingOptions, RingStats, Rings};
 use crate::sys;
+use crate::sys::packet::PacketError;
 
 /// Events handed from the reader to the engine in one queue slot.
 const EVENT_BATCH: usize = 256;
@@ -88,6 +104,9 @@ pub enum DaemonError {
     /// The JSON lines output could not be set up.
     #[error("export.jsonl: {0}")]
     Jsonl(#[from] jsonl::JsonlError),
+    /// The DNS capture could not be opened or started.
+    #[error("DNS enrichment (socket.dns.enabled=true): {0}; run with CAP_NET_RAW or set socket.dns.enabled=false")]
+    Dns(#[from] DnsError),
     /// A thread or the runtime could not be started.
     #[error("{what}: {source}")]
     Runtime {
@@ -107,11 +126,30 @@ impl DaemonError {
                 exit::KERNEL_UNSUPPORTED
             }
             DaemonError::Server(_) | DaemonError::Metrics(_) => exit::LISTEN,
+            DaemonError::Dns(e) => dns_exit_code(e),
             DaemonError::Jsonl(_)
             | DaemonError::Process(_)
             | DaemonError::Record(_)
             | DaemonError::Runtime { .. } => exit::FAILURE,
         }
+    }
+}
+
+/// Exit code of a DNS capture failure: missing privileges, bad
+/// configuration, or anything else.
+fn dns_exit_code(e: &DnsError) -> i32 {
+    match e {
+        DnsError::UnsupportedType { .. } | DnsError::Snaplen { .. } => exit::USAGE,
+        DnsError::Socket { source, .. } => match source {
+            PacketError::Interface { .. } | PacketError::InterfaceName { .. } => exit::USAGE,
+            PacketError::Syscall { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+            {
+                exit::NO_PERMISSION
+            }
+            _ => exit::FAILURE,
+        },
+        DnsError::Thread(_) => exit::FAILURE,
     }
 }
 
@@ -160,6 +198,8 @@ struct Shared {
     lost_queue_overflow: AtomicU64,
     /// kretprobe misses read from `kprobe_profile`.
     kretprobe_misses: AtomicU64,
+    /// Latest DNS table counters from the engine.
+    dns_table: Mutex<Option<TableStats>>,
     /// Set when the reader or engine thread stopped on its own.
     failed: AtomicBool,
     /// Last error of the pipeline.
@@ -184,6 +224,8 @@ struct DaemonStatus {
     offsets_source: String,
     probes: Vec<String>,
     shared: Arc<Shared>,
+    /// The DNS capture's counters, when DNS enrichment is enabled.
+    dns_capture: Option<Arc<CaptureCounters>>,
 }
 
 impl StatusSource for DaemonStatus {
@@ -212,9 +254,29 @@ impl StatusSource for DaemonStatus {
             tracked_sockets: engine.sockets as u64,
             tracked_flows: engine.flows as u64,
             tracked_processes: engine.processes as u64,
+            dns: dns_counters(
+                self.dns_capture.as_deref(),
+                self.shared.dns_table.lock().ok().and_then(|g| g.clone()),
+            ),
             last_error: self.shared.last_error.lock().ok().and_then(|g| g.clone()),
-            ..StatusSnapshot::default()
         }
+    }
+}
+
+/// The status API's DNS counters: packets captured, A/AAAA answers kept
+/// for a process, packets not decoded (the outgoing copy of a loopback
+/// packet, which AF_PACKET shows twice, is not an error), and the
+/// address-to-name entries held (per-process and host-wide maps).
+fn dns_counters(capture: Option<&CaptureCounters>, table: Option<TableStats>) -> DnsCounters {
+    let capture = capture.map(CaptureCounters::snapshot).unwrap_or_default();
+    let table = table.unwrap_or_default();
+    DnsCounters {
+        packets: capture.packets_seen,
+        answers: table.answers_kept,
+        parse_errors: capture
+            .dropped_total()
+            .saturating_sub(capture.dropped(DropReason::Outgoing)),
+        entries: (table.process_entries + table.host_entries) as u64,
     }
 }
 
@@ -263,6 +325,15 @@ fn kernel_release() -> String {
 fn run(cfg: Config) -> Result<(), DaemonError> {
     probe::install::install_panic_hook();
     let setup = probe::setup(&cfg.socket)?;
+    // Opened before any probe is installed: a missing privilege fails the
+    // start with nothing to undo.
+    let dns_capture = DnsCapture::open_if_enabled(&cfg.socket.dns)?;
+    if dns_capture.is_some() {
+        tracing::info!(
+            interface = %cfg.socket.dns.af_packet.interface,
+            "DNS capture open"
+        );
+    }
     match probe::install::remove_stale_groups(&setup.tracefs) {
         Ok(removed) if !removed.is_empty() => {
             tracing::info!(groups = ?removed, "removed probes of dead instances")
@@ -277,7 +348,7 @@ fn run(cfg: Config) -> Result<(), DaemonError> {
         ipv6 = setup.ipv6,
         "probes installed"
     );
-    let result = run_with_probes(&cfg, &setup, &guard);
+    let result = run_with_probes(&cfg, &setup, &guard, dns_capture);
     // The rings are closed by now (the reader thread has been joined), so
     // the kernel lets the probes go.
     if let Err(e) = guard.remove() {
@@ -290,6 +361,7 @@ fn run_with_probes(
     cfg: &Config,
     setup: &probe::Setup,
     guard: &ProbeGuard,
+    dns_capture: Option<DnsCapture>,
 ) -> Result<(), DaemonError> {
     let events = guard.events();
     let descs: Vec<EventDesc<'_>> = events.iter().map(EventDesc::from).collect();
@@ -337,6 +409,15 @@ fn run_with_probes(
         None => None,
     };
     let procs = enrich::open_process_table(cfg)?;
+    // Stopped and joined when dropped, after the engine (declared first,
+    // dropped last).
+    let (dns_thread, dns_rx) = match dns_capture {
+        Some(c) => {
+            let (thread, rx) = c.spawn(dns::capture::DEFAULT_QUEUE_LEN)?;
+            (Some(thread), Some(rx))
+        }
+        None => (None, None),
+    };
 
     let shared = Arc::new(Shared::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -369,7 +450,8 @@ fn run_with_probes(
             .name("sockscope-engine".into())
             .spawn(move || {
                 engine_loop(
-                    engine_cfg, procs, wall, perf_clock, event_rx, lost_rx, pipe_tx, &shared, &stop,
+                    engine_cfg, procs, wall, perf_clock, event_rx, lost_rx, dns_rx, pipe_tx,
+                    &shared, &stop,
                 )
             })
             .map_err(|source| DaemonError::Runtime {
@@ -390,11 +472,17 @@ fn run_with_probes(
             })
             .collect(),
         shared: shared.clone(),
+        dns_capture: dns_thread.as_ref().map(|t| Arc::clone(t.counters())),
     });
     let served = serve_grpc(cfg, status, pipe_rx, &shared, &setup.tracefs, guard, &stop);
     stop.store(true, Ordering::SeqCst);
     join(reader, "reader");
     join(engine, "engine");
+    if let Some(t) = dns_thread {
+        if let Err(e) = t.stop() {
+            tracing::error!("DNS capture: {e}");
+        }
+    }
     served
 }
 
@@ -654,6 +742,7 @@ fn engine_loop(
     perf_clock: PerfClock,
     event_rx: Receiver<Vec<Event>>,
     lost_rx: Receiver<(u32, u64)>,
+    mut dns_rx: Option<Receiver<DnsResponse>>,
     pipe: PipelineSender,
     shared: &Shared,
     stop: &AtomicBool,
@@ -663,6 +752,9 @@ fn engine_loop(
         offset_ns: offset.clone(),
     };
     let mut engine = Engine::new(cfg, clock.clone(), procs);
+    if dns_rx.is_some() {
+        engine = engine.with_dns(DnsTable::new(TableLimits::default()));
+    }
     let mut source = SysClockSource::new(perf_clock);
     let mut out: Vec<Output> = Vec::with_capacity(EVENT_BATCH);
     let mut last_tick = Instant::now();
@@ -676,8 +768,30 @@ fn engine_loop(
             pipe.send(o);
         }
     };
+    // Responses are fed in before the events that follow them: they usually
+    // reach the engine before the (batched) probe events of the same query.
+    let drain_dns = |engine: &mut Engine<EngineClock>, rx: &mut Option<Receiver<DnsResponse>>| {
+        let Some(r) = rx.as_ref() else { return };
+        let mut now = None;
+        loop {
+            match r.try_recv() {
+                Ok(resp) => {
+                    let t = *now.get_or_insert_with(now_kernel);
+                    engine.observe_dns(t, &resp);
+                }
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    *rx = None;
+                    shared.fail("DNS capture", "the capture thread stopped");
+                    return;
+                }
+            }
+        }
+    };
     loop {
-        match event_rx.recv_timeout(ENGINE_WAIT) {
+        let received = event_rx.recv_timeout(ENGINE_WAIT);
+        drain_dns(&mut engine, &mut dns_rx);
+        match received {
             Ok(batch) => engine.handle_batch(&batch, &mut out),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
@@ -732,6 +846,9 @@ fn engine_loop(
             if let Ok(mut g) = shared.engine.lock() {
                 *g = engine.stats();
             }
+            if let Ok(mut g) = shared.dns_table.lock() {
+                *g = engine.dns_stats();
+            }
         }
         publish(&mut out);
     }
@@ -746,4 +863,60 @@ fn engine_loop(
 
 fn clamp_offset(ns: i128) -> i64 {
     i64::try_from(ns).unwrap_or(if ns < 0 { i64::MIN } else { i64::MAX })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket_error(source: PacketError) -> DaemonError {
+        DaemonError::Dns(DnsError::Socket {
+            interface: "any".into(),
+            source,
+        })
+    }
+
+    #[test]
+    fn dns_capture_failures_map_to_documented_exit_codes() {
+        let eperm = socket_error(PacketError::Syscall {
+            call: "socket",
+            source: std::io::Error::from_raw_os_error(libc::EPERM),
+        });
+        assert_eq!(eperm.exit_code(), exit::NO_PERMISSION);
+        let msg = eperm.to_string();
+        assert!(
+            msg.contains("socket.dns.enabled=false") && msg.contains("socket"),
+            "{msg}"
+        );
+        let unknown_if = socket_error(PacketError::Interface {
+            name: "nope0".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENODEV),
+        });
+        assert_eq!(unknown_if.exit_code(), exit::USAGE);
+        let other = socket_error(PacketError::Syscall {
+            call: "bind",
+            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        });
+        assert_eq!(other.exit_code(), exit::FAILURE);
+        let kind = DaemonError::Dns(DnsError::UnsupportedType {
+            kind: "pcap".into(),
+        });
+        assert_eq!(kind.exit_code(), exit::USAGE);
+    }
+
+    #[test]
+    fn dns_counters_sum_both_maps() {
+        let table = TableStats {
+            answers_kept: 3,
+            process_entries: 2,
+            host_entries: 5,
+            ..TableStats::default()
+        };
+        let c = dns_counters(Some(&CaptureCounters::default()), Some(table));
+        assert_eq!(
+            (c.packets, c.answers, c.parse_errors, c.entries),
+            (0, 3, 0, 7)
+        );
+        assert_eq!(dns_counters(None, None), DnsCounters::default());
+    }
 }

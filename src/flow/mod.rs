@@ -89,13 +89,32 @@
 //! earliest deadline; the process table evicts exited, then oldest entries.
 //! Evicted flows are emitted as final records, and each eviction is counted
 //! in a [`Loss`] of its own source, coalesced and emitted at the next tick.
+//!
+//! # DNS names
+//!
+//! With a [`DnsTable`] attached ([`Engine::with_dns`]), responses handed to
+//! [`Engine::observe_dns`] are correlated with the processes that asked:
+//! an egress UDP packet to port 53 claims its source endpoint for the
+//! owner of its socket ([`DnsTable::claim`]); the claim is released when
+//! the socket ends (after `flow_termination_timeout`, so a response
+//! that reaches the engine after the close is still attributed). A flow
+//! looks up its remote address for its owner when it is created, and again
+//! when a record is produced while it has no name yet (the response may
+//! reach the engine after the connection's first events); the name found
+//! is kept for all later records as `remote.domain`. Only answers the
+//! owning process (or an ancestor it forked from) received count: the
+//! table's host-wide fallback is not used, so a process that connects to
+//! an address without resolving it gets no name. Forks copy the parent's
+//! answers; a process's answers are dropped `flow_termination_timeout` +
+//! [`DNS_EXIT_SLACK`] after its exit (a new process with the same pid drops
+//! them at once); the table expires entries at every tick.
 
 mod slab;
 #[cfg(test)]
 mod tests;
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -104,6 +123,7 @@ use hashbrown::HashMap;
 
 use crate::config::Config;
 use crate::enrich::community_id::community_id;
+use crate::enrich::dns::{DnsResponse, DnsTable, MatchSource, TableStats};
 use crate::enrich::process::ProcessTable;
 use crate::model::{
     Endpoint, Event, EventKind, FlowDirection, FlowRecord, KernelTime, Loss, LossSource, Output,
@@ -143,6 +163,12 @@ const HEAP_SLACK_MIN: usize = 4096;
 const BATCH: usize = 16;
 /// How many live candidates a flow eviction examines before taking one.
 const EVICTION_PROBES: usize = 8;
+/// UDP port whose egress packets mark a DNS client endpoint.
+pub const DNS_PORT: u16 = 53;
+/// Added to `flow_termination_timeout` before an exited process's DNS
+/// answers are dropped, so the final records of its last flows (emitted
+/// that long after the close) can still be named.
+pub const DNS_EXIT_SLACK: Duration = Duration::from_secs(2);
 
 /// Timing, bounds and identity the engine runs with.
 #[derive(Debug, Clone)]
@@ -305,6 +331,8 @@ struct Flow {
     direction: FlowDirection,
     complete: bool,
     owner: Option<Arc<ProcessInfo>>,
+    /// DNS name of the remote address, once found.
+    domain: Option<Box<str>>,
     next_update: KernelTime,
     /// `last` when the pending timer was pushed (second-chance eviction).
     sched_last: KernelTime,
@@ -417,6 +445,14 @@ pub struct Engine<C: Clock> {
     next_id: u64,
     losses: [PendingLoss; 3],
     stats: EngineStats,
+
+    dns: Option<DnsTable>,
+    /// Exited processes whose DNS answers go at the given time, in order.
+    dns_exits: VecDeque<(KernelTime, u32)>,
+    /// The pending exit time of each pid in `dns_exits` (a later entry of
+    /// the same pid, or a fork reusing it, supersedes the queued one).
+    dns_exit_due: HashMap<u32, KernelTime>,
+    dns_exit_grace: u64,
 }
 
 impl<C: Clock> std::fmt::Debug for Engine<C> {
@@ -465,7 +501,31 @@ impl<C: Clock> Engine<C> {
             next_id: 1,
             losses: [PendingLoss::default(); 3],
             stats: EngineStats::default(),
+            dns: None,
+            dns_exits: VecDeque::new(),
+            dns_exit_due: HashMap::new(),
+            dns_exit_grace: ns(cfg.flow_termination_timeout).saturating_add(ns(DNS_EXIT_SLACK)),
         }
+    }
+
+    /// Attaches a DNS table: flows get names from the responses given to
+    /// [`Engine::observe_dns`] (see the module documentation).
+    pub fn with_dns(mut self, table: DnsTable) -> Self {
+        self.dns = Some(table);
+        self
+    }
+
+    /// Feeds one captured DNS response to the table (ignored without one).
+    /// `now` is on the same clock as the events.
+    pub fn observe_dns(&mut self, now: KernelTime, response: &DnsResponse) {
+        if let Some(table) = self.dns.as_mut() {
+            table.observe_response(now, response);
+        }
+    }
+
+    /// Counters and sizes of the DNS table, when one is attached.
+    pub fn dns_stats(&self) -> Option<TableStats> {
+        self.dns.as_ref().map(DnsTable::stats)
     }
 
     /// Pre-sizes the flow tables for `flows` live flows (avoids rehashing
@@ -647,8 +707,12 @@ impl<C: Clock> Engine<C> {
             EventKind::Fork { parent, child } => {
                 let wall = self.clock.wall(t);
                 self.procs.on_fork(*parent, *child, wall);
+                self.dns_fork(t, *parent, *child);
             }
-            EventKind::Exit { tid, pid } => self.procs.on_exit(*pid, *tid, t),
+            EventKind::Exit { tid, pid } => {
+                self.procs.on_exit(*pid, *tid, t);
+                self.dns_exit(t, *pid, *tid);
+            }
             EventKind::Creds(c) => match ev.task {
                 Some(task) => self.procs.on_creds(task.pid, *c),
                 None => self.stats.ignored_events += 1,
@@ -672,6 +736,70 @@ impl<C: Clock> Engine<C> {
         }
         l.count += n;
         l.last = t;
+    }
+
+    /// A fork: the child's pid is new, so answers still held for an exited
+    /// process of that pid go now; then the child inherits the parent's.
+    fn dns_fork(&mut self, t: KernelTime, parent: u32, child: u32) {
+        let Some(table) = self.dns.as_mut() else {
+            return;
+        };
+        if self.dns_exit_due.remove(&child).is_some() {
+            table.on_exit(child);
+        }
+        table.fork(t, parent, child);
+    }
+
+    /// An exit: a thread's inherited copy (made by its creation's fork
+    /// event) goes now; a process's answers go after the grace period.
+    fn dns_exit(&mut self, t: KernelTime, pid: u32, tid: u32) {
+        let Some(table) = self.dns.as_mut() else {
+            return;
+        };
+        if tid != pid {
+            if !self.dns_exit_due.contains_key(&tid) {
+                table.on_exit(tid);
+            }
+            return;
+        }
+        let at = t.saturating_add(self.dns_exit_grace);
+        self.dns_exit_due.insert(pid, at);
+        self.dns_exits.push_back((at, pid));
+    }
+
+    /// Drops the answers of processes whose exit grace ended by `now`, and
+    /// expired table entries.
+    fn dns_tick(&mut self, now: KernelTime) {
+        let Some(table) = self.dns.as_mut() else {
+            return;
+        };
+        while let Some(&(at, pid)) = self.dns_exits.front() {
+            if at > now {
+                break;
+            }
+            self.dns_exits.pop_front();
+            if self.dns_exit_due.get(&pid) == Some(&at) {
+                self.dns_exit_due.remove(&pid);
+                table.on_exit(pid);
+            }
+        }
+        table.expire(now);
+    }
+
+    /// Names the flow's remote address from its owner's DNS answers, if it
+    /// has no name yet.
+    fn resolve_domain(dns: &mut Option<DnsTable>, fl: &mut Flow) {
+        if fl.domain.is_some() {
+            return;
+        }
+        let (Some(table), Some(owner)) = (dns.as_mut(), fl.owner.as_ref()) else {
+            return;
+        };
+        if let Some(m) = table.lookup_counted(fl.first, owner.pid, fl.remote.ip_addr()) {
+            if m.source == MatchSource::Process {
+                fl.domain = Some(m.domain().into());
+            }
+        }
     }
 
     fn on_tcp_open(
@@ -965,6 +1093,9 @@ impl<C: Clock> Engine<C> {
                 }
             },
         };
+        if p.dir == PacketDir::Egress && r.port == DNS_PORT {
+            self.dns_claim(t, sa, hint, p.src);
+        }
         // Fast path: the flow this socket used last.
         if let Some(s) = self.sock_slot(sa, hint) {
             if let Some(so) = self.sockets.get(s) {
@@ -1029,6 +1160,22 @@ impl<C: Clock> Engine<C> {
         }
         if let Some(fl) = self.flows.get_mut(f) {
             fl.count(p.dir, p.ip_len, t);
+        }
+    }
+
+    /// A query left the local endpoint `src` of socket `sa`: the socket's
+    /// owner will receive the responses sent back to it.
+    fn dns_claim(&mut self, t: KernelTime, sa: SockAddr, hint: u32, src: SocketAddr) {
+        if self.dns.is_none() {
+            return;
+        }
+        let owner = self
+            .sock_slot(sa, hint)
+            .and_then(|s| self.sockets.get(s))
+            .and_then(|so| so.owner.as_ref())
+            .map(|o| o.pid);
+        if let (Some(table), Some(pid)) = (self.dns.as_mut(), owner) {
+            table.claim(t, src, pid);
         }
     }
 
@@ -1167,6 +1314,7 @@ impl<C: Clock> Engine<C> {
             direction,
             complete,
             owner,
+            domain: None,
             next_update,
             sched_last: t,
             reported_packets: 0,
@@ -1175,6 +1323,9 @@ impl<C: Clock> Engine<C> {
         });
         if let Some(h) = self.flows.get_mut(head) {
             h.prev = f;
+        }
+        if let Some(fl) = self.flows.get_mut(f) {
+            Self::resolve_domain(&mut self.dns, fl);
         }
         if let Some(so) = self.sockets.get_mut(s) {
             so.first_flow = f;
@@ -1209,9 +1360,10 @@ impl<C: Clock> Engine<C> {
 
     /// Emits a flow's final record and removes it from every index.
     fn finish_flow(&mut self, f: u32, out: &mut Vec<Output>) {
-        let Some(fl) = self.flows.remove(f) else {
+        let Some(mut fl) = self.flows.remove(f) else {
             return;
         };
+        Self::resolve_domain(&mut self.dns, &mut fl);
         if let Some(p) = self.flows.get_mut(fl.prev) {
             p.next = fl.next;
         }
@@ -1278,6 +1430,9 @@ impl<C: Clock> Engine<C> {
             }
         }
         if let Some(l) = so.udp_local {
+            if let Some(table) = self.dns.as_mut() {
+                table.release(SocketAddr::new(l.ip_addr(), l.port));
+            }
             if self.udp_local.get(&l) == Some(&so.addr) {
                 self.udp_local.remove(&l);
             }
@@ -1391,6 +1546,7 @@ impl<C: Clock> Engine<C> {
             }
         }
         self.procs.expire(now);
+        self.dns_tick(now);
         self.note_process_evictions(now);
         self.flush_losses(out);
     }
@@ -1428,6 +1584,9 @@ impl<C: Clock> Engine<C> {
     }
 
     fn interim(&mut self, f: u32, out: &mut Vec<Output>) {
+        if let Some(fl) = self.flows.get_mut(f) {
+            Self::resolve_domain(&mut self.dns, fl);
+        }
         let Some(fl) = self.flows.get(f) else { return };
         let addr = self.sockets.get(fl.sock).map_or(0, |so| so.addr);
         let packets = fl.packets();
@@ -1592,7 +1751,7 @@ impl<C: Clock> Engine<C> {
                 port: fl.remote.port,
                 packets: fl.in_packets,
                 bytes: fl.in_bytes,
-                domain: None,
+                domain: fl.domain.as_deref().map(str::to_string),
             },
             start: self.clock.wall(fl.first),
             end: self.clock.wall(fl.last),

@@ -61,6 +61,14 @@ fn proc_snap(pid: u32, name: &str) -> ProcSnapshot {
 
 impl H {
     fn with(cfg: EngineConfig, max_processes: usize) -> H {
+        H::build(cfg, max_processes, None)
+    }
+
+    fn build(
+        cfg: EngineConfig,
+        max_processes: usize,
+        dns: Option<crate::enrich::dns::DnsTable>,
+    ) -> H {
         let src = FakeProcSource::default();
         for (pid, name) in [
             (100, "curl"),
@@ -79,14 +87,18 @@ impl H {
             },
         );
         procs.scan().unwrap();
+        let mut eng = Engine::new(
+            cfg,
+            OffsetClock {
+                base: UNIX_EPOCH + BASE,
+            },
+            procs,
+        );
+        if let Some(table) = dns {
+            eng = eng.with_dns(table);
+        }
         H {
-            eng: Engine::new(
-                cfg,
-                OffsetClock {
-                    base: UNIX_EPOCH + BASE,
-                },
-                procs,
-            ),
+            eng,
             out: Vec::new(),
             src,
         }
@@ -1223,3 +1235,5 @@ fn exec_and_creds_events_shape_later_attributions() {
     assert_eq!(after.creds, Some(creds));
     assert_eq!(after.created, before.created, "same process across exec");
 }
+
+mod dns;
