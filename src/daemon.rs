@@ -20,9 +20,9 @@
 //! threads (closing the rings) before the [`ProbeGuard`] is dropped; a
 //! panicked pipeline thread shuts the daemon down with a non-zero exit.
 //!
-//! Fault injection for tests: `SOCKSCOPE_FAULT_PANIC_AFTER=<duration>` (e.g.
+//! Fault injection for tests: `FAULT_SOCKSCOPE_PANIC_AFTER=<duration>` (e.g.
 //! `3s`) makes the daemon panic that long after start, in the engine thread
-//! or, with `SOCKSCOPE_FAULT_PANIC_THREAD=main`, in the main thread.
+//! or, with `FAULT_SOCKSCOPE_PANIC_THREAD=main`, in the main thread.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -125,11 +125,12 @@ impl DaemonError {
 }
 
 /// Environment variable for fault injection in tests: the daemon panics
-/// this long (humantime, e.g. `3s`) after start.
-pub const FAULT_PANIC_AFTER_VAR: &str = "SOCKSCOPE_FAULT_PANIC_AFTER";
+/// this long (humantime, e.g. `3s`) after start. Not `SOCKSCOPE_…`: that
+/// prefix belongs to configuration keys.
+pub const FAULT_PANIC_AFTER_VAR: &str = "FAULT_SOCKSCOPE_PANIC_AFTER";
 /// Environment variable choosing the thread that panics: `engine`
 /// (default) or `main`.
-pub const FAULT_PANIC_THREAD_VAR: &str = "SOCKSCOPE_FAULT_PANIC_THREAD";
+pub const FAULT_PANIC_THREAD_VAR: &str = "FAULT_SOCKSCOPE_PANIC_THREAD";
 
 /// The thread a fault-injection panic happens in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
