@@ -21,13 +21,14 @@
 //! panicked pipeline thread shuts the daemon down with a non-zero exit.
 //!
 //! Fault injection for tests: `FAULT_SOCKSCOPE_PANIC_AFTER=<duration>` (e.g.
-//! `3s`) makes the daemon panic that long after start, in the engine thread
-//! or, with `FAULT_SOCKSCOPE_PANIC_THREAD=main`, in the main thread.
+//! `3s`) makes the daemon panic that long after the gRPC server started
+//! listening, in the engine thread or, with
+//! `FAULT_SOCKSCOPE_PANIC_THREAD=main`, in the main thread.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -125,7 +126,8 @@ impl DaemonError {
 }
 
 /// Environment variable for fault injection in tests: the daemon panics
-/// this long (humantime, e.g. `3s`) after start. Not `SOCKSCOPE_…`: that
+/// this long (humantime, e.g. `3s`) after the gRPC server started
+/// listening. Not `SOCKSCOPE_…`: that
 /// prefix belongs to configuration keys.
 pub const FAULT_PANIC_AFTER_VAR: &str = "FAULT_SOCKSCOPE_PANIC_AFTER";
 /// Environment variable choosing the thread that panics: `engine`
@@ -144,7 +146,7 @@ pub enum FaultThread {
 /// Faults to inject, read from the environment (tests only).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FaultPlan {
-    /// Panic in this thread this long after start.
+    /// Panic in this thread this long after the server started listening.
     pub panic: Option<(FaultThread, Duration)>,
 }
 
@@ -181,10 +183,10 @@ impl FaultPlan {
         FaultPlan::parse(after.as_deref(), thread.as_deref())
     }
 
-    /// When `thread` has to panic, counted from `start`.
-    fn deadline(&self, thread: FaultThread, start: Instant) -> Option<Instant> {
+    /// How long after the server started listening `thread` has to panic.
+    fn delay(&self, thread: FaultThread) -> Option<Duration> {
         match self.panic {
-            Some((t, d)) if t == thread => Some(start + d),
+            Some((t, d)) if t == thread => Some(d),
             _ => None,
         }
     }
@@ -192,7 +194,6 @@ impl FaultPlan {
 
 /// Runs the daemon until a termination signal; returns the exit code.
 pub fn serve(cfg: Config) -> i32 {
-    let started = Instant::now();
     let faults = match FaultPlan::from_env() {
         Ok(f) => f,
         Err(e) => {
@@ -203,7 +204,7 @@ pub fn serve(cfg: Config) -> i32 {
     if let Some((thread, after)) = faults.panic {
         tracing::warn!(?thread, ?after, "fault injection: the daemon will panic");
     }
-    match run(cfg, faults, started) {
+    match run(cfg, faults) {
         Ok(()) => exit::OK,
         Err(e) => {
             tracing::error!("{e}");
@@ -328,7 +329,7 @@ fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
-fn run(cfg: Config, faults: FaultPlan, started: Instant) -> Result<(), DaemonError> {
+fn run(cfg: Config, faults: FaultPlan) -> Result<(), DaemonError> {
     probe::install::install_panic_hook();
     let setup = probe::setup(&cfg.socket)?;
     match probe::install::remove_stale_groups(&setup.tracefs) {
@@ -345,7 +346,7 @@ fn run(cfg: Config, faults: FaultPlan, started: Instant) -> Result<(), DaemonErr
         ipv6 = setup.ipv6,
         "probes installed"
     );
-    let result = run_with_probes(&cfg, &setup, &guard, faults, started);
+    let result = run_with_probes(&cfg, &setup, &guard, faults);
     // The rings are closed by now (the reader thread has been joined), so
     // the kernel lets the probes go.
     if let Err(e) = guard.remove() {
@@ -359,7 +360,6 @@ fn run_with_probes(
     setup: &probe::Setup,
     guard: &ProbeGuard,
     faults: FaultPlan,
-    started: Instant,
 ) -> Result<(), DaemonError> {
     let events = guard.events();
     let descs: Vec<EventDesc<'_>> = events.iter().map(EventDesc::from).collect();
@@ -410,6 +410,8 @@ fn run_with_probes(
 
     let shared = Arc::new(Shared::default());
     let stop = Arc::new(AtomicBool::new(false));
+    // Set once the gRPC server listens; fault-injection delays count from it.
+    let serving_since: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
     let batch_slots = (cfg.socket.perf_queue_size / EVENT_BATCH).max(1);
     let (event_tx, event_rx) = mpsc::sync_channel::<Vec<Event>>(batch_slots);
     let (lost_tx, lost_rx) = mpsc::sync_channel::<(u32, u64)>(cfg.socket.lost_queue_size.max(1));
@@ -446,14 +448,16 @@ fn run_with_probes(
         let shared = shared.clone();
         let engine_cfg = EngineConfig::from_config(cfg, std::process::id());
         let stop = stop.clone();
-        let panic_at = faults.deadline(FaultThread::Engine, started);
+        let fault = faults
+            .delay(FaultThread::Engine)
+            .map(|d| (d, serving_since.clone()));
         std::thread::Builder::new()
             .name("sockscope-engine".into())
             .spawn(move || {
                 let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     engine_loop(
                         engine_cfg, procs, wall, perf_clock, event_rx, lost_rx, pipe_tx, &shared,
-                        &stop, panic_at,
+                        &stop, fault,
                     )
                 }));
                 if let Err(p) = r {
@@ -482,7 +486,6 @@ fn run_with_probes(
             .collect(),
         shared: shared.clone(),
     });
-    let main_panic_at = faults.deadline(FaultThread::Main, started);
     let served = serve_grpc(
         cfg,
         status,
@@ -491,7 +494,8 @@ fn run_with_probes(
         &setup.tracefs,
         guard,
         &stop,
-        main_panic_at,
+        faults.delay(FaultThread::Main),
+        &serving_since,
     );
     threads.stop_and_join();
     served?;
@@ -576,7 +580,8 @@ fn serve_grpc(
     tracefs: &probe::Tracefs,
     guard: &ProbeGuard,
     stop: &Arc<AtomicBool>,
-    panic_at: Option<Instant>,
+    panic_after: Option<Duration>,
+    serving_since: &OnceLock<Instant>,
 ) -> Result<(), DaemonError> {
     let opts = ServerOptions::from_config(cfg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -600,6 +605,7 @@ fn serve_grpc(
             tracing::info!(path = %p.display(), "gRPC listening on Unix socket");
         }
         health.set_serving(true);
+        let listening = *serving_since.get_or_init(Instant::now);
 
         // Watchdog: kretprobe misses and pipeline liveness.
         let watch_shared = shared.clone();
@@ -635,11 +641,11 @@ fn serve_grpc(
             tokio::time::sleep(SHUTDOWN_DRAIN).await;
         };
         let serving = server::serve(listeners, opts, pipe_rx, status, health, shutdown);
-        let r = match panic_at {
+        let r = match panic_after {
             None => serving.await,
-            Some(at) => tokio::select! {
+            Some(after) => tokio::select! {
                 r = serving => r,
-                _ = tokio::time::sleep_until(at.into()) => {
+                _ = tokio::time::sleep_until((listening + after).into()) => {
                     panic!("fault injection: main thread panic ({FAULT_PANIC_AFTER_VAR})")
                 }
             },
@@ -758,7 +764,7 @@ fn engine_loop(
     pipe: PipelineSender,
     shared: &Shared,
     stop: &AtomicBool,
-    panic_at: Option<Instant>,
+    fault: Option<(Duration, Arc<OnceLock<Instant>>)>,
 ) {
     let offset = Arc::new(AtomicI64::new(clamp_offset(wall.stats().offset_ns)));
     let clock = EngineClock {
@@ -779,7 +785,10 @@ fn engine_loop(
         }
     };
     loop {
-        if panic_at.is_some_and(|t| Instant::now() >= t) {
+        let panic_due = fault
+            .as_ref()
+            .and_then(|(after, since)| since.get().map(|t| t.elapsed() >= *after));
+        if panic_due == Some(true) {
             panic!("fault injection: engine thread panic ({FAULT_PANIC_AFTER_VAR})");
         }
         match event_rx.recv_timeout(ENGINE_WAIT) {
@@ -874,12 +883,8 @@ mod tests {
             p.panic,
             Some((FaultThread::Main, Duration::from_millis(250)))
         );
-        let t0 = Instant::now();
-        assert_eq!(p.deadline(FaultThread::Engine, t0), None);
-        assert_eq!(
-            p.deadline(FaultThread::Main, t0),
-            Some(t0 + Duration::from_millis(250))
-        );
+        assert_eq!(p.delay(FaultThread::Engine), None);
+        assert_eq!(p.delay(FaultThread::Main), Some(Duration::from_millis(250)));
     }
 
     #[test]

@@ -31,6 +31,9 @@ FLOW_ARGS = ["-E", "socket.flow_inactive_timeout=2s", "-E", "socket.flow_termina
 CONNECT_WAIT_S = 30
 FLOW_WAIT_S = 90
 HOST_BIN = Path(os.environ.get("SOCKSCOPE_BIN", bed.REPO / "target" / "release" / "sockscope"))
+#: Environment of host clients: without the test bed's SOCKSCOPE_* variables,
+#: which the client would read as configuration keys.
+CLIENT_ENV = {k: v for k, v in os.environ.items() if not k.startswith("SOCKSCOPE_")}
 
 
 def grpcurl_path() -> Path:
@@ -84,7 +87,8 @@ class ProcClient:
 
     def __init__(self, name: str, argv: list[str]):
         self.name = name
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=CLIENT_ENV)
         self.chunks: list[str] = []
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -264,13 +268,13 @@ def test_host_clients_receive_same_flows(vm):
         assert "lost" not in errors[c.name], f"{c.name}: {errors[c.name]}"
 
     r = subprocess.run([str(HOST_BIN), "status", "--server", server, "--json"], capture_output=True,
-                       text=True, timeout=60)
+                       text=True, timeout=60, env=CLIENT_ENV)
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
     samples = sum(int(c.get("samples", 0)) for c in st.get("cpus", []))
     assert samples > 0, f"sockscope status shows no samples: {st}"
     text = subprocess.run([str(HOST_BIN), "status", "--server", server], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env=CLIENT_ENV)
     assert text.returncode == 0, text.stderr
     line = next((ln for ln in text.stdout.splitlines() if ln.startswith("samples/lost:")), "")
     assert line and int(line.split()[1].split("/")[0]) > 0, f"status text shows no samples:\n{text.stdout}"

@@ -29,6 +29,8 @@ DATAGRAM_BYTES = 64
 FLOW_ARGS = ["-E", "socket.flow_inactive_timeout=2s", "-E", "socket.flow_termination_timeout=1s"]
 #: How long to wait for records, notices and counters to settle.
 WAIT_S = 90
+#: Counters unchanged over this long count as settled (status is refreshed every second).
+SETTLE_S = 3
 
 
 class Subscriber:
@@ -119,26 +121,42 @@ def http_flow_after(vm, sub: Subscriber):
                         lambda s: s.final_flow(None, HTTP_PORT, "tcp"))
 
 
+def settled_losses(vm, sub: Subscriber) -> tuple[dict[int, int], dict[int, int]]:
+    """Per-CPU lost samples in GetStatus and in KERNEL_RING notices, once neither changes."""
+    deadline = time.monotonic() + WAIT_S
+    prev = None
+    while True:
+        st = status(vm)
+        with sub.lock:
+            cur = ({c.cpu: c.lost for c in st.cpus if c.lost}, sub.ring_losses_per_cpu())
+        if cur == prev:
+            return cur
+        assert time.monotonic() < deadline, f"loss counters never settled: {cur}"
+        prev = cur
+        time.sleep(SETTLE_S)
+
+
+def minus(a: dict[int, int], b: dict[int, int]) -> dict[int, int]:
+    return {k: a.get(k, 0) - b.get(k, 0) for k in set(a) | set(b) if a.get(k, 0) != b.get(k, 0)}
+
+
 def test_tiny_ring_reports_losses_and_keeps_running(vm):
     vm.start_daemon(FLOW_ARGS + ["-E", "socket.ring_size_exponent=0"])
     sub = Subscriber(vm)
     try:
-        time.sleep(1)  # let the subscription register
+        sub.wait_for("the subscription", lambda s: len(status(vm).subscribers) == 1)
+        # A one-page ring may already have lost samples before the
+        # subscription existed: compare growth from a settled baseline.
+        base_status, base_notices = settled_losses(vm, sub)
         burst(vm)
-        per_cpu_notices = sub.wait_for("KERNEL_RING loss notices", lambda s: s.ring_losses_per_cpu())
-        # Status counters and in-band notices describe the same losses.
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            st = status(vm)
-            status_lost = {c.cpu: c.lost for c in st.cpus if c.lost}
-            with sub.lock:
-                per_cpu_notices = sub.ring_losses_per_cpu()
-            if status_lost == per_cpu_notices or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert status_lost, f"GetStatus shows no lost samples: {st}"
-        assert status_lost == per_cpu_notices, \
-            f"per-CPU lost in status {status_lost} != KERNEL_RING notices {per_cpu_notices}"
+        sub.wait_for("KERNEL_RING loss notices", lambda s: s.ring_losses_per_cpu() != base_notices)
+        end_status, end_notices = settled_losses(vm, sub)
+        lost = minus(end_status, base_status)
+        assert lost and all(n > 0 for n in lost.values()), f"GetStatus shows no new lost samples: {lost}"
+        notified = minus(end_notices, base_notices)
+        assert lost == notified, \
+            f"per-CPU lost in status {lost} != KERNEL_RING notices {notified}; all notices: {sub.losses}"
+        st = status(vm)
         assert sum(c.samples for c in st.cpus) > 0
         assert vm.daemon.alive(), "daemon died under the burst"
         http_flow_after(vm, sub)
@@ -152,7 +170,7 @@ def test_default_ring_loses_nothing_on_same_burst(vm):
     vm.start_daemon(FLOW_ARGS)
     sub = Subscriber(vm)
     try:
-        time.sleep(1)
+        sub.wait_for("the subscription", lambda s: len(status(vm).subscribers) == 1)
         port = burst(vm)
         flow = sub.wait_for("the burst's final UDP flow",
                             lambda s: s.final_flow(port, UDP_PORT, "udp"))
