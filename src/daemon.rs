@@ -24,12 +24,21 @@
 //! Teardown runs in the reverse order of setup: the reader stops and drops
 //! the rings (closing every perf fd), the engine flushes its flows as final
 //! records, the server stops, then the probes are removed and a tracefs we
-//! mounted is unmounted. A panic anywhere removes the probes through the
-//! panic hook installed before they are created.
+//! mounted is unmounted. A panic anywhere removes the probes: the panic hook
+//! installed before they are created tries first (the kernel refuses while
+//! perf events are open), then unwinding stops and joins the pipeline
+//! threads (closing the rings) before the [`ProbeGuard`] is dropped; a
+//! panicked pipeline thread shuts the daemon down with a non-zero exit.
+//!
+//! Fault injection for tests: `FAULT_SOCKSCOPE_PANIC_AFTER=<duration>` (e.g.
+//! `3s`) makes the daemon panic that long after the gRPC server started
+//! listening, in the engine thread or, with
+//! `FAULT_SOCKSCOPE_PANIC_THREAD=main`, in the main thread.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -107,6 +116,17 @@ pub enum DaemonError {
     /// The DNS capture could not be opened or started.
     #[error("DNS enrichment (socket.dns.enabled=true): {0}; run with CAP_NET_RAW or set socket.dns.enabled=false")]
     Dns(#[from] DnsError),
+    /// A pipeline thread stopped on its own (failed or panicked).
+    #[error("pipeline stopped: {0}")]
+    Pipeline(String),
+    /// A fault-injection variable is malformed.
+    #[error("{var}: {what}")]
+    Fault {
+        /// The environment variable.
+        var: &'static str,
+        /// What is wrong with it.
+        what: String,
+    },
     /// A thread or the runtime could not be started.
     #[error("{what}: {source}")]
     Runtime {
@@ -127,10 +147,79 @@ impl DaemonError {
             }
             DaemonError::Server(_) | DaemonError::Metrics(_) => exit::LISTEN,
             DaemonError::Dns(e) => dns_exit_code(e),
+            DaemonError::Fault { .. } => exit::USAGE,
             DaemonError::Jsonl(_)
             | DaemonError::Process(_)
             | DaemonError::Record(_)
+            | DaemonError::Pipeline(_)
             | DaemonError::Runtime { .. } => exit::FAILURE,
+        }
+    }
+}
+
+/// Environment variable for fault injection in tests: the daemon panics
+/// this long (humantime, e.g. `3s`) after the gRPC server started
+/// listening. Not `SOCKSCOPE_…`: that
+/// prefix belongs to configuration keys.
+pub const FAULT_PANIC_AFTER_VAR: &str = "FAULT_SOCKSCOPE_PANIC_AFTER";
+/// Environment variable choosing the thread that panics: `engine`
+/// (default) or `main`.
+pub const FAULT_PANIC_THREAD_VAR: &str = "FAULT_SOCKSCOPE_PANIC_THREAD";
+
+/// The thread a fault-injection panic happens in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultThread {
+    /// The flow engine thread (the pipeline notices and shuts down).
+    Engine,
+    /// The main thread (unwinds through the server and the probe guard).
+    Main,
+}
+
+/// Faults to inject, read from the environment (tests only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// Panic in this thread this long after the server started listening.
+    pub panic: Option<(FaultThread, Duration)>,
+}
+
+impl FaultPlan {
+    /// Parses the values of [`FAULT_PANIC_AFTER_VAR`] and
+    /// [`FAULT_PANIC_THREAD_VAR`].
+    pub fn parse(after: Option<&str>, thread: Option<&str>) -> Result<FaultPlan, DaemonError> {
+        let Some(after) = after else {
+            return Ok(FaultPlan::default());
+        };
+        let delay = humantime::parse_duration(after.trim()).map_err(|e| DaemonError::Fault {
+            var: FAULT_PANIC_AFTER_VAR,
+            what: format!("bad duration {after:?}: {e}"),
+        })?;
+        let thread = match thread.map(str::trim) {
+            None | Some("") | Some("engine") => FaultThread::Engine,
+            Some("main") => FaultThread::Main,
+            Some(other) => {
+                return Err(DaemonError::Fault {
+                    var: FAULT_PANIC_THREAD_VAR,
+                    what: format!("expected engine or main, got {other:?}"),
+                })
+            }
+        };
+        Ok(FaultPlan {
+            panic: Some((thread, delay)),
+        })
+    }
+
+    /// Reads the plan from the environment.
+    pub fn from_env() -> Result<FaultPlan, DaemonError> {
+        let after = std::env::var(FAULT_PANIC_AFTER_VAR).ok();
+        let thread = std::env::var(FAULT_PANIC_THREAD_VAR).ok();
+        FaultPlan::parse(after.as_deref(), thread.as_deref())
+    }
+
+    /// How long after the server started listening `thread` has to panic.
+    fn delay(&self, thread: FaultThread) -> Option<Duration> {
+        match self.panic {
+            Some((t, d)) if t == thread => Some(d),
+            _ => None,
         }
     }
 }
@@ -155,7 +244,17 @@ fn dns_exit_code(e: &DnsError) -> i32 {
 
 /// Runs the daemon until a termination signal; returns the exit code.
 pub fn serve(cfg: Config) -> i32 {
-    match run(cfg) {
+    let faults = match FaultPlan::from_env() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("sockscope: {e}");
+            return e.exit_code();
+        }
+    };
+    if let Some((thread, after)) = faults.panic {
+        tracing::warn!(?thread, ?after, "fault injection: the daemon will panic");
+    }
+    match run(cfg, faults) {
         Ok(()) => exit::OK,
         Err(e) => {
             tracing::error!("{e}");
@@ -322,7 +421,7 @@ fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
-fn run(cfg: Config) -> Result<(), DaemonError> {
+fn run(cfg: Config, faults: FaultPlan) -> Result<(), DaemonError> {
     probe::install::install_panic_hook();
     let setup = probe::setup(&cfg.socket)?;
     // Opened before any probe is installed: a missing privilege fails the
@@ -348,7 +447,7 @@ fn run(cfg: Config) -> Result<(), DaemonError> {
         ipv6 = setup.ipv6,
         "probes installed"
     );
-    let result = run_with_probes(&cfg, &setup, &guard, dns_capture);
+    let result = run_with_probes(&cfg, &setup, &guard, dns_capture, faults);
     // The rings are closed by now (the reader thread has been joined), so
     // the kernel lets the probes go.
     if let Err(e) = guard.remove() {
@@ -362,6 +461,7 @@ fn run_with_probes(
     setup: &probe::Setup,
     guard: &ProbeGuard,
     dns_capture: Option<DnsCapture>,
+    faults: FaultPlan,
 ) -> Result<(), DaemonError> {
     let events = guard.events();
     let descs: Vec<EventDesc<'_>> = events.iter().map(EventDesc::from).collect();
@@ -421,20 +521,32 @@ fn run_with_probes(
 
     let shared = Arc::new(Shared::default());
     let stop = Arc::new(AtomicBool::new(false));
+    // Set once the gRPC server listens; fault-injection delays count from it.
+    let serving_since: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
     let batch_slots = (cfg.socket.perf_queue_size / EVENT_BATCH).max(1);
     let (event_tx, event_rx) = mpsc::sync_channel::<Vec<Event>>(batch_slots);
     let (lost_tx, lost_rx) = mpsc::sync_channel::<(u32, u64)>(cfg.socket.lost_queue_size.max(1));
     let (pipe_tx, pipe_rx) = pipeline_channel(PIPELINE_CAPACITY);
 
+    // Dropped on every exit path, unwinding included: stops and joins the
+    // threads so the rings are closed before the probes are removed.
+    let mut threads = PipelineThreads {
+        stop: stop.clone(),
+        threads: Vec::new(),
+    };
     let reader = {
         let shared = shared.clone();
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("sockscope-reader".into())
             .spawn(move || {
-                let r = reader_loop(rings, decoder, recorder, event_tx, lost_tx, &shared, &stop);
-                if let Err(e) = r {
-                    shared.fail("ring reader", e);
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    reader_loop(rings, decoder, recorder, event_tx, lost_tx, &shared, &stop)
+                }));
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => shared.fail("ring reader", e),
+                    Err(p) => shared.fail("ring reader panicked", panic_message(p.as_ref())),
                 }
             })
             .map_err(|source| DaemonError::Runtime {
@@ -442,23 +554,33 @@ fn run_with_probes(
                 source,
             })?
     };
+    threads.threads.push(("reader", reader));
     let engine = {
         let shared = shared.clone();
         let engine_cfg = EngineConfig::from_config(cfg, std::process::id());
         let stop = stop.clone();
+        let fault = faults
+            .delay(FaultThread::Engine)
+            .map(|d| (d, serving_since.clone()));
         std::thread::Builder::new()
             .name("sockscope-engine".into())
             .spawn(move || {
-                engine_loop(
-                    engine_cfg, procs, wall, perf_clock, event_rx, lost_rx, dns_rx, pipe_tx,
-                    &shared, &stop,
-                )
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    engine_loop(
+                        engine_cfg, procs, wall, perf_clock, event_rx, lost_rx, dns_rx, pipe_tx,
+                        &shared, &stop, fault,
+                    )
+                }));
+                if let Err(p) = r {
+                    shared.fail("engine panicked", panic_message(p.as_ref()));
+                }
             })
             .map_err(|source| DaemonError::Runtime {
                 what: "starting the engine thread",
                 source,
             })?
     };
+    threads.threads.push(("engine", engine));
 
     let status = Arc::new(DaemonStatus {
         started: Instant::now(),
@@ -474,21 +596,68 @@ fn run_with_probes(
         shared: shared.clone(),
         dns_capture: dns_thread.as_ref().map(|t| Arc::clone(t.counters())),
     });
-    let served = serve_grpc(cfg, status, pipe_rx, &shared, &setup.tracefs, guard, &stop);
-    stop.store(true, Ordering::SeqCst);
-    join(reader, "reader");
-    join(engine, "engine");
+    let served = serve_grpc(
+        cfg,
+        status,
+        pipe_rx,
+        &shared,
+        &setup.tracefs,
+        guard,
+        &stop,
+        faults.delay(FaultThread::Main),
+        &serving_since,
+    );
+    threads.stop_and_join();
     if let Some(t) = dns_thread {
         if let Err(e) = t.stop() {
             tracing::error!("DNS capture: {e}");
         }
     }
-    served
+    served?;
+    if shared.failed.load(Ordering::SeqCst) {
+        let msg = shared
+            .last_error
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .unwrap_or_else(|| "unknown error".to_string());
+        return Err(DaemonError::Pipeline(msg));
+    }
+    Ok(())
 }
 
-fn join(h: JoinHandle<()>, name: &str) {
-    if h.join().is_err() {
-        tracing::error!("{name} thread panicked");
+/// The reader and engine threads; stops and joins them when dropped.
+struct PipelineThreads {
+    stop: Arc<AtomicBool>,
+    /// In join order: the reader first (its exit disconnects the engine).
+    threads: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+impl PipelineThreads {
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for (name, h) in self.threads.drain(..) {
+            if h.join().is_err() {
+                tracing::error!("{name} thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for PipelineThreads {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// The message of a caught panic payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
     }
 }
 
@@ -526,6 +695,8 @@ fn serve_grpc(
     tracefs: &probe::Tracefs,
     guard: &ProbeGuard,
     stop: &Arc<AtomicBool>,
+    panic_after: Option<Duration>,
+    serving_since: &OnceLock<Instant>,
 ) -> Result<(), DaemonError> {
     let opts = ServerOptions::from_config(cfg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -584,6 +755,7 @@ fn serve_grpc(
             }))
         });
         health.set_serving(true);
+        let listening = *serving_since.get_or_init(Instant::now);
 
         // Watchdog: kretprobe misses and pipeline liveness.
         let watch_shared = shared.clone();
@@ -618,7 +790,16 @@ fn serve_grpc(
             stop_pipeline.store(true, Ordering::SeqCst);
             tokio::time::sleep(SHUTDOWN_DRAIN).await;
         };
-        let r = server::serve_with_hub(listeners, opts, hub, status, health, shutdown).await;
+        let serving = server::serve_with_hub(listeners, opts, hub, status, health, shutdown);
+        let r = match panic_after {
+            None => serving.await,
+            Some(after) => tokio::select! {
+                r = serving => r,
+                _ = tokio::time::sleep_until((listening + after).into()) => {
+                    panic!("fault injection: main thread panic ({FAULT_PANIC_AFTER_VAR})")
+                }
+            },
+        };
         watchdog.abort();
         let _ = metrics_stop_tx.send(());
         if let Some(t) = metrics_task {
@@ -746,6 +927,7 @@ fn engine_loop(
     pipe: PipelineSender,
     shared: &Shared,
     stop: &AtomicBool,
+    fault: Option<(Duration, Arc<OnceLock<Instant>>)>,
 ) {
     let offset = Arc::new(AtomicI64::new(clamp_offset(wall.stats().offset_ns)));
     let clock = EngineClock {
@@ -789,6 +971,12 @@ fn engine_loop(
         }
     };
     loop {
+        let panic_due = fault
+            .as_ref()
+            .and_then(|(after, since)| since.get().map(|t| t.elapsed() >= *after));
+        if panic_due == Some(true) {
+            panic!("fault injection: engine thread panic ({FAULT_PANIC_AFTER_VAR})");
+        }
         let received = event_rx.recv_timeout(ENGINE_WAIT);
         drain_dns(&mut engine, &mut dns_rx);
         match received {
@@ -918,5 +1106,44 @@ mod tests {
             (0, 3, 0, 7)
         );
         assert_eq!(dns_counters(None, None), DnsCounters::default());
+    }
+
+    #[test]
+    fn fault_plan_absent_means_no_fault() {
+        assert_eq!(
+            FaultPlan::parse(None, Some("main")).unwrap(),
+            FaultPlan::default()
+        );
+    }
+
+    #[test]
+    fn fault_plan_parses_duration_and_thread() {
+        let p = FaultPlan::parse(Some("3s"), None).unwrap();
+        assert_eq!(p.panic, Some((FaultThread::Engine, Duration::from_secs(3))));
+        let p = FaultPlan::parse(Some("250ms"), Some("main")).unwrap();
+        assert_eq!(
+            p.panic,
+            Some((FaultThread::Main, Duration::from_millis(250)))
+        );
+        assert_eq!(p.delay(FaultThread::Engine), None);
+        assert_eq!(p.delay(FaultThread::Main), Some(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn fault_plan_rejects_garbage() {
+        let e = FaultPlan::parse(Some("soon"), None).unwrap_err();
+        assert_eq!(e.exit_code(), exit::USAGE);
+        assert!(e.to_string().contains(FAULT_PANIC_AFTER_VAR), "{e}");
+        let e = FaultPlan::parse(Some("1s"), Some("reader")).unwrap_err();
+        assert!(e.to_string().contains(FAULT_PANIC_THREAD_VAR), "{e}");
+    }
+
+    #[test]
+    fn panic_message_reads_str_and_string_payloads() {
+        let p = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
+        assert_eq!(panic_message(p.as_ref()), "plain");
+        let n = 7;
+        let p = std::panic::catch_unwind(|| panic!("formatted {n}")).unwrap_err();
+        assert_eq!(panic_message(p.as_ref()), "formatted 7");
     }
 }
