@@ -70,6 +70,10 @@ CAPTURE_SNAPLEN = 256
 #: Modules loaded in the guest for networking (those built in are skipped).
 NET_MODULES = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
                "virtio_pci", "failover", "net_failover", "virtio_net")
+#: Extra guest ports forwarded from a free host port on 127.0.0.1, for
+#: scenarios whose traffic must cross eth0 (virtio); ``VM.forwards`` maps
+#: ``(proto, guest_port)`` to the host port.
+EXTRA_FORWARDS = (("tcp", 9180), ("udp", 9181))
 #: Host binaries copied into the guest with their shared libraries.
 HOST_TOOLS = ("/usr/bin/tcpdump", "/usr/bin/socat")
 
@@ -272,6 +276,7 @@ class VM:
         self.with_daemon = daemon_binary() is not None if with_daemon is None else with_daemon
         self.grpc_port = grpc_host_port or free_port()
         self.control_port = free_port()
+        self.forwards: dict[tuple[str, int], int] = {fw: free_port() for fw in EXTRA_FORWARDS}
         self.shell = shell
         self.extra_files = extra_files
         self.proc: subprocess.Popen | None = None
@@ -303,7 +308,9 @@ class VM:
         cmdline = (f"console=ttyS0 panic=-1 loglevel={CONSOLE_LOGLEVEL} bed.port={GUEST_CONTROL_PORT} "
                    f"bed.shell={1 if self.shell else 0} net.ifnames=0 tsc=reliable no_timer_check")
         netdev = (f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.grpc_port}-:{GUEST_GRPC_PORT},"
-                  f"hostfwd=tcp:127.0.0.1:{self.control_port}-:{GUEST_CONTROL_PORT}")
+                  f"hostfwd=tcp:127.0.0.1:{self.control_port}-:{GUEST_CONTROL_PORT}"
+                  + "".join(f",hostfwd={proto}:127.0.0.1:{host}-:{guest}"
+                            for (proto, guest), host in self.forwards.items()))
         argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(VM_CPUS),
                 "-m", str(VM_MEMORY_MB), "-nographic", "-no-reboot", "-nodefaults",
                 "-kernel", str(self.kernel.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
