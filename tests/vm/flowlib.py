@@ -155,7 +155,12 @@ class FlowStream:
         except AssertionError:
             by = self.index(transport)
             missing = [p for p in pairs if not by.get(_key(*p))]
-            raise AssertionError(f"{len(missing)} of {len(pairs)} flows have no final record, e.g. {missing[:5]}")
+            ports = {x for loc, rem in missing[:5] for x in (loc[1], rem[1])}
+            near = [f"{f.final and 'final' or 'interim'} {f.local.ip}:{f.local.port}->{f.remote.ip}:{f.remote.port} "
+                    f"pid={f.process.pid} pk={f.local.packets}/{f.remote.packets}" for f in self.flows()
+                    if f.local.port in ports or f.remote.port in ports]
+            raise AssertionError(f"{len(missing)} of {len(pairs)} flows have no final record, e.g. {missing[:5]}; "
+                                 f"records with those ports: {near[:20]}")
         by = self.index(transport)
         return {p: by[_key(*p)] for p in pairs}
 
