@@ -126,13 +126,17 @@ def test_udp_connected_unconnected_multi_peer(vm):
 
 
 def test_virtio_tcp_udp_from_host(vm):
-    """TCP and UDP from the host over eth0 (qemu forwarding) to receive-only and echo servers."""
+    """TCP and UDP from the host over eth0 (qemu forwarding) to receive-only servers.
+
+    Only inbound: with ``restrict=on`` qemu drops UDP the guest sends to the
+    host alias, so the UDP server cannot answer over virtio.
+    """
     stream = _start(vm)
     pb = stream.pb
     try:
         with vm.capture(f"tcp port {VIRTIO_TCP_PORT} or udp port {VIRTIO_UDP_PORT}") as cap:
             tcp_srv = flowlib.spawn_server(vm, SERVER_USER, f"tcp-recv {GUEST_V4} {VIRTIO_TCP_PORT} 1")
-            udp_srv = flowlib.spawn_server(vm, SERVER_USER, f"udp-echo {GUEST_V4} {VIRTIO_UDP_PORT} {UDP_DATAGRAMS}")
+            udp_srv = flowlib.spawn_server(vm, SERVER_USER, f"udp-recv {GUEST_V4} {VIRTIO_UDP_PORT} {UDP_DATAGRAMS}")
             with socket.create_connection(("127.0.0.1", vm.forwards[("tcp", VIRTIO_TCP_PORT)]), timeout=30) as s:
                 s.sendall(b"v" * VIRTIO_TCP_BYTES)
                 s.shutdown(socket.SHUT_WR)
@@ -141,7 +145,6 @@ def test_virtio_tcp_udp_from_host(vm):
                 u.settimeout(30)
                 for _ in range(UDP_DATAGRAMS):
                     u.sendto(b"w" * UDP_SIZE, ("127.0.0.1", vm.forwards[("udp", VIRTIO_UDP_PORT)]))
-                    assert len(u.recv(65536)) == UDP_SIZE
             assert tcp_srv.wait(flowlib.WORKLOAD_WAIT_S) == 0, tcp_srv.log()
             assert udp_srv.wait(flowlib.WORKLOAD_WAIT_S) == 0, udp_srv.log()
         t = cap.totals
