@@ -78,6 +78,9 @@ def test_long_download_interim_updates(vm):
         sides = (((loc, srv), pb.DIRECTION_EGRESS, client, CLIENT_USER),
                  ((srv, loc), pb.DIRECTION_INGRESS, server, SERVER_USER))
         got = stream.wait_finals(pb.TRANSPORT_TCP, [s[0] for s in sides])
+        problems = {pair: flowlib.flow_problems(got[pair][0], cap.totals, "tcp", direction=d, pid=p.pid, user=u)
+                    for pair, d, p, u in sides}
+        assert not any(problems.values()), problems
         for pair, direction, proc, user in sides:
             flowlib.check_flow(got[pair], cap.totals, "tcp", direction=direction, pid=proc.pid, user=user)
             final = got[pair][0]
