@@ -299,6 +299,9 @@ struct Shared {
     kretprobe_misses: AtomicU64,
     /// Latest DNS table counters from the engine.
     dns_table: Mutex<Option<TableStats>>,
+    /// Kernel time up to which the reader has handed every sample to the
+    /// engine queue; the engine's clock must not run ahead of it.
+    released: AtomicU64,
     /// Set when the reader or engine thread stopped on its own.
     failed: AtomicBool,
     /// Last error of the pipeline.
@@ -875,11 +878,22 @@ fn reader_loop(
             }
         }
     };
+    let clockid = rings.clock().clockid();
     while !stop.load(Ordering::SeqCst) {
+        // Every sample stamped before this bound is released by the pass
+        // below (the pass reads the clock again, later). Without a readable
+        // clock the engine's own clock is not bounded.
+        let bound = match clockid {
+            Some(c) => sys::clock_gettime_ns(c).map_or(0, |t| {
+                t.saturating_sub(ring::REORDER_SLACK.as_nanos() as u64)
+            }),
+            None => u64::MAX,
+        };
         rings.read(ring::DEFAULT_POLL_TIMEOUT, &mut |item| {
             handle(item, &mut batch)
         })?;
         send_batch(&mut batch);
+        shared.released.store(bound, Ordering::Release);
         if last_stats.elapsed() >= STATS_PERIOD {
             last_stats = Instant::now();
             if let Ok(mut g) = shared.ring.lock() {
@@ -996,6 +1010,15 @@ fn engine_loop(
         }
         if last_tick.elapsed() >= TICK_PERIOD {
             last_tick = Instant::now();
+            // Expiry runs on the time the reader has fully delivered, not the
+            // wall clock: a reader delayed (descheduled, or behind under
+            // load) must not make flows final before their last packets are
+            // counted. Batches sent before `released` was published are
+            // handled first.
+            let released = shared.released.load(Ordering::Acquire);
+            while let Ok(batch) = event_rx.try_recv() {
+                engine.handle_batch(&batch, &mut out);
+            }
             let now = now_kernel();
             match wall.sync_if_due(now, &mut source) {
                 Ok(Some(_)) => {
@@ -1030,7 +1053,7 @@ fn engine_loop(
                     }));
                 }
             }
-            engine.tick(now, &mut out);
+            engine.tick(now.min(released), &mut out);
             if let Ok(mut g) = shared.engine.lock() {
                 *g = engine.stats();
             }

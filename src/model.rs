@@ -188,6 +188,17 @@ pub enum EventKind {
         /// For UDP sends, the explicit destination (`msg_name`), if any.
         peer: Option<SocketAddr>,
     },
+    /// A syscall-context receive on a UDP socket, with the address and port
+    /// the socket is bound to (unspecified address for a wildcard bind, port
+    /// 0 when unbound). Ties a receive-only socket, which never sends a
+    /// packet the engine could learn its address from, to its ingress
+    /// packets.
+    UdpRecv {
+        /// The socket.
+        sock: SockAddr,
+        /// Bound local address and port.
+        local: SocketAddr,
+    },
     /// A packet on the local IP stack.
     Packet(Packet),
     /// The socket was released (close of the last reference).

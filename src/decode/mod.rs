@@ -73,6 +73,8 @@ pub enum DecoderKind {
     TcpConnect,
     /// `inet_csk_accept` return: sock fields.
     TcpAccept,
+    /// `udp_recvmsg`/`udpv6_recvmsg`: sock fields (only the local ones are used).
+    UdpRecv,
     /// Send/receive in syscall context: field sk; with `peer`, also
     /// namelen, nfamily, nport and naddr (V4) or naddr6 (V6).
     SockActivity {
@@ -265,6 +267,14 @@ struct PeerLocs {
     naddr: Loc,
 }
 
+/// Which event a [`Layout::Sock`] sample becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SockEvent {
+    Connect,
+    Accept,
+    UdpRecv,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Layout {
     SockCreate {
@@ -274,7 +284,7 @@ enum Layout {
         prot: Loc,
     },
     Sock {
-        accept: bool,
+        kind: SockEvent,
         l: SockLocs,
     },
     Activity {
@@ -391,11 +401,15 @@ impl Decoder {
                     prot: ff.data_loc("prot")?,
                 },
                 DecoderKind::TcpConnect => Layout::Sock {
-                    accept: false,
+                    kind: SockEvent::Connect,
                     l: ff.sock()?,
                 },
                 DecoderKind::TcpAccept => Layout::Sock {
-                    accept: true,
+                    kind: SockEvent::Accept,
+                    l: ff.sock()?,
+                },
+                DecoderKind::UdpRecv => Layout::Sock {
+                    kind: SockEvent::UdpRecv,
                     l: ff.sock()?,
                 },
                 DecoderKind::SockActivity {
@@ -526,7 +540,7 @@ impl Decoder {
                     transport,
                 }
             }
-            Layout::Sock { accept, l } => {
+            Layout::Sock { kind, l } => {
                 let sock = rec.uint(l.sk)?;
                 if sock == 0 {
                     return Ok(None);
@@ -544,18 +558,18 @@ impl Decoder {
                     ),
                     _ => return Ok(None),
                 };
-                if accept {
-                    EventKind::TcpAccept {
+                match kind {
+                    SockEvent::Accept => EventKind::TcpAccept {
                         sock,
                         local,
                         remote,
-                    }
-                } else {
-                    EventKind::TcpConnect {
+                    },
+                    SockEvent::Connect => EventKind::TcpConnect {
                         sock,
                         local,
                         remote,
-                    }
+                    },
+                    SockEvent::UdpRecv => EventKind::UdpRecv { sock, local },
                 }
             }
             Layout::Activity {

@@ -684,6 +684,10 @@ impl<C: Clock> Engine<C> {
                 op,
                 ..
             } => self.on_activity(t, ev.task, *sock, *transport, *op, out),
+            EventKind::UdpRecv { sock, local } => {
+                self.on_activity(t, ev.task, *sock, Transport::Udp, SockOp::Recv, out);
+                self.bind_udp_local(*sock, local);
+            }
             EventKind::SockClose { sock } => {
                 let Some(&s) = self.sock_index.get(sock) else {
                     self.stats.ignored_events += 1;
@@ -868,6 +872,30 @@ impl<C: Clock> Engine<C> {
             so.last = so.last.max(t);
         }
         self.attribute(s, task);
+    }
+
+    /// Records the bound local address of a UDP socket seen receiving, so
+    /// its ingress packets (which carry no socket) find it even when it
+    /// never sends. A wildcard bind is indexed by port only.
+    fn bind_udp_local(&mut self, sock: SockAddr, local: &SocketAddr) {
+        if local.port() == 0 {
+            return;
+        }
+        let Some(&s) = self.sock_index.get(&sock) else {
+            return;
+        };
+        let Some(so) = self.sockets.get_mut(s) else {
+            return;
+        };
+        if so.udp_local.is_some() || so.transport != Some(Transport::Udp) {
+            return;
+        }
+        let l = Ep::of(local);
+        so.udp_local = Some(l);
+        if !local.ip().is_unspecified() {
+            self.udp_local.insert(l, sock);
+        }
+        self.udp_port.insert(l.port, sock);
     }
 
     /// Sets the socket's owner from a syscall-context task and gives it to

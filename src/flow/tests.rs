@@ -1236,4 +1236,64 @@ fn exec_and_creds_events_shape_later_attributions() {
     assert_eq!(after.created, before.created, "same process across exec");
 }
 
+#[test]
+fn receive_only_udp_socket_is_found_through_its_recv_bound_address() {
+    let mut h = H::new();
+    let (specific, wildcard) = (0x7000, 0x7100);
+    h.create(S, 200, specific, Some(Udp));
+    h.create(S, 200, wildcard, Some(Udp));
+    // Blocking receives: the bound addresses are known before any packet.
+    for (sk, local) in [(specific, "127.0.0.1:9201"), (wildcard, "0.0.0.0:9301")] {
+        h.ev(
+            S + MS,
+            Some(200),
+            EventKind::UdpRecv {
+                sock: sk,
+                local: sa(local),
+            },
+        );
+    }
+    // Ingress packets carry no socket; the receivers never send.
+    for (i, (src, dst)) in [
+        ("127.0.0.1:50000", "127.0.0.1:9201"),
+        ("127.0.0.1:50000", "127.0.0.1:9201"),
+        ("10.0.0.5:50001", "10.0.0.1:9301"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        h.pkt(S + (2 + i as u64) * MS, None, Udp, In, src, dst, 228);
+    }
+    assert_eq!(h.eng.stats().unmatched_packets, 0);
+    h.tick(100 * S);
+    let mut v = h.flows();
+    v.sort_by_key(|r| r.local.port);
+    assert_eq!(v.len(), 2, "{v:#?}");
+    assert_eq!((v[0].sock, v[1].sock), (specific, wildcard));
+    assert_eq!(counters(&v[0]), (0, 0, 2, 456));
+    assert_eq!(counters(&v[1]), (0, 0, 1, 228));
+    assert_eq!(v[1].local.ip.to_string(), "10.0.0.1");
+    for r in &v {
+        assert_eq!(r.direction, FlowDirection::Ingress);
+        assert!(r.complete);
+        assert_eq!(r.process.as_ref().map(|p| p.pid), Some(200));
+    }
+}
+
+#[test]
+fn udp_recv_with_unbound_port_registers_nothing() {
+    let mut h = H::new();
+    h.create(S, 200, 0x7200, Some(Udp));
+    h.ev(
+        S + MS,
+        Some(200),
+        EventKind::UdpRecv {
+            sock: 0x7200,
+            local: sa("0.0.0.0:0"),
+        },
+    );
+    h.pkt(S + 2 * MS, None, Udp, In, "127.0.0.1:1", "127.0.0.1:9", 30);
+    assert_eq!(h.eng.stats().unmatched_packets, 1);
+}
+
 mod dns;

@@ -9,7 +9,7 @@
 //! | `sock_close`     | `inet_release(socket)`           | socket->sk, family                        | yes  |
 //! | `tcp_send/recv`  | `tcp_sendmsg`/`tcp_recvmsg`      | sk                                        | yes  |
 //! | `udp_send(6)`    | `udp_sendmsg`/`udpv6_sendmsg`    | sk, msg_namelen, msg_name family/port/addr| yes  |
-//! | `udp_recv(6)`    | `udp_recvmsg`/`udpv6_recvmsg`    | sk                                        | yes  |
+//! | `udp_recv(6)`    | `udp_recvmsg`/`udpv6_recvmsg`    | sock fields (bound local address, port)   | yes  |
 //! | `ip_out`         | `ip_output(net, sk, skb)`        | sk, skb->len, 64 bytes at skb->data (IPv4 header + ports) | no |
 //! | `ip6_out`        | `ip6_output(net, sk, skb)`       | sk, skb->len, 64 bytes at skb->data (IPv6 header + ports) | no |
 //! | `ip_in`          | `ip_local_deliver(skb)`          | skb->len, 64 bytes at skb->data           | no   |
@@ -277,9 +277,9 @@ pub fn probe_set(o: &Offsets) -> Vec<ProbeSpec> {
         kprobe(
             "udp_recv",
             &["udp_recvmsg"],
-            "sk=$arg1:x64".into(),
+            sock_fields(o, "$arg1"),
             true,
-            activity(Transport::Udp, SockOp::Recv, None),
+            DecoderKind::UdpRecv,
         ),
         ProbeSpec {
             ipv6_only: true,
@@ -296,9 +296,9 @@ pub fn probe_set(o: &Offsets) -> Vec<ProbeSpec> {
             ..kprobe(
                 "udp6_recv",
                 &["udpv6_recvmsg"],
-                "sk=$arg1:x64".into(),
+                sock_fields(o, "$arg1"),
                 true,
-                activity(Transport::Udp, SockOp::Recv, None),
+                DecoderKind::UdpRecv,
             )
         },
         kprobe(

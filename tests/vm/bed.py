@@ -70,6 +70,10 @@ CAPTURE_SNAPLEN = 256
 #: Modules loaded in the guest for networking (those built in are skipped).
 NET_MODULES = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
                "virtio_pci", "failover", "net_failover", "virtio_net")
+#: Extra guest ports forwarded from a free host port on 127.0.0.1, for
+#: scenarios whose traffic must cross eth0 (virtio); ``VM.forwards`` maps
+#: ``(proto, guest_port)`` to the host port.
+EXTRA_FORWARDS = (("tcp", 9180), ("udp", 9181))
 #: Host binaries copied into the guest with their shared libraries.
 HOST_TOOLS = ("/usr/bin/tcpdump", "/usr/bin/socat")
 
@@ -277,12 +281,18 @@ class VM:
         while self.control_port == self.grpc_port:
             self.control_port = free_port()
         #: guest TCP port -> host port on 127.0.0.1, beyond gRPC and control.
-        self.forwards: dict[int, int] = {}
+        self.forwards: dict[int | tuple[str, int], int] = {}
         for guest_port in sorted(set(extra_forwards) - {GUEST_GRPC_PORT, GUEST_CONTROL_PORT}):
             host = free_port()
             while host in (self.grpc_port, self.control_port, *self.forwards.values()):
                 host = free_port()
             self.forwards[guest_port] = host
+        # Fixed (protocol, guest port) forwards of the virtio scenarios.
+        for fw in EXTRA_FORWARDS:
+            host = free_port()
+            while host in (self.grpc_port, self.control_port, *self.forwards.values()):
+                host = free_port()
+            self.forwards[fw] = host
         self.shell = shell
         self.extra_files = extra_files
         self.proc: subprocess.Popen | None = None
@@ -315,7 +325,8 @@ class VM:
                    f"bed.shell={1 if self.shell else 0} net.ifnames=0 tsc=reliable no_timer_check")
         netdev = (f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.grpc_port}-:{GUEST_GRPC_PORT},"
                   f"hostfwd=tcp:127.0.0.1:{self.control_port}-:{GUEST_CONTROL_PORT}"
-                  + "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in self.forwards.items()))
+                  + "".join(f",hostfwd={k[0] if isinstance(k, tuple) else 'tcp'}:127.0.0.1:{h}-"
+                            f":{k[1] if isinstance(k, tuple) else k}" for k, h in self.forwards.items()))
         argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(VM_CPUS),
                 "-m", str(VM_MEMORY_MB), "-nographic", "-no-reboot", "-nodefaults",
                 "-kernel", str(self.kernel.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
@@ -360,7 +371,7 @@ class VM:
             return self.grpc_port
         if guest_port not in self.forwards:
             raise BedError(f"guest port {guest_port} is not forwarded; declare it in the test module's "
-                           f"GUEST_FORWARDS (forwarded: {sorted(self.forwards)})")
+                           f"GUEST_FORWARDS (forwarded: {sorted(map(str, self.forwards))})")
         return self.forwards[guest_port]
 
     def close(self) -> None:
