@@ -409,6 +409,15 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Whether an environment variable is a configuration key: the prefix,
+/// then `<SECTION>__<KEY>`. Other `SOCKSCOPE_…` variables without the
+/// nesting separator (e.g. `SOCKSCOPE_KERNELS` of the test bed) are not
+/// configuration and are left alone.
+fn is_config_var(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|rest| rest.contains(ENV_SEPARATOR))
+}
+
 /// Loads the configuration: defaults < YAML file < `SOCKSCOPE_…`
 /// environment < `-E key=value` overrides, then validates it.
 pub fn load(path: Option<&std::path::Path>, overrides: &[String]) -> Result<Config, ConfigError> {
@@ -432,7 +441,7 @@ pub fn load_from(
     let prefix = format!("{ENV_PREFIX}_");
     let env: ::config::Map<String, String> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with(&prefix))
+        .filter(|(k, _)| is_config_var(k, &prefix))
         .collect();
     b = b.add_source(
         ::config::Environment::with_prefix(ENV_PREFIX)

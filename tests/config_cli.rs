@@ -173,3 +173,29 @@ fn binary_exit_codes() {
     );
     assert_eq!(out.status.code(), Some(exit::UNAVAILABLE));
 }
+
+#[test]
+fn only_sectioned_environment_variables_are_configuration() {
+    // Variables without the `__` nesting separator belong to other tools
+    // (e.g. the test bed's SOCKSCOPE_KERNELS) and are ignored...
+    let cfg = config::load_from(
+        None,
+        env(&[
+            ("SOCKSCOPE_KERNELS", "bookworm"),
+            ("SOCKSCOPE_VM_LOGS", "/tmp/x"),
+        ]),
+        &[],
+    )
+    .expect("unrelated SOCKSCOPE_ variables are not configuration");
+    assert_eq!(
+        cfg.socket.flow_inactive_timeout,
+        config::DEFAULT_FLOW_INACTIVE_TIMEOUT
+    );
+    // ...while a sectioned one with an unknown key is still an error.
+    let (key, _) = invalid_key(config::load_from(
+        None,
+        env(&[("SOCKSCOPE_SOCKET__NO_SUCH_KEY", "1")]),
+        &[],
+    ));
+    assert_eq!(key, "socket.no_such_key");
+}
