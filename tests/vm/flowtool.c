@@ -8,12 +8,16 @@
  *   flowtool [-u UID:GID] MODE ARGS...
  *
  *   tcp-serve   ADDR PORT N          accept N connections one after the other;
- *                                    read each until EOF, answer "ok\n", close
+ *                                    read each up to a newline, answer "ok\n",
+ *                                    read until the client closes, close
  *   tcp-recv    ADDR PORT N          like tcp-serve but never writes (receive-only)
  *   tcp-source  ADDR PORT SECONDS    accept one connection, write a 4 KiB block
  *                                    every 100 ms for SECONDS, close
  *   tcp-client  ADDR PORT N SIZE     N connections one after the other: send SIZE
- *                                    bytes, shut down writing, read until EOF
+ *                                    bytes (the last a newline), read the "ok\n"
+ *                                    answer, close first (the client keeps
+ *                                    TIME_WAIT, so no 4-tuple repeats); SIZE 0:
+ *                                    shut down writing and read until EOF
  *   udp-echo    ADDR PORT N          one unconnected socket: receive N datagrams,
  *                                    send each back to its sender
  *   udp-recv    ADDR PORT N          one unconnected socket: receive N datagrams
@@ -126,15 +130,50 @@ static void write_all(int fd, const char *p, size_t len) {
     }
 }
 
+/* Reads until a newline (or EOF). */
+static void read_line(int fd) {
+    char buf[BLOCK];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) != 0) {
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            die("read");
+        }
+        if (memchr(buf, '\n', (size_t)n))
+            return;
+    }
+}
+
+/* Reads exactly len bytes. */
+static void read_exact(int fd, size_t len) {
+    char buf[BLOCK];
+    while (len > 0) {
+        ssize_t n = read(fd, buf, len < sizeof buf ? len : sizeof buf);
+        if (n == 0) {
+            fprintf(stderr, "flowtool: early EOF\n");
+            exit(2);
+        }
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            die("read");
+        }
+        len -= (size_t)n;
+    }
+}
+
 static void tcp_serve(const char *ip, int port, long n, int reply) {
     int lfd = bound(SOCK_STREAM, ip, port);
     for (long i = 0; i < n; i++) {
         int fd = accept(lfd, NULL, NULL);
         if (fd < 0)
             die("accept");
-        drain(fd);
-        if (reply)
+        if (reply) {
+            read_line(fd);
             write_all(fd, "ok\n", 3);
+        }
+        drain(fd);
         close(fd);
     }
     close(lfd);
@@ -171,9 +210,14 @@ static void tcp_client(const char *ip, int port, long n, long size) {
         if (connect(fd, (struct sockaddr *)&ss, len) < 0)
             die("connect");
         print_local(fd);
-        write_all(fd, buf, (size_t)size);
-        shutdown(fd, SHUT_WR);
-        drain(fd);
+        if (size > 0) {
+            buf[size - 1] = '\n';
+            write_all(fd, buf, (size_t)size);
+            read_exact(fd, 3);
+        } else {
+            shutdown(fd, SHUT_WR);
+            drain(fd);
+        }
         close(fd);
     }
     free(buf);

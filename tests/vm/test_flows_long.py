@@ -24,6 +24,10 @@ MIN_INTERIM = 2
 def test_burst_of_600_connections(vm):
     """600 short connections: 600 distinct flows per side, none lost or merged, counters exact."""
     flowlib.install_guest_tools(vm)
+    # Loopback reuses TIME_WAIT ports by default (tcp_tw_reuse=2): turn that
+    # off so every connection has its own 4-tuple and can be told apart.
+    tw = vm.run("cat /proc/sys/net/ipv4/tcp_tw_reuse", check=True).out.strip()
+    vm.run("echo 0 >/proc/sys/net/ipv4/tcp_tw_reuse", check=True)
     vm.start_daemon(flowlib.DAEMON_ARGS)
     stream = FlowStream(vm)
     pb = stream.pb
@@ -59,6 +63,7 @@ def test_burst_of_600_connections(vm):
         assert not stream.losses(), f"loss notices: {stream.losses()}"
     finally:
         stream.close()
+        vm.run(f"echo {tw} >/proc/sys/net/ipv4/tcp_tw_reuse")
     assert vm.stop_daemon("TERM") == 0
 
 
