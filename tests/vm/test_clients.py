@@ -23,7 +23,7 @@ import bed
 import grpc_client
 
 HTTP_PORT = 8080
-UDP_PORT = 9201
+UDP_PORT = 9301
 #: Source ports of the UDP sends (bound so they are known).
 UDP_SENDERS = (9211, 9212)
 FLOW_ARGS = ["-E", "socket.flow_inactive_timeout=2s", "-E", "socket.flow_termination_timeout=1s"]
