@@ -82,7 +82,9 @@ def test_flow_on_guessed_offsets_matches_capture(vm):
         stream = stub.StreamFlows(pb.StreamFlowsRequest(follow=True), timeout=FLOW_WAIT_S)
         time.sleep(1)  # let the subscription register before the traffic
         with vm.capture(f"tcp port {HTTP_PORT}") as cap:
-            vm.run(f"wget -q -O /dev/null http://127.0.0.1:{HTTP_PORT}/index.html", check=True)
+            # The shell prints its pid, then becomes wget (same pid).
+            wget = vm.run(f"sh -c 'echo $$; exec wget -q -O /dev/null http://127.0.0.1:{HTTP_PORT}/index.html'",
+                          check=True)
         client = next(k for k in cap.totals.sent if k[0] == "tcp" and k[2] == ("127.0.0.1", HTTP_PORT))
         flows = {}
         for resp in stream:
@@ -102,7 +104,10 @@ def test_flow_on_guessed_offsets_matches_capture(vm):
                                    local_packets=f.local.packets, local_bytes=f.local.bytes,
                                    remote_packets=f.remote.packets, remote_bytes=f.remote.bytes)
     client_flow = flows[(client[1][1], HTTP_PORT)]
-    assert client_flow.process.name == "wget" or "wget" in client_flow.process.executable
+    # Attributed to the wget process itself. (Its name can read "exe": busybox
+    # re-executes itself through /proc/self/exe, and a process that has
+    # already exited cannot be looked up in /proc any more.)
+    assert client_flow.process.pid == int(wget.out.split()[0]), client_flow.process
     assert client_flow.network.direction == pb.DIRECTION_EGRESS
     assert flows[(HTTP_PORT, client[1][1])].network.direction == pb.DIRECTION_INGRESS
     assert vm.stop_daemon("TERM") == 0
