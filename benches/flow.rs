@@ -35,8 +35,10 @@ fn engine(flows: usize) -> Engine<OffsetClock> {
         max_sockets: flows * 2,
         max_flows: flows * 2,
         max_embryonic: 1024,
+        max_parked_udp: 1024,
         include_self: false,
         own_pid: 1,
+        own_tcp_ports: Vec::new(),
     };
     let procs = ProcessTable::new(
         Box::new(FakeProcSource::default()),

@@ -17,6 +17,11 @@
 //! sockets at a reused address are never merged. The same holds for a
 //! `SockActivity` on a closed socket, and for a packet whose socket is known
 //! with a different TCP 4-tuple or transport (events were lost in between).
+//! A closed TCP socket still in its termination wait is not ended by the
+//! reuse but retired: the new socket takes the address, the old flows keep
+//! their 4-tuple and count late packets until the wait ends (the kernel
+//! reuses a socket's memory as soon as a closing connection turns into a
+//! TIME_WAIT mini-socket, while its last ACK is still to be sent).
 //!
 //! # Packets
 //!
@@ -46,8 +51,15 @@
 //! A UDP packet is looked up by its socket and remote endpoint. An ingress
 //! packet without a socket is matched through the local (address, port)
 //! index of known UDP sockets, then by port alone (sockets bound to a
-//! wildcard address); with no match it is counted as `unmatched_packets`. A
-//! packet of a socket never seen creates the socket.
+//! wildcard address). With no match it is *parked*: counted per (local,
+//! remote) endpoint pair in a bounded table, until a socket's local endpoint
+//! becomes known (its first `UdpRecv`, or a packet it sends from that
+//! endpoint) and claims the pairs it receives for, or until
+//! `flow_inactive_timeout` passes without a datagram to that port; then its
+//! datagrams are counted as `unmatched_packets` (also when the table is
+//! full). So datagrams queued for a receive-only socket before its first
+//! `recvfrom` (or before the daemon started) land on its flows. A packet of
+//! a socket never seen creates the socket.
 //!
 //! IPv4 addresses are kept as IPv4-mapped IPv6 internally, so a dual-stack
 //! socket talking to `::ffff:a.b.c.d` matches the IPv4 packets it produces;
@@ -69,7 +81,9 @@
 //! keeps the first owner it was attributed to (a snapshot of the process at
 //! that moment, immune to pid reuse); new flows take the socket's latest
 //! owner. Flows owned by the daemon's own pid are tracked but not reported
-//! unless `include_self`.
+//! unless `include_self`; so are TCP flows without an owner whose local
+//! port is one the daemon listens on (`own_tcp_ports`: a connection to the
+//! daemon whose handshake was seen but no syscall on it yet).
 //!
 //! # Expiry and records
 //!
@@ -154,6 +168,8 @@ impl Clock for OffsetClock {
 pub const MAX_TABLE_BOUND: usize = 1 << 30;
 /// Default bound of the embryonic table.
 pub const DEFAULT_MAX_EMBRYONIC: usize = 16_384;
+/// Default bound of the table of parked UDP endpoint pairs.
+pub const DEFAULT_MAX_PARKED_UDP: usize = 4_096;
 /// A timer heap is compacted when it holds more than this many entries per
 /// live flow (plus [`HEAP_SLACK_MIN`]).
 const HEAP_SLACK_FACTOR: usize = 3;
@@ -187,10 +203,14 @@ pub struct EngineConfig {
     pub max_flows: usize,
     /// Most tracked embryonic TCP tuples.
     pub max_embryonic: usize,
+    /// Most parked UDP (local, remote) endpoint pairs.
+    pub max_parked_udp: usize,
     /// Report flows of the daemon's own process.
     pub include_self: bool,
     /// The daemon's pid.
     pub own_pid: u32,
+    /// Local TCP ports the daemon listens on (gRPC, health, metrics).
+    pub own_tcp_ports: Vec<u16>,
 }
 
 impl EngineConfig {
@@ -205,10 +225,30 @@ impl EngineConfig {
             max_sockets: cfg.limits.max_sockets,
             max_flows: cfg.limits.max_flows,
             max_embryonic: DEFAULT_MAX_EMBRYONIC.min(cfg.limits.max_flows.max(1)),
+            max_parked_udp: DEFAULT_MAX_PARKED_UDP.min(cfg.limits.max_flows.max(1)),
             include_self: s.include_self,
             own_pid,
+            own_tcp_ports: own_tcp_ports(cfg),
         }
     }
+}
+
+/// The ports of the daemon's TCP listeners in `cfg` (unparsable or empty
+/// addresses, already refused by validation, are skipped).
+fn own_tcp_ports(cfg: &Config) -> Vec<u16> {
+    let mut ports: Vec<u16> = [
+        &cfg.server.listen,
+        &cfg.server.health_listen,
+        &cfg.metrics.listen,
+    ]
+    .iter()
+    .filter_map(|a| a.trim().parse::<SocketAddr>().ok())
+    .map(|a| a.port())
+    .filter(|&p| p != 0)
+    .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 impl Default for EngineConfig {
@@ -258,6 +298,10 @@ pub struct EngineStats {
     pub embryonic_dropped: u64,
     /// Packets that matched no socket.
     pub unmatched_packets: u64,
+    /// Parked UDP endpoint pairs (datagrams waiting for their socket).
+    pub parked_udp: usize,
+    /// Parked UDP endpoint pairs a socket claimed.
+    pub parked_udp_claimed: u64,
     /// Events ignored as meaningless (e.g. close of an unknown socket).
     pub ignored_events: u64,
 }
@@ -401,6 +445,25 @@ struct Embryo {
     hint: Option<SockAddr>,
 }
 
+/// Datagrams received for a (local, remote) endpoint pair no known socket
+/// matched yet.
+#[derive(Debug, Clone, Copy)]
+struct Parked {
+    local: Ep,
+    remote: Ep,
+    packets: u64,
+    bytes: u64,
+    first: KernelTime,
+    last: KernelTime,
+}
+
+/// The parked pairs of one local port, and the latest arrival among them.
+#[derive(Debug, Default)]
+struct ParkedPort {
+    pairs: Vec<Parked>,
+    last: KernelTime,
+}
+
 /// A pending deadline: (time, slot, identity of the slot's occupant).
 type Due = Reverse<(KernelTime, u32, u64)>;
 
@@ -426,8 +489,10 @@ pub struct Engine<C: Clock> {
     max_sockets: usize,
     max_flows: usize,
     max_embryonic: usize,
+    max_parked_udp: usize,
     include_self: bool,
     own_pid: u32,
+    own_tcp_ports: Vec<u16>,
 
     sockets: Slab<Socket>,
     flows: Slab<Flow>,
@@ -438,6 +503,12 @@ pub struct Engine<C: Clock> {
     udp_local: HashMap<Ep, SockAddr>,
     udp_port: HashMap<u16, SockAddr>,
     embryo_index: HashMap<Tuple, u32>,
+    /// Parked UDP datagrams by local port.
+    parked: HashMap<u16, ParkedPort>,
+    /// Parked pairs over all ports.
+    parked_pairs: usize,
+    /// Expiry checks of parked ports: (due, port), re-checked lazily.
+    parked_due: BinaryHeap<Reverse<(KernelTime, u16)>>,
     flow_due: BinaryHeap<Due>,
     sock_due: BinaryHeap<Due>,
     embryo_due: BinaryHeap<Due>,
@@ -484,8 +555,10 @@ impl<C: Clock> Engine<C> {
             max_sockets,
             max_flows,
             max_embryonic: cfg.max_embryonic.clamp(1, MAX_TABLE_BOUND),
+            max_parked_udp: cfg.max_parked_udp.min(MAX_TABLE_BOUND),
             include_self: cfg.include_self,
             own_pid: cfg.own_pid,
+            own_tcp_ports: cfg.own_tcp_ports,
             sockets: Slab::default(),
             flows: Slab::default(),
             embryos: Slab::default(),
@@ -495,6 +568,9 @@ impl<C: Clock> Engine<C> {
             udp_local: HashMap::new(),
             udp_port: HashMap::new(),
             embryo_index: HashMap::new(),
+            parked: HashMap::new(),
+            parked_pairs: 0,
+            parked_due: BinaryHeap::new(),
             flow_due: BinaryHeap::new(),
             sock_due: BinaryHeap::new(),
             embryo_due: BinaryHeap::new(),
@@ -569,6 +645,9 @@ impl<C: Clock> Engine<C> {
             + heap(&self.flow_due)
             + heap(&self.sock_due)
             + heap(&self.embryo_due)
+            + map(&self.parked)
+            + self.parked_pairs * std::mem::size_of::<Parked>()
+            + self.parked_due.capacity() * std::mem::size_of::<Reverse<(KernelTime, u16)>>()
     }
 
     /// The process table.
@@ -582,8 +661,12 @@ impl<C: Clock> Engine<C> {
             sockets: self.sockets.len(),
             flows: self.flows.len(),
             embryonic: self.embryos.len(),
+            parked_udp: self.parked_pairs,
             processes: self.procs.len(),
-            timers: self.flow_due.len() + self.sock_due.len() + self.embryo_due.len(),
+            timers: self.flow_due.len()
+                + self.sock_due.len()
+                + self.embryo_due.len()
+                + self.parked_due.len(),
             ..self.stats
         }
     }
@@ -686,7 +769,7 @@ impl<C: Clock> Engine<C> {
             } => self.on_activity(t, ev.task, *sock, *transport, *op, out),
             EventKind::UdpRecv { sock, local } => {
                 self.on_activity(t, ev.task, *sock, Transport::Udp, SockOp::Recv, out);
-                self.bind_udp_local(*sock, local);
+                self.bind_udp_local(*sock, local, out);
             }
             EventKind::SockClose { sock } => {
                 let Some(&s) = self.sock_index.get(sock) else {
@@ -877,7 +960,12 @@ impl<C: Clock> Engine<C> {
     /// Records the bound local address of a UDP socket seen receiving, so
     /// its ingress packets (which carry no socket) find it even when it
     /// never sends. A wildcard bind is indexed by port only.
-    fn bind_udp_local(&mut self, sock: SockAddr, local: &SocketAddr) {
+    fn bind_udp_local(
+        &mut self,
+        sock: SockAddr,
+        local: &SocketAddr,
+        out: &mut Vec<Output>,
+    ) {
         if local.port() == 0 {
             return;
         }
@@ -892,10 +980,12 @@ impl<C: Clock> Engine<C> {
         }
         let l = Ep::of(local);
         so.udp_local = Some(l);
-        if !local.ip().is_unspecified() {
+        let wildcard = local.ip().is_unspecified();
+        if !wildcard {
             self.udp_local.insert(l, sock);
         }
         self.udp_port.insert(l.port, sock);
+        self.claim_parked(s, l, wildcard, out);
     }
 
     /// Sets the socket's owner from a syscall-context task and gives it to
@@ -1116,7 +1206,11 @@ impl<C: Clock> Engine<C> {
             {
                 Some(&sa) => sa,
                 None => {
-                    self.stats.unmatched_packets += 1;
+                    if p.dir == PacketDir::Ingress {
+                        self.park(t, l, r, p.ip_len);
+                    } else {
+                        self.stats.unmatched_packets += 1;
+                    }
                     return;
                 }
             },
@@ -1164,10 +1258,11 @@ impl<C: Clock> Engine<C> {
                 self.new_socket(t, sa, Some(Transport::Udp), false, out)
             }
         };
-        let (dir, complete) = match self.sockets.get_mut(s) {
+        let (dir, complete, learnt) = match self.sockets.get_mut(s) {
             Some(so) => {
                 so.transport = Some(Transport::Udp);
-                if so.udp_local.is_none() {
+                let learnt = so.udp_local.is_none();
+                if learnt {
                     so.udp_local = Some(l);
                     self.udp_local.insert(l, sa);
                     self.udp_port.insert(l.port, sa);
@@ -1177,7 +1272,7 @@ impl<C: Clock> Engine<C> {
                     (true, PacketDir::Egress) => FlowDirection::Egress,
                     (true, PacketDir::Ingress) => FlowDirection::Ingress,
                 };
-                (dir, so.origin_seen)
+                (dir, so.origin_seen, learnt)
             }
             None => return,
         };
@@ -1188,6 +1283,131 @@ impl<C: Clock> Engine<C> {
         }
         if let Some(fl) = self.flows.get_mut(f) {
             fl.count(p.dir, p.ip_len, t);
+        }
+        if learnt {
+            self.claim_parked(s, l, false, out);
+        }
+    }
+
+    // ----- parked UDP datagrams -----
+
+    /// Parks an ingress datagram no socket matched.
+    fn park(&mut self, t: KernelTime, local: Ep, remote: Ep, len: u32) {
+        let port = self.parked.entry(local.port).or_default();
+        port.last = port.last.max(t);
+        if let Some(pk) = port
+            .pairs
+            .iter_mut()
+            .find(|pk| pk.local == local && pk.remote == remote)
+        {
+            pk.packets += 1;
+            pk.bytes += u64::from(len);
+            pk.last = pk.last.max(t);
+            return;
+        }
+        if self.parked_pairs >= self.max_parked_udp {
+            if port.pairs.is_empty() {
+                self.parked.remove(&local.port);
+            }
+            self.stats.unmatched_packets += 1;
+            return;
+        }
+        let fresh = port.pairs.is_empty();
+        port.pairs.push(Parked {
+            local,
+            remote,
+            packets: 1,
+            bytes: u64::from(len),
+            first: t,
+            last: t,
+        });
+        self.parked_pairs += 1;
+        if fresh {
+            self.parked_due
+                .push(Reverse((t.saturating_add(self.inactive), local.port)));
+        }
+    }
+
+    /// Gives socket `s`, now known to receive at `local` (any address of
+    /// that port when `wildcard`), the datagrams parked for it.
+    fn claim_parked(
+        &mut self,
+        s: u32,
+        local: Ep,
+        wildcard: bool,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(mut port) = self.parked.remove(&local.port) else {
+            return;
+        };
+        let (mine, rest): (Vec<Parked>, Vec<Parked>) = port
+            .pairs
+            .drain(..)
+            .partition(|pk| wildcard || pk.local == local);
+        if !rest.is_empty() {
+            port.pairs = rest;
+            self.parked.insert(local.port, port);
+        }
+        let Some(so) = self.sockets.get(s) else {
+            self.stats.unmatched_packets += mine.iter().map(|pk| pk.packets).sum::<u64>();
+            self.parked_pairs -= mine.len();
+            return;
+        };
+        let (sa, complete) = (so.addr, so.origin_seen);
+        let dir = if complete {
+            FlowDirection::Ingress
+        } else {
+            FlowDirection::Unknown
+        };
+        for pk in mine {
+            self.parked_pairs -= 1;
+            self.stats.parked_udp_claimed += 1;
+            let f = match self.peer_index.get(&(sa, pk.remote)) {
+                Some(&f) => f,
+                None => {
+                    let f = self.new_flow(
+                        pk.first,
+                        s,
+                        Transport::Udp,
+                        pk.local,
+                        pk.remote,
+                        dir,
+                        complete,
+                        out,
+                    );
+                    self.peer_index.insert((sa, pk.remote), f);
+                    f
+                }
+            };
+            if let Some(fl) = self.flows.get_mut(f) {
+                fl.in_packets += pk.packets;
+                fl.in_bytes += pk.bytes;
+                fl.first = fl.first.min(pk.first);
+                fl.last = fl.last.max(pk.last);
+            }
+        }
+    }
+
+    /// Drops parked ports whose last datagram is `flow_inactive_timeout`
+    /// old, counting their datagrams as unmatched.
+    fn expire_parked(&mut self, now: KernelTime) {
+        while let Some(&Reverse((due, port))) = self.parked_due.peek() {
+            if due > now {
+                break;
+            }
+            self.parked_due.pop();
+            let Some(p) = self.parked.get(&port) else {
+                continue;
+            };
+            let again = p.last.saturating_add(self.inactive);
+            if again > now {
+                self.parked_due.push(Reverse((again, port)));
+                continue;
+            }
+            if let Some(p) = self.parked.remove(&port) {
+                self.parked_pairs -= p.pairs.len();
+                self.stats.unmatched_packets += p.pairs.iter().map(|pk| pk.packets).sum::<u64>();
+            }
         }
     }
 
@@ -1473,9 +1693,27 @@ impl<C: Clock> Engine<C> {
         }
     }
 
+    /// A new socket took the address of socket `s`. A closed TCP socket
+    /// whose termination wait is still running is *retired*: it leaves the
+    /// address index to the new socket but keeps its flows (and their tuple)
+    /// until its close timer ends it, so the late packets of the old
+    /// connection (a FIN's ACK, sent after the kernel freed the socket and
+    /// reused its memory) still count. Any other socket ends at once.
     fn reuse(&mut self, s: u32, out: &mut Vec<Output>) {
         self.stats.socket_reuses += 1;
-        self.end_socket(s, out);
+        let retire = self
+            .sockets
+            .get(s)
+            .is_some_and(|so| so.closed_at.is_some() && so.tuple.is_some() && so.udp_local.is_none());
+        if !retire {
+            self.end_socket(s, out);
+            return;
+        }
+        if let Some(so) = self.sockets.get(s) {
+            if self.sock_index.get(&so.addr) == Some(&s) {
+                self.sock_index.remove(&so.addr);
+            }
+        }
     }
 
     /// Evicts one flow: the earliest-deadline flow not active since it was
@@ -1573,6 +1811,7 @@ impl<C: Clock> Engine<C> {
                 self.fire_flow(slot, id, now, out);
             }
         }
+        self.expire_parked(now);
         self.procs.expire(now);
         self.dns_tick(now);
         self.note_process_evictions(now);
@@ -1727,6 +1966,16 @@ impl<C: Clock> Engine<C> {
         }
         self.embryos = Slab::default();
         self.embryo_index.clear();
+        let parked: u64 = self
+            .parked
+            .values()
+            .flat_map(|p| p.pairs.iter())
+            .map(|pk| pk.packets)
+            .sum();
+        self.stats.unmatched_packets += parked;
+        self.parked.clear();
+        self.parked_pairs = 0;
+        self.parked_due.clear();
         self.flow_due.clear();
         self.sock_due.clear();
         self.embryo_due.clear();
@@ -1754,10 +2003,24 @@ impl<C: Clock> Engine<C> {
         }
     }
 
+    /// Whether a flow belongs to the daemon itself: owned by its pid, or a
+    /// TCP flow without an owner on one of its listening ports (a
+    /// connection the daemon accepted before any syscall on it was seen).
+    fn is_own(&self, fl: &Flow) -> bool {
+        match fl.owner.as_ref() {
+            Some(o) => o.pid == self.own_pid,
+            None => {
+                fl.transport == Transport::Tcp
+                    && fl.direction != FlowDirection::Egress
+                    && self.own_tcp_ports.contains(&fl.local.port)
+            }
+        }
+    }
+
     /// The record of a flow, or `None` when it belongs to the daemon itself
     /// and `include_self` is off.
     fn record(&self, fl: &Flow, sock: SockAddr, is_final: bool) -> Option<FlowRecord> {
-        if !self.include_self && fl.owner.as_ref().is_some_and(|o| o.pid == self.own_pid) {
+        if !self.include_self && self.is_own(fl) {
             return None;
         }
         let (lip, rip) = (fl.local.ip_addr(), fl.remote.ip_addr());

@@ -29,6 +29,10 @@ _KERNEL_INFO: dict[str, dict] = defaultdict(dict)
 _OUTCOMES: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
 
+#: How long a daemon left running by a test gets to stop after a signal.
+DAEMON_STOP_TIMEOUT_S = 15
+
+
 @pytest.fixture(scope="session", params=kernels.selected_suites())
 def vm_session(request):
     """The booted guest of one kernel suite, shared by all tests of that suite."""
@@ -58,11 +62,17 @@ def vm(vm_session):
     """The current kernel's guest; a daemon still running after the test is stopped."""
     yield vm_session
     if vm_session.daemon is not None and vm_session.proc.poll() is None:
+        # TERM first, so the daemon removes its probes and the next test
+        # starts from a clean tracefs; KILL only when it does not stop.
         try:
             (vm_session.logdir / "sockscope.log").write_text(vm_session.daemon_log())
-            vm_session.stop_daemon("KILL", timeout=10)
+            vm_session.stop_daemon("TERM", timeout=DAEMON_STOP_TIMEOUT_S)
         except (OSError, bed.BedError):
-            vm_session.daemon = None
+            if vm_session.daemon is not None:
+                try:
+                    vm_session.stop_daemon("KILL", timeout=DAEMON_STOP_TIMEOUT_S)
+                except (OSError, bed.BedError):
+                    vm_session.daemon = None
 
 
 def _suite_of(item) -> str | None:
@@ -80,7 +90,9 @@ def pytest_runtest_makereport(item, call):
     if suite is None:
         return
     if rep.when == "call" or (rep.when == "setup" and not rep.passed):
-        _OUTCOMES[suite]["passed" if rep.passed else "skipped" if rep.skipped else
+        xfail = hasattr(rep, "wasxfail")
+        _OUTCOMES[suite]["xpassed" if xfail and rep.passed else "xfailed" if xfail and rep.skipped else
+                         "passed" if rep.passed else "skipped" if rep.skipped else
                          "failed" if rep.when == "call" else "error"] += 1
     if rep.failed:
         v = item.funcargs.get("vm") or item.funcargs.get("vm_session")

@@ -85,7 +85,8 @@ def test_long_download_interim_updates(vm):
         got = stream.wait_finals(pb.TRANSPORT_TCP, [s[0] for s in sides])
         problems = {pair: flowlib.flow_problems(got[pair][0], cap.totals, "tcp", direction=d, pid=p.pid, user=u)
                     for pair, d, p, u in sides}
-        assert not any(problems.values()), problems
+        assert not any(problems.values()), "\n".join(f"{pair}: {pr}" for pair, pr in problems.items() if pr) \
+            + f"\nrecords: {[got[s[0]] for s in sides]}\nlosses: {stream.losses()}"
         for pair, direction, proc, user in sides:
             flowlib.check_flow(got[pair], cap.totals, "tcp", direction=direction, pid=proc.pid, user=user)
             final = got[pair][0]
