@@ -6,9 +6,28 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
-use sockscope::enrich::dns::net::{self, ETH_P_IP, ETH_P_IPV6, MAX_CNAME_CHAIN};
-use sockscope::enrich::dns::wire::{self, MAX_ANSWER_RECORDS, MAX_NAME_WIRE_LEN};
-use sockscope::enrich::dns::{DnsResponse, DnsTable, TableLimits};
+
+// The daemon's DNS parsing modules, compiled from their source files (they
+// depend on nothing else of the daemon), so the instrumented build does not
+// have to compile the whole daemon. They refer to each other through
+// `super::`, which is this crate's root here.
+#[allow(dead_code)]
+#[path = "../../src/enrich/dns/net.rs"]
+mod net;
+#[allow(dead_code)]
+#[path = "../../src/enrich/dns/response.rs"]
+mod response;
+#[allow(dead_code)]
+#[path = "../../src/enrich/dns/table.rs"]
+mod table;
+#[allow(dead_code)]
+#[path = "../../src/enrich/dns/wire.rs"]
+mod wire;
+
+use net::{Address, ETH_P_IP, ETH_P_IPV6, MAX_CNAME_CHAIN};
+use response::{DnsName, DnsResponse};
+use table::{DnsTable, TableLimits};
+use wire::{MAX_ANSWER_RECORDS, MAX_NAME_WIRE_LEN};
 
 /// Longest presentation form of a name: every octet escaped as `\DDD`.
 const MAX_NAME_TEXT_LEN: usize = MAX_NAME_WIRE_LEN * 4;

@@ -960,12 +960,7 @@ impl<C: Clock> Engine<C> {
     /// Records the bound local address of a UDP socket seen receiving, so
     /// its ingress packets (which carry no socket) find it even when it
     /// never sends. A wildcard bind is indexed by port only.
-    fn bind_udp_local(
-        &mut self,
-        sock: SockAddr,
-        local: &SocketAddr,
-        out: &mut Vec<Output>,
-    ) {
+    fn bind_udp_local(&mut self, sock: SockAddr, local: &SocketAddr, out: &mut Vec<Output>) {
         if local.port() == 0 {
             return;
         }
@@ -1330,13 +1325,7 @@ impl<C: Clock> Engine<C> {
 
     /// Gives socket `s`, now known to receive at `local` (any address of
     /// that port when `wildcard`), the datagrams parked for it.
-    fn claim_parked(
-        &mut self,
-        s: u32,
-        local: Ep,
-        wildcard: bool,
-        out: &mut Vec<Output>,
-    ) {
+    fn claim_parked(&mut self, s: u32, local: Ep, wildcard: bool, out: &mut Vec<Output>) {
         let Some(mut port) = self.parked.remove(&local.port) else {
             return;
         };
@@ -1701,10 +1690,9 @@ impl<C: Clock> Engine<C> {
     /// reused its memory) still count. Any other socket ends at once.
     fn reuse(&mut self, s: u32, out: &mut Vec<Output>) {
         self.stats.socket_reuses += 1;
-        let retire = self
-            .sockets
-            .get(s)
-            .is_some_and(|so| so.closed_at.is_some() && so.tuple.is_some() && so.udp_local.is_none());
+        let retire = self.sockets.get(s).is_some_and(|so| {
+            so.closed_at.is_some() && so.tuple.is_some() && so.udp_local.is_none()
+        });
         if !retire {
             self.end_socket(s, out);
             return;

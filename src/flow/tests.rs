@@ -1325,15 +1325,58 @@ fn datagrams_queued_before_the_first_receive_land_on_the_socket() {
     h.create(S, 201, wildcard, Some(Udp));
     // Datagrams arrive before either socket called recvfrom.
     h.pkt(2 * S, None, Udp, In, "10.0.0.5:5000", "10.0.0.1:9401", 100);
-    h.pkt(2 * S + MS, None, Udp, In, "10.0.0.5:5000", "10.0.0.1:9401", 100);
-    h.pkt(2 * S + 2 * MS, None, Udp, In, "10.0.0.6:5000", "10.0.0.1:9401", 50);
-    h.pkt(2 * S + 3 * MS, None, Udp, In, "10.0.0.7:5000", "10.0.0.2:9501", 70);
-    h.pkt(2 * S + 4 * MS, None, Udp, In, "10.0.0.7:5000", "10.0.0.3:9501", 70);
+    h.pkt(
+        2 * S + MS,
+        None,
+        Udp,
+        In,
+        "10.0.0.5:5000",
+        "10.0.0.1:9401",
+        100,
+    );
+    h.pkt(
+        2 * S + 2 * MS,
+        None,
+        Udp,
+        In,
+        "10.0.0.6:5000",
+        "10.0.0.1:9401",
+        50,
+    );
+    h.pkt(
+        2 * S + 3 * MS,
+        None,
+        Udp,
+        In,
+        "10.0.0.7:5000",
+        "10.0.0.2:9501",
+        70,
+    );
+    h.pkt(
+        2 * S + 4 * MS,
+        None,
+        Udp,
+        In,
+        "10.0.0.7:5000",
+        "10.0.0.3:9501",
+        70,
+    );
     // Same port, another local address: not the specific socket's.
-    h.pkt(2 * S + 5 * MS, None, Udp, In, "10.0.0.8:5000", "10.0.0.9:9401", 10);
+    h.pkt(
+        2 * S + 5 * MS,
+        None,
+        Udp,
+        In,
+        "10.0.0.8:5000",
+        "10.0.0.9:9401",
+        10,
+    );
     let st = h.eng.stats();
     assert_eq!((st.parked_udp, st.unmatched_packets), (5, 0));
-    for (sk, pid, local) in [(specific, 200, "10.0.0.1:9401"), (wildcard, 201, "0.0.0.0:9501")] {
+    for (sk, pid, local) in [
+        (specific, 200, "10.0.0.1:9401"),
+        (wildcard, 201, "0.0.0.0:9501"),
+    ] {
         h.ev(
             5 * S,
             Some(pid),
@@ -1364,22 +1407,33 @@ fn datagrams_queued_before_the_first_receive_land_on_the_socket() {
     assert_eq!(
         got,
         vec![
-            (specific, "10.0.0.1:9401".into(), "10.0.0.5".into(), (0, 0, 2, 200)),
-            (specific, "10.0.0.1:9401".into(), "10.0.0.6".into(), (0, 0, 1, 50)),
+            (
+                specific,
+                "10.0.0.1:9401".into(),
+                "10.0.0.5".into(),
+                (0, 0, 2, 200)
+            ),
+            (
+                specific,
+                "10.0.0.1:9401".into(),
+                "10.0.0.6".into(),
+                (0, 0, 1, 50)
+            ),
             // One flow per remote endpoint of an unconnected socket, with
             // the local address it was first reached at.
-            (wildcard, "10.0.0.2:9501".into(), "10.0.0.7".into(), (0, 0, 2, 140)),
+            (
+                wildcard,
+                "10.0.0.2:9501".into(),
+                "10.0.0.7".into(),
+                (0, 0, 2, 140)
+            ),
         ]
     );
     // Each flow starts at its first parked datagram.
     let starts: Vec<SystemTime> = v.iter().map(|r| r.start).collect();
     assert_eq!(
         starts,
-        vec![
-            wall(2 * S),
-            wall(2 * S + 2 * MS),
-            wall(2 * S + 3 * MS),
-        ]
+        vec![wall(2 * S), wall(2 * S + 2 * MS), wall(2 * S + 3 * MS),]
     );
     assert_eq!(v[0].process.as_ref().map(|p| p.pid), Some(200));
     assert_eq!(v[2].process.as_ref().map(|p| p.pid), Some(201));
@@ -1415,7 +1469,15 @@ fn parked_udp_table_is_bounded() {
     c.max_parked_udp = 2;
     let mut h = H::with(c, 1024);
     for port in 1..=4u16 {
-        h.pkt(S, None, Udp, In, "10.0.0.5:5000", &format!("10.0.0.1:{port}"), 40);
+        h.pkt(
+            S,
+            None,
+            Udp,
+            In,
+            "10.0.0.5:5000",
+            &format!("10.0.0.1:{port}"),
+            40,
+        );
     }
     let st = h.eng.stats();
     assert_eq!((st.parked_udp, st.unmatched_packets), (2, 2));
@@ -1452,7 +1514,15 @@ fn unowned_tcp_flow_on_the_daemons_listening_port_is_its_own() {
     let mut h = H::new();
     h.create(S, 100, 0x7003, Some(Tcp));
     h.accept(S, 100, 0x7003, "10.0.2.15:50051", "10.0.2.2:40001");
-    h.pkt(S + 1, Some(0x7003), Tcp, Out, "10.0.2.15:50051", "10.0.2.2:40001", 60);
+    h.pkt(
+        S + 1,
+        Some(0x7003),
+        Tcp,
+        Out,
+        "10.0.2.15:50051",
+        "10.0.2.2:40001",
+        60,
+    );
     h.tick(100 * S);
     let v = h.flows();
     assert_eq!(v.len(), 1);
@@ -1511,5 +1581,8 @@ fn late_ack_after_the_closed_socket_was_reused_counts_on_the_old_flow() {
     assert_eq!(counters(&new), (1, 60, 0, 0));
     assert_eq!(new.process.as_ref().unwrap().pid, 300);
     let st = h.eng.stats();
-    assert_eq!((st.socket_reuses, st.sockets, st.flows, st.embryonic), (1, 0, 0, 0));
+    assert_eq!(
+        (st.socket_reuses, st.sockets, st.flows, st.embryonic),
+        (1, 0, 0, 0)
+    );
 }

@@ -4,9 +4,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::net::{
-    decode_packet, filter_program, resolve, DropReason, ETH_P_IP, ETH_P_IPV6, PACKET_OUTGOING,
-};
+use super::filter::filter_program;
+use super::net::{decode_packet, resolve, DropReason, ETH_P_IP, ETH_P_IPV6, PACKET_OUTGOING};
 use super::wire::{
     parse_response, read_name, RecordData, WireError, CLASS_IN, TYPE_A, TYPE_AAAA, TYPE_CNAME,
 };
