@@ -12,19 +12,26 @@
 //! | `udp_recv(6)`    | `udp_recvmsg`/`udpv6_recvmsg`    | sock fields (bound local address, port)   | yes  |
 //! | `ip_out`         | `ip_output(net, sk, skb)`        | sk, skb->len, 64 bytes at skb->data (IPv4 header + ports) | no |
 //! | `ip6_out`        | `ip6_output(net, sk, skb)`       | sk, skb->len, 64 bytes at skb->data (IPv6 header + ports) | no |
-//! | `ip_in`          | `ip_local_deliver(skb)`          | skb->len, 64 bytes at skb->data           | no   |
-//! | `ip6_in`         | `ip6_input(skb)`                 | skb->len, 64 bytes at skb->data           | no   |
+//! | `ip_in`          | `ip_local_deliver(skb)`          | skb->len, 64 bytes at skb->data (TCP only) | no  |
+//! | `ip6_in`         | `ip6_input(skb)`                 | skb->len, 64 bytes at skb->data (TCP only) | no  |
+//! | `udp_in`         | `__udp_enqueue_schedule_skb(sk, skb)` | sk, skb->len, 64 bytes before skb->data (IP + UDP headers) | no |
 //! | `creds`          | `commit_creds(new)`              | uid, gid, euid, egid                      | yes  |
 //! | `exec/fork/exit` | `sched:sched_process_*`          | tracepoint fields                         | yes  |
 //!
 //! At the packet probes `skb->data` points at the IP header (egress: after
 //! the header was pushed; ingress: before it is pulled), so the header and
 //! the first four transport bytes (the ports) are at fixed offsets from it;
-//! the decoder validates the version nibble, IHL and next header.
+//! the decoder validates the version nibble, IHL and next header. Ingress
+//! UDP is counted at `udp_in` instead: at the IP layer a datagram's UDP
+//! header may not be in the linear part of the skb yet (virtio-net with GRO
+//! on 5.10 leaves it in a page fragment, so the bytes read there are not
+//! the ports); when the datagram is queued on its socket, `skb->data`
+//! points at the payload with both headers pulled right before it, and the
+//! receiving socket is known.
 
 use std::collections::HashSet;
 
-use crate::decode::{DecoderKind, IpFamily};
+use crate::decode::{DecoderKind, IpFamily, UDP_DELIVER_WINDOW};
 use crate::model::{PacketDir, SockOp, Transport};
 
 use super::btf::{Field, Offsets};
@@ -139,6 +146,19 @@ fn packet_fields(o: &Offsets, skb: &str, sk: Option<&str>) -> String {
     v.push(get("len", o.skb_len, skb));
     v.push(format!("hdr=+0({data}):u8[{PACKET_HEADER_BYTES}]"));
     v.join(" ")
+}
+
+/// Fields of the UDP delivery probe (`sk`, `skb` arguments): the socket,
+/// the payload length and the bytes before the payload (UDP and IP
+/// headers).
+fn udp_delivery_fields(o: &Offsets) -> String {
+    let data = deref(o.skb_data.offset, "$arg2");
+    [
+        "sk=$arg1:x64".to_string(),
+        get("len", o.skb_len, "$arg2"),
+        format!("hdr=-{UDP_DELIVER_WINDOW}({data}):u8[{UDP_DELIVER_WINDOW}]"),
+    ]
+    .join(" ")
 }
 
 fn udp_send_fields(o: &Offsets, v6: bool) -> String {
@@ -329,8 +349,7 @@ pub fn probe_set(o: &Offsets) -> Vec<ProbeSpec> {
             &["ip_local_deliver"],
             packet_fields(o, "$arg1", None),
             false,
-            DecoderKind::Packet {
-                dir: PacketDir::Ingress,
+            DecoderKind::TcpIngress {
                 family: IpFamily::V4,
             },
         ),
@@ -341,12 +360,18 @@ pub fn probe_set(o: &Offsets) -> Vec<ProbeSpec> {
                 &["ip6_input"],
                 packet_fields(o, "$arg1", None),
                 false,
-                DecoderKind::Packet {
-                    dir: PacketDir::Ingress,
+                DecoderKind::TcpIngress {
                     family: IpFamily::V6,
                 },
             )
         },
+        kprobe(
+            "udp_in",
+            &["__udp_enqueue_schedule_skb"],
+            udp_delivery_fields(o),
+            false,
+            DecoderKind::UdpDeliver,
+        ),
         kprobe(
             "creds",
             &["commit_creds"],

@@ -127,21 +127,12 @@ def test_udp_connected_unconnected_multi_peer(vm):
     assert vm.stop_daemon("TERM") == 0
 
 
-#: Known failure, reported as xfailed (not hidden): on 5.10 datagrams from
-#: the host to a receive-only UDP server over virtio are not attributed to
-#: its socket (the same case over loopback passes); under investigation.
-KNOWN_VIRTIO_UDP_FAILURE = {"bullseye"}
-
-
-def test_virtio_tcp_udp_from_host(vm, request):
+def test_virtio_tcp_udp_from_host(vm):
     """TCP and UDP from the host over eth0 (qemu forwarding) to receive-only servers.
 
     Only inbound: with ``restrict=on`` qemu drops UDP the guest sends to the
     host alias, so the UDP server cannot answer over virtio.
     """
-    request.applymarker(pytest.mark.xfail(
-        vm.suite in KNOWN_VIRTIO_UDP_FAILURE, strict=False,
-        reason="5.10: receive-only UDP over virtio not attributed (known bug)"))
     stream = _start(vm)
     pb = stream.pb
     try:
@@ -183,8 +174,6 @@ def test_virtio_tcp_udp_from_host(vm, request):
     assert vm.stop_daemon("TERM") == 0
 
 
-@pytest.mark.xfail(strict=False, reason="known: a handshake packet of the daemon's own gRPC "
-                   "connection can surface as an unowned incomplete flow (seen on 7.2)")
 def test_own_grpc_connection_not_reported(vm):
     """The daemon's own gRPC connections are not reported by default."""
     stream = _start(vm)
