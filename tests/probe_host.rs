@@ -99,7 +99,7 @@ mod spec {
             }
         }
         let packets = set.iter().filter(|s| !s.task_context).count();
-        assert_eq!(packets, 4, "only the four packet probes lack task context");
+        assert_eq!(packets, 5, "only the five packet probes lack task context");
     }
 
     #[test]
@@ -118,6 +118,13 @@ mod spec {
             def("ip_out"),
             format!(
                 "p:sockscope_1/ip_out ip_output sk=$arg2:x64 len=+{}($arg3):u32 hdr=+0(+{}($arg3)):u8[64]",
+                off.skb_len.offset, off.skb_data.offset
+            )
+        );
+        assert_eq!(
+            def("udp_in"),
+            format!(
+                "p:sockscope_1/udp_in __udp_enqueue_schedule_skb sk=$arg1:x64 len=+{}($arg2):u32 hdr=-64(+{}($arg2)):u8[64]",
                 off.skb_len.offset, off.skb_data.offset
             )
         );

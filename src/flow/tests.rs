@@ -1391,7 +1391,8 @@ fn datagrams_queued_before_the_first_receive_land_on_the_socket() {
     h.tick(100 * S);
     let mut v = h.flows();
     v.sort_by_key(|r| (r.local.port, r.local.ip, r.remote.ip));
-    let got: Vec<(SockAddr, String, String, (u64, u64, u64, u64))> = v
+    type Row = (SockAddr, String, String, (u64, u64, u64, u64));
+    let got: Vec<Row> = v
         .iter()
         .map(|r| {
             assert_eq!(r.direction, FlowDirection::Ingress);

@@ -57,6 +57,13 @@ def vm_session(request):
     v.close()
 
 
+@pytest.fixture(params=("btf", "guess"))
+def offsets(request):
+    """Where the daemon's struct offsets come from: BTF, or runtime guessing
+    (what a kernel without BTF gets). Scenarios that take this run twice."""
+    return request.param
+
+
 @pytest.fixture
 def vm(vm_session):
     """The current kernel's guest; a daemon still running after the test is stopped."""

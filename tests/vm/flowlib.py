@@ -36,6 +36,14 @@ SERVER_USER = ("srv", 1001, 1001)
 DAEMON_ARGS = ["-E", "socket.flow_inactive_timeout=2s", "-E", "socket.flow_update_interval=2s"]
 #: x86_64 syscall number of recvfrom, as /proc/PID/syscall shows it.
 SYS_RECVFROM = 45
+#: x86_64 syscall numbers of nanosleep and clock_nanosleep.
+SYS_SLEEPS = (35, 230)
+#: Offset sources the flow scenarios run with: BTF, and runtime guessing
+#: (what a kernel without BTF gets).
+OFFSETS_MODES = ("btf", "guess")
+#: How long a daemon that guesses its offsets may take to serve (the
+#: guessing runs workloads, slow under TCG).
+GUESS_READY_TIMEOUT_S = 180
 #: How long a scenario waits for its final records.
 FINAL_WAIT_S = 90
 #: How long a spawned workload may run.
@@ -84,6 +92,25 @@ def spawn_server(vm, user: tuple[str, int, int], args: str) -> bed.Spawned:
     wait_until(lambda: "ready" in p.log() or not p.alive(), READY_WAIT_S, f"server {args}")
     assert "ready" in p.log(), f"server {args} failed: {p.log()}"
     return p
+
+
+def start_daemon(vm, offsets: str, extra: list[str] | tuple[str, ...] = ()) -> None:
+    """Start the daemon with the scenario settings and offsets from ``offsets`` (btf|guess)."""
+    args = DAEMON_ARGS + ["-E", f"socket.offsets={offsets}"] + list(extra)
+    if offsets == "guess":
+        vm.start_daemon(args, timeout=GUESS_READY_TIMEOUT_S)
+    else:
+        vm.start_daemon(args)
+    pb, rpc = grpc_client.load_stubs()
+    with grpc.insecure_channel(f"127.0.0.1:{vm.grpc_port}") as ch:
+        src = rpc.FlowServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=30).offsets_source
+    assert src.startswith(offsets), f"asked for offsets={offsets}, the daemon uses {src!r}"
+
+
+def syscall_of(vm, p: bed.Spawned) -> int | None:
+    """The system call ``p`` is blocked in (from /proc/PID/syscall), if any."""
+    first = vm.run(f"cat /proc/{p.pid}/syscall").out.split()[:1]
+    return int(first[0]) if first and first[0].lstrip("-").isdigit() else None
 
 
 def wait_blocked_in_recvfrom(vm, p: bed.Spawned) -> None:

@@ -21,6 +21,8 @@
  *   udp-echo    ADDR PORT N          one unconnected socket: receive N datagrams,
  *                                    send each back to its sender
  *   udp-recv    ADDR PORT N          one unconnected socket: receive N datagrams
+ *   udp-recv-late ADDR PORT N SECONDS  the same, sleeping SECONDS after "ready"
+ *                                    before the first recvfrom (datagrams queue)
  *   udp-client  ADDR PORT N SIZE connect|sendto reply|noreply
  *                                    one socket, N datagrams of SIZE bytes, connected
  *                                    (connect+send) or not (sendto); wait for each
@@ -223,9 +225,11 @@ static void tcp_client(const char *ip, int port, long n, long size) {
     free(buf);
 }
 
-static void udp_serve(const char *ip, int port, long n, int echo) {
+static void udp_serve(const char *ip, int port, long n, int echo, unsigned delay) {
     char buf[65536];
     int fd = bound(SOCK_DGRAM, ip, port);
+    if (delay)
+        sleep(delay);
     for (long i = 0; i < n; i++) {
         struct sockaddr_storage peer;
         socklen_t plen = sizeof peer;
@@ -290,9 +294,11 @@ int main(int argc, char **argv) {
     else if (strcmp(mode, "tcp-client") == 0 && argc - a == 5)
         tcp_client(ip, port, n, atol(argv[a + 4]));
     else if (strcmp(mode, "udp-echo") == 0)
-        udp_serve(ip, port, n, 1);
+        udp_serve(ip, port, n, 1, 0);
     else if (strcmp(mode, "udp-recv") == 0)
-        udp_serve(ip, port, n, 0);
+        udp_serve(ip, port, n, 0, 0);
+    else if (strcmp(mode, "udp-recv-late") == 0 && argc - a == 5)
+        udp_serve(ip, port, n, 0, (unsigned)atoi(argv[a + 4]));
     else if (strcmp(mode, "udp-client") == 0 && argc - a == 7)
         udp_client(ip, port, n, atol(argv[a + 4]), strcmp(argv[a + 5], "connect") == 0,
                    strcmp(argv[a + 6], "reply") == 0);

@@ -32,6 +32,8 @@ TCP_CLIENT_BYTES = 3000
 #: Datagrams (and their size) of each UDP client.
 UDP_DATAGRAMS = 3
 UDP_SIZE = 200
+#: How long the receive-only UDP server sleeps before its first recvfrom.
+UDP_LATE_RECV_S = 15
 #: Bytes the host sends to the receive-only server over virtio.
 VIRTIO_TCP_BYTES = 20000
 #: Guest addresses of eth0.
@@ -41,15 +43,15 @@ GUEST_ULA = "fd00:5c0:5c0::15"
 SLIRP_HOST = "10.0.2.2"
 
 
-def _start(vm, include_updates: bool = False) -> FlowStream:
+def _start(vm, offsets: str, include_updates: bool = False) -> FlowStream:
     flowlib.install_guest_tools(vm)
-    vm.start_daemon(flowlib.DAEMON_ARGS)
+    flowlib.start_daemon(vm, offsets)
     return FlowStream(vm, include_updates=include_updates)
 
 
-def test_tcp_loopback_v4_v6(vm):
+def test_tcp_loopback_v4_v6(vm, offsets):
     """TCP over 127.0.0.1, ::1 and eth0's ULA: client and server flows of each connection."""
-    stream = _start(vm)
+    stream = _start(vm, offsets)
     pb = stream.pb
     runs = []
     try:
@@ -75,9 +77,9 @@ def test_tcp_loopback_v4_v6(vm):
     assert vm.stop_daemon("TERM") == 0
 
 
-def test_udp_connected_unconnected_multi_peer(vm):
+def test_udp_connected_unconnected_multi_peer(vm, offsets):
     """UDP: a connected client to a receive-only server; one echo socket talking to three peers."""
-    stream = _start(vm)
+    stream = _start(vm, offsets)
     pb = stream.pb
     try:
         with vm.capture(f"udp port {UDP_RECV_PORT} or udp port {UDP_ECHO_PORT}") as cap:
@@ -127,21 +129,22 @@ def test_udp_connected_unconnected_multi_peer(vm):
     assert vm.stop_daemon("TERM") == 0
 
 
-def test_virtio_tcp_udp_from_host(vm):
+def test_virtio_tcp_udp_from_host(vm, offsets):
     """TCP and UDP from the host over eth0 (qemu forwarding) to receive-only servers.
 
     Only inbound: with ``restrict=on`` qemu drops UDP the guest sends to the
     host alias, so the UDP server cannot answer over virtio.
     """
-    stream = _start(vm)
+    stream = _start(vm, offsets)
     pb = stream.pb
     try:
         with vm.capture(f"tcp port {VIRTIO_TCP_PORT} or udp port {VIRTIO_UDP_PORT}") as cap:
             tcp_srv = flowlib.spawn_server(vm, SERVER_USER, f"tcp-recv {GUEST_V4} {VIRTIO_TCP_PORT} 1")
-            udp_srv = flowlib.spawn_server(vm, SERVER_USER, f"udp-recv {GUEST_V4} {VIRTIO_UDP_PORT} {UDP_DATAGRAMS}")
-            # The daemon learns a receive-only socket's address from its first
-            # recvfrom; datagrams queued before that are not attributed (known gap).
-            flowlib.wait_blocked_in_recvfrom(vm, udp_srv)
+            # The UDP server sleeps before its first recvfrom: the datagrams
+            # queue on a socket that has not received anything yet.
+            udp_srv = flowlib.spawn_server(vm, SERVER_USER, f"udp-recv-late {GUEST_V4} {VIRTIO_UDP_PORT} "
+                                           f"{UDP_DATAGRAMS} {UDP_LATE_RECV_S}")
+            assert flowlib.syscall_of(vm, udp_srv) in flowlib.SYS_SLEEPS, "the UDP server is not asleep"
             with socket.create_connection(("127.0.0.1", vm.forwards[("tcp", VIRTIO_TCP_PORT)]), timeout=30) as s:
                 s.sendall(b"v" * VIRTIO_TCP_BYTES)
                 s.shutdown(socket.SHUT_WR)
@@ -150,6 +153,11 @@ def test_virtio_tcp_udp_from_host(vm):
                 u.settimeout(30)
                 for _ in range(UDP_DATAGRAMS):
                     u.sendto(b"w" * UDP_SIZE, ("127.0.0.1", vm.forwards[("udp", VIRTIO_UDP_PORT)]))
+            flowlib.wait_until(lambda: "UDP" in vm.run(f"cat /proc/net/udp | awk '$2 ~ /:{VIRTIO_UDP_PORT:04X}$/ "
+                                                       f"&& $5 !~ /:00000000$/ {{print \"UDP\"}}'").out,
+                               10, "the datagrams to be queued")
+            assert flowlib.syscall_of(vm, udp_srv) in flowlib.SYS_SLEEPS, \
+                "the UDP server woke before the datagrams were queued; raise UDP_LATE_RECV_S"
             assert tcp_srv.wait(flowlib.WORKLOAD_WAIT_S) == 0, tcp_srv.log()
             assert udp_srv.wait(flowlib.WORKLOAD_WAIT_S) == 0, udp_srv.log()
         t = cap.totals
@@ -174,9 +182,9 @@ def test_virtio_tcp_udp_from_host(vm):
     assert vm.stop_daemon("TERM") == 0
 
 
-def test_own_grpc_connection_not_reported(vm):
+def test_own_grpc_connection_not_reported(vm, offsets):
     """The daemon's own gRPC connections are not reported by default."""
-    stream = _start(vm)
+    stream = _start(vm, offsets)
     pb = stream.pb
     try:
         # A second, short-lived gRPC connection, closed before the workload.

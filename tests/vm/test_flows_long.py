@@ -21,14 +21,14 @@ UPDATE_GAP_MIN_S, UPDATE_GAP_MAX_S = 1.0, 5.0
 MIN_INTERIM = 2
 
 
-def test_burst_of_600_connections(vm):
+def test_burst_of_600_connections(vm, offsets):
     """600 short connections: 600 distinct flows per side, none lost or merged, counters exact."""
     flowlib.install_guest_tools(vm)
     # Loopback reuses TIME_WAIT ports by default (tcp_tw_reuse=2): turn that
     # off so every connection has its own 4-tuple and can be told apart.
     tw = vm.run("cat /proc/sys/net/ipv4/tcp_tw_reuse", check=True).out.strip()
     vm.run("echo 0 >/proc/sys/net/ipv4/tcp_tw_reuse", check=True)
-    vm.start_daemon(flowlib.DAEMON_ARGS)
+    flowlib.start_daemon(vm, offsets)
     stream = FlowStream(vm)
     pb = stream.pb
     try:
@@ -67,10 +67,10 @@ def test_burst_of_600_connections(vm):
     assert vm.stop_daemon("TERM") == 0
 
 
-def test_long_download_interim_updates(vm):
+def test_long_download_interim_updates(vm, offsets):
     """A 7 s download: interim records about every 2 s, same id, non-decreasing, then one final."""
     flowlib.install_guest_tools(vm)
-    vm.start_daemon(flowlib.DAEMON_ARGS)
+    flowlib.start_daemon(vm, offsets)
     stream = FlowStream(vm, include_updates=True)
     pb = stream.pb
     try:
