@@ -48,8 +48,11 @@
 //! is dropped and counted (`embryonic_expired`). When the table is full new
 //! tuples are not tracked (`embryonic_dropped`).
 //!
-//! A UDP packet is looked up by its socket and remote endpoint. An ingress
-//! packet without a socket is matched through the local (address, port)
+//! A UDP packet is looked up by its socket and remote endpoint. Received
+//! datagrams normally carry their socket (the delivery probe `udp_in`
+//! sees the socket they are queued on). An ingress packet without a
+//! socket (recordings of probe sets without `udp_in`) is matched through
+//! the local (address, port)
 //! index of known UDP sockets, then by port alone (sockets bound to a
 //! wildcard address). With no match it is *parked*: counted per (local,
 //! remote) endpoint pair in a bounded table, until a socket's local endpoint
@@ -1094,14 +1097,18 @@ impl<C: Clock> Engine<C> {
             if let Some(&s) = self.sock_index.get(&sa) {
                 let (conflict, data) = match self.sockets.get(s) {
                     Some(so) => (
-                        so.tuple.is_some() || so.transport == Some(Transport::Udp),
+                        so.tuple.is_some()
+                            || so.transport == Some(Transport::Udp)
+                            || so.closed_at.is_some(),
                         so.data_seen,
                     ),
                     None => (false, false),
                 };
                 if conflict {
-                    // A connected socket never changes its tuple: the address
-                    // was reused without the events that would have said so.
+                    // A connected socket never changes its tuple, and a closed
+                    // one sends nothing new: the address was reused (for a
+                    // connection not accepted yet, say) without the events
+                    // that would have said so.
                     self.reuse(s, out);
                 } else if data {
                     // Lost connect: a socket that carries data owns this tuple.

@@ -1587,3 +1587,29 @@ fn late_ack_after_the_closed_socket_was_reused_counts_on_the_old_flow() {
         (1, 0, 0, 0)
     );
 }
+
+#[test]
+fn packet_of_a_new_connection_at_a_closed_sockets_address_waits_for_accept() {
+    // A socket seen only sending (no connect, e.g. opened before the daemon
+    // started) closes; the kernel reuses its memory for the child socket of
+    // a new connection, which ACKs the peer's early FIN before `accept`
+    // returns. That ACK belongs to the accepted connection, not to the
+    // closed socket.
+    let mut h = H::new();
+    let sk = 0x8300;
+    h.activity(S, 100, sk, Tcp, SockOp::Send);
+    h.close(2 * S, Some(100), sk);
+    let (l, r) = ("127.0.0.1:9120", "127.0.0.1:54234");
+    h.pkt(3 * S, None, Tcp, In, r, l, 60); // SYN
+    h.pkt(3 * S + 1, None, Tcp, In, r, l, 52); // FIN
+    h.pkt(3 * S + 2, Some(sk), Tcp, Out, l, r, 52); // ACK from the child
+    h.accept(3 * S + 3, 200, sk, l, r);
+    h.close(4 * S, Some(200), sk);
+    h.tick(100 * S);
+    let v = h.flows();
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!((v[0].local.port, v[0].remote.port), (9120, 54234));
+    assert_eq!(counters(&v[0]), (1, 52, 2, 112));
+    assert_eq!(v[0].process.as_ref().unwrap().pid, 200);
+    assert_eq!(v[0].direction, FlowDirection::Ingress);
+}

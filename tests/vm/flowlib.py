@@ -171,6 +171,16 @@ class FlowStream:
         with self.lock:
             return list(self.items)
 
+    def health(self) -> str:
+        """Loss notices received and the daemon's loss counters: context for a failed check."""
+        try:
+            st = self.stub.GetStatus(self.pb.GetStatusRequest(), timeout=10)
+            counters = (f"lost per cpu {[(c.cpu, c.lost) for c in st.cpus]}, decode errors {st.decode_errors}, "
+                        f"kretprobe misses {st.kretprobe_misses}")
+        except grpc.RpcError as e:
+            counters = f"status unavailable: {e.code()}"
+        return f"loss notices: {self.losses()}; {counters}"
+
     def losses(self) -> list:
         with self.lock:
             return [r.loss for r in self.items if r.WhichOneof("event") == "loss"]
@@ -247,9 +257,11 @@ def flow_problems(f, totals: oracle.Totals, proto: str, *, direction: int, pid: 
     return p
 
 
-def check_flow(records: list, totals: oracle.Totals, proto: str, **want) -> None:
+def check_flow(records: list, totals: oracle.Totals, proto: str, stream: "FlowStream | None" = None,
+               **want) -> None:
     """Exactly one final record, and it matches the capture and the workload."""
-    assert len(records) == 1, f"{len(records)} final records for one flow: {records}"
+    health = f"\n{stream.health()}" if stream is not None else ""
+    assert len(records) == 1, f"{len(records)} final records for one flow: {records}{health}"
     problems = flow_problems(records[0], totals, proto, **want)
     assert not problems, f"{proto} flow {records[0].local.ip}:{records[0].local.port} -> " \
-                         f"{records[0].remote.ip}:{records[0].remote.port}: {problems}\n{records[0]}"
+                         f"{records[0].remote.ip}:{records[0].remote.port}: {problems}\n{records[0]}{health}"

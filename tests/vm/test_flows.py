@@ -69,9 +69,9 @@ def test_tcp_loopback_v4_v6(vm, offsets):
         got = stream.wait_finals(pb.TRANSPORT_TCP, pairs)
         for addr, server, client, local in runs:
             check_flow(got[(local, (addr, TCP_PORT))], cap.totals, "tcp", direction=pb.DIRECTION_EGRESS,
-                       pid=client.pid, user=CLIENT_USER)
+                       pid=client.pid, user=CLIENT_USER, stream=stream)
             check_flow(got[((addr, TCP_PORT), local)], cap.totals, "tcp", direction=pb.DIRECTION_INGRESS,
-                       pid=server.pid, user=SERVER_USER)
+                       pid=server.pid, user=SERVER_USER, stream=stream)
     finally:
         stream.close()
     assert vm.stop_daemon("TERM") == 0
@@ -110,16 +110,16 @@ def test_udp_connected_unconnected_multi_peer(vm, offsets):
         got = stream.wait_finals(pb.TRANSPORT_UDP, pairs)
         t = cap.totals
         check_flow(got[(l1[0], server_recv)], t, "udp", direction=pb.DIRECTION_EGRESS, pid=c1.pid,
-                   user=CLIENT_USER)
+                   user=CLIENT_USER, stream=stream)
         check_flow(got[(server_recv, l1[0])], t, "udp", direction=pb.DIRECTION_INGRESS, pid=recv.pid,
-                   user=SERVER_USER)
+                   user=SERVER_USER, stream=stream)
         for addr, echo, clients in echoes:
             server_flows = []
             for c, loc in clients:
                 check_flow(got[(loc, (addr, UDP_ECHO_PORT))], t, "udp", direction=pb.DIRECTION_EGRESS,
-                           pid=c.pid, user=CLIENT_USER)
+                           pid=c.pid, user=CLIENT_USER, stream=stream)
                 rec = got[((addr, UDP_ECHO_PORT), loc)]
-                check_flow(rec, t, "udp", direction=pb.DIRECTION_INGRESS, pid=echo.pid, user=SERVER_USER)
+                check_flow(rec, t, "udp", direction=pb.DIRECTION_INGRESS, pid=echo.pid, user=SERVER_USER, stream=stream)
                 server_flows.append(rec[0])
             # One socket, three peers: three distinct flows of the same socket.
             assert len({f.id for f in server_flows}) == 3, server_flows
@@ -172,9 +172,9 @@ def test_virtio_tcp_udp_from_host(vm, offsets):
         got_t = stream.wait_finals(pb.TRANSPORT_TCP, [(tcp_local, peers["tcp"])])
         got_u = stream.wait_finals(pb.TRANSPORT_UDP, [(udp_local, peers["udp"])])
         check_flow(got_t[(tcp_local, peers["tcp"])], t, "tcp", direction=pb.DIRECTION_INGRESS,
-                   pid=tcp_srv.pid, user=SERVER_USER)
+                   pid=tcp_srv.pid, user=SERVER_USER, stream=stream)
         check_flow(got_u[(udp_local, peers["udp"])], t, "udp", direction=pb.DIRECTION_INGRESS,
-                   pid=udp_srv.pid, user=SERVER_USER)
+                   pid=udp_srv.pid, user=SERVER_USER, stream=stream)
         rec = got_t[(tcp_local, peers["tcp"])][0]
         assert rec.remote.bytes > VIRTIO_TCP_BYTES, rec  # payload + headers received
     finally:
@@ -203,7 +203,7 @@ def test_own_grpc_connection_not_reported(vm, offsets):
         flowlib.wait_until(lambda: time.monotonic() - closed_at > 5, 10, "the termination timeouts to pass")
         pair = (locals_[0], ("127.0.0.1", TCP_PORT))
         got = stream.wait_finals(pb.TRANSPORT_TCP, [pair])
-        check_flow(got[pair], cap.totals, "tcp", direction=pb.DIRECTION_EGRESS, pid=client.pid, user=CLIENT_USER)
+        check_flow(got[pair], cap.totals, "tcp", direction=pb.DIRECTION_EGRESS, pid=client.pid, user=CLIENT_USER, stream=stream)
         own = [f for f in stream.flows() if 50051 in (f.local.port, f.remote.port)
                or f.process.name == "sockscope"]
         assert not own, f"the daemon reported its own traffic: {own[:3]}"

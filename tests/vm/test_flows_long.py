@@ -88,7 +88,7 @@ def test_long_download_interim_updates(vm, offsets):
         assert not any(problems.values()), "\n".join(f"{pair}: {pr}" for pair, pr in problems.items() if pr) \
             + f"\nrecords: {[got[s[0]] for s in sides]}\nlosses: {stream.losses()}"
         for pair, direction, proc, user in sides:
-            flowlib.check_flow(got[pair], cap.totals, "tcp", direction=direction, pid=proc.pid, user=user)
+            flowlib.check_flow(got[pair], cap.totals, "tcp", direction=direction, pid=proc.pid, user=user, stream=stream)
             final = got[pair][0]
             envs = [e for e in stream.envelopes() if e.WhichOneof("event") == "flow" and e.flow.id == final.id]
             assert envs[-1].flow.final and sum(e.flow.final for e in envs) == 1, envs
