@@ -35,8 +35,10 @@
 //!
 //! Lookup of a TCP packet: the oriented 4-tuple index (local = source for
 //! egress, destination for ingress) first. On a miss, a packet whose socket
-//! is known to carry data (a send or receive was seen on it) binds the tuple
-//! to that socket (a lost connect: direction unknown, incomplete). Anything
+//! is known to carry data (a send or receive was seen on it) and is not
+//! closed binds the tuple to that socket (a lost connect: direction unknown,
+//! incomplete); a closed socket's address on a new tuple is a reused one,
+//! ending the closed socket. Anything
 //! else — handshake packets before `accept` returns, SYN-ACKs sent with a
 //! request sock, packets of sockets we never saw — is counted in a small,
 //! bounded *embryonic* table keyed by 4-tuple. `TcpConnect`/`TcpAccept` claim
