@@ -45,6 +45,12 @@ GUEST_CONTROL_PORT = 7070
 GUEST_DAEMON = "/usr/bin/sockscope"
 #: Guest path of the daemon log.
 GUEST_DAEMON_LOG = "/var/log/sockscope.log"
+#: The accelerator: TCG with both vCPUs on one host thread. Multi-threaded
+#: TCG occasionally leaves both vCPUs looping on a jump-label site the
+#: kernel is live-patching (the daemon enabling or disabling tracepoints),
+#: a soft lockup of the whole guest; one TCG thread keeps code patching
+#: and execution ordered. SOCKSCOPE_TCG overrides it.
+TCG_ACCEL = os.environ.get("SOCKSCOPE_TCG", "tcg,thread=single")
 #: Guest memory (MiB) and CPUs.
 VM_MEMORY_MB = 1024
 VM_CPUS = 2
@@ -327,7 +333,7 @@ class VM:
                   f"hostfwd=tcp:127.0.0.1:{self.control_port}-:{GUEST_CONTROL_PORT}"
                   + "".join(f",hostfwd={k[0] if isinstance(k, tuple) else 'tcp'}:127.0.0.1:{h}-"
                             f":{k[1] if isinstance(k, tuple) else k}" for k, h in self.forwards.items()))
-        argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(VM_CPUS),
+        argv = ["qemu-system-x86_64", "-accel", TCG_ACCEL, "-cpu", "max", "-smp", str(VM_CPUS),
                 "-m", str(VM_MEMORY_MB), "-nographic", "-no-reboot", "-nodefaults",
                 "-kernel", str(self.kernel.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
                 "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0,romfile="]
