@@ -713,6 +713,7 @@ fn serve_grpc(
         })?;
     let health = HealthHandle::new();
     let profile_path = tracefs.root().join("kprobe_profile");
+    let events_path = tracefs.root().join("kprobe_events");
     let group = guard.group().to_string();
     runtime.block_on(async {
         let listeners = server::bind(&opts).await?;
@@ -768,10 +769,16 @@ fn serve_grpc(
             let mut tick = tokio::time::interval(MISSES_PERIOD);
             loop {
                 tick.tick().await;
-                let text = std::fs::read_to_string(&profile_path);
-                if let Ok(text) = text {
-                    let m = probe::install::parse_profile_misses(&text, &group);
-                    watch_shared.kretprobe_misses.store(m, Ordering::Relaxed);
+                let events = std::fs::read_to_string(&events_path);
+                let profile = std::fs::read_to_string(&profile_path);
+                if let (Ok(events), Ok(profile)) = (events, profile) {
+                    // An inconsistent pair is read again at the next tick.
+                    if let Some(m) = probe::install::parse_profile_misses(&events, &profile, &group)
+                    {
+                        watch_shared
+                            .kretprobe_misses
+                            .fetch_max(m, Ordering::Relaxed);
+                    }
                 }
                 if watch_shared.failed.load(Ordering::SeqCst) {
                     watch_health.set_serving(false);

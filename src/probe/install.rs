@@ -228,14 +228,28 @@ impl ProbeGuard {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Sum of missed hits of our probes (`kprobe_profile` third column);
-    /// for return probes this counts exhausted instances.
+    /// Sum of missed hits of our probes (`kprobe_profile` third column:
+    /// hits while another kprobe ran on the CPU, e.g. a softirq nested in a
+    /// probe handler, and exhausted return-probe instances).
     pub fn missed(&self, tfs: &Tracefs) -> Result<u64, ProbeError> {
-        let path = tfs.root().join("kprobe_profile");
-        let text = fs::read_to_string(&path).map_err(|e| ProbeError::io("read", &path, e))?;
-        Ok(parse_profile_misses(&text, &self.group))
+        let read = |name: &str| {
+            let path = tfs.root().join(name);
+            fs::read_to_string(&path).map_err(|e| ProbeError::io("read", &path, e))
+        };
+        for _ in 0..PROFILE_READ_ATTEMPTS {
+            let events = read("kprobe_events")?;
+            let profile = read("kprobe_profile")?;
+            if let Some(m) = parse_profile_misses(&events, &profile, &self.group) {
+                return Ok(m);
+            }
+        }
+        Ok(0)
     }
 }
+
+/// Reads of `kprobe_events` and `kprobe_profile` tried before giving up
+/// on a consistent pair.
+pub const PROFILE_READ_ATTEMPTS: usize = 3;
 
 impl Drop for ProbeGuard {
     fn drop(&mut self) {
@@ -245,19 +259,37 @@ impl Drop for ProbeGuard {
     }
 }
 
-/// Sums the `nmissed` column of `kprobe_profile` lines of `group`.
-pub fn parse_profile_misses(text: &str, group: &str) -> u64 {
-    let prefix = format!("{group}/");
-    text.lines()
+/// Sums the `nmissed` column of `kprobe_profile` for the probes of
+/// `group`. The kernel lists probes there by event name only, in the order
+/// of `kprobe_events`, so the two texts (read one after the other) are
+/// paired line by line; `None` when they do not pair up (a probe was
+/// added or removed between the reads: read again later).
+pub fn parse_profile_misses(events: &str, profile: &str, group: &str) -> Option<u64> {
+    let probes = parse_kprobe_events(events);
+    let rows: Vec<(&str, u64)> = profile
+        .lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
             let name = it.next()?;
-            if !name.starts_with(&prefix) {
-                return None;
-            }
-            it.nth(1)?.parse::<u64>().ok()
+            let missed = it.nth(1)?.parse::<u64>().ok()?;
+            Some((name, missed))
         })
-        .sum()
+        .collect();
+    if rows.len() != probes.len() {
+        return None;
+    }
+    let mut sum = 0u64;
+    for ((g, n), (name, missed)) in probes.iter().zip(&rows) {
+        // Older kernels print the bare event name, some "group/name".
+        let bare = name.rsplit('/').next().unwrap_or(name);
+        if bare != n {
+            return None;
+        }
+        if g == group {
+            sum += missed;
+        }
+    }
+    Some(sum)
 }
 
 /// (group, name) of every kprobe in `kprobe_events` text.
@@ -337,7 +369,25 @@ mod tests {
 
     #[test]
     fn profile_misses_only_count_our_group() {
-        let text = "  sockscope_5/tcp_accept  100  7\n  sockscope_6/tcp_accept 3 9\n  sockscope_5/ip_out 10 2\n";
-        assert_eq!(parse_profile_misses(text, "sockscope_5"), 9);
+        // As 5.10 and 7.2 print them: bare event names, kprobe_events order.
+        let events = "r256:sockscope_5/tcp_accept inet_csk_accept sk=$retval:x64\n\
+                      r256:sockscope_6/tcp_accept inet_csk_accept sk=$retval:x64\n\
+                      p:sockscope_5/ip_out ip_output sk=$arg2:x64\n";
+        let profile = "  tcp_accept    100     7\n  tcp_accept   3   9\n  ip_out  10  2\n";
+        assert_eq!(
+            parse_profile_misses(events, profile, "sockscope_5"),
+            Some(9)
+        );
+        assert_eq!(
+            parse_profile_misses(events, profile, "sockscope_6"),
+            Some(9)
+        );
+        // A probe added between the two reads: no answer rather than a wrong one.
+        assert_eq!(
+            parse_profile_misses(events, "  tcp_accept 1 1\n", "sockscope_5"),
+            None
+        );
+        let swapped = "  ip_out 1 1\n  tcp_accept 3 9\n  tcp_accept 100 7\n";
+        assert_eq!(parse_profile_misses(events, swapped, "sockscope_5"), None);
     }
 }

@@ -50,7 +50,8 @@ def test_burst_of_600_connections(vm, offsets):
                 if len(recs) != 1:
                     problems.append(f"{pair}: {len(recs)} final records")
                     continue
-                p = flowlib.flow_problems(recs[0], cap.totals, "tcp", direction=direction, pid=proc.pid, user=user)
+                p = flowlib.flow_problems(recs[0], cap.totals, "tcp", direction=direction, pid=proc.pid, user=user,
+                                          missed=stream.reported_misses())
                 if p:
                     problems.append(f"{pair}: {p}")
         assert not problems, f"{len(problems)} of {2 * BURST} flows wrong, e.g. {problems[:5]}"
@@ -59,8 +60,11 @@ def test_burst_of_600_connections(vm, offsets):
         assert len({f.id for f in flows}) == 2 * BURST
         pkts = sum(f.local.packets + f.remote.packets for f in flows)
         truth = sum(c.packets for c in cap.totals.sent.values()) + sum(c.packets for c in cap.totals.received.values())
-        assert pkts == truth, f"records count {pkts} packets, capture {truth}"
-        assert not stream.losses(), f"loss notices: {stream.losses()}"
+        missed = stream.reported_misses()
+        assert truth - missed <= pkts <= truth, \
+            f"records count {pkts} packets, capture {truth} ({missed} probe misses reported)"
+        others = [x for x in stream.losses() if x.source != pb.LOSS_SOURCE_KRETPROBE_MISS]
+        assert not others, f"loss notices: {others}"
     finally:
         stream.close()
         vm.run(f"echo {tw} >/proc/sys/net/ipv4/tcp_tw_reuse")
@@ -83,7 +87,8 @@ def test_long_download_interim_updates(vm, offsets):
         sides = (((loc, srv), pb.DIRECTION_EGRESS, client, CLIENT_USER),
                  ((srv, loc), pb.DIRECTION_INGRESS, server, SERVER_USER))
         got = stream.wait_finals(pb.TRANSPORT_TCP, [s[0] for s in sides])
-        problems = {pair: flowlib.flow_problems(got[pair][0], cap.totals, "tcp", direction=d, pid=p.pid, user=u)
+        problems = {pair: flowlib.flow_problems(got[pair][0], cap.totals, "tcp", direction=d, pid=p.pid, user=u,
+                                                  missed=stream.reported_misses())
                     for pair, d, p, u in sides}
         assert not any(problems.values()), "\n".join(f"{pair}: {pr}" for pair, pr in problems.items() if pr) \
             + f"\nrecords: {[got[s[0]] for s in sides]}\nlosses: {stream.losses()}"

@@ -179,11 +179,17 @@ def test_default_ring_loses_nothing_on_same_burst(vm):
         st = status(vm)
         assert sum(c.samples for c in st.cpus) >= 2 * BURST_DATAGRAMS, "fewer samples than the burst's sends"
         assert all(c.lost == 0 for c in st.cpus), f"lost samples with the default ring: {list(st.cpus)}"
+        pb = grpc_client.load_stubs()[0]
         with sub.lock:
-            assert not sub.losses, f"loss notices with the default ring: {list(sub.losses)}"
-        assert flow.local.packets == BURST_DATAGRAMS, \
-            f"burst flow counted {flow.local.packets} of {BURST_DATAGRAMS} datagrams"
-        assert flow.local.bytes >= BURST_DATAGRAMS * DATAGRAM_BYTES
+            # Probe misses (a kprobe hit while another handler ran on that
+            # CPU) are not ring losses; they are reported, and excuse as
+            # many missing datagrams below.
+            ring = [x for x in sub.losses if x.source != pb.LOSS_SOURCE_KRETPROBE_MISS]
+            missed = sum(x.count for x in sub.losses if x.source == pb.LOSS_SOURCE_KRETPROBE_MISS)
+            assert not ring, f"loss notices with the default ring: {ring}"
+        assert BURST_DATAGRAMS - missed <= flow.local.packets <= BURST_DATAGRAMS, \
+            f"burst flow counted {flow.local.packets} of {BURST_DATAGRAMS} datagrams ({missed} probe misses reported)"
+        assert flow.local.bytes >= (BURST_DATAGRAMS - missed) * DATAGRAM_BYTES
     finally:
         sub.close()
     assert vm.stop_daemon("TERM") == 0
