@@ -265,7 +265,10 @@ def test_host_clients_receive_same_flows(vm):
         py.stop()
         errors = {c.name: c.stop() for c in clients}
     for c in clients:
-        assert "lost" not in errors[c.name], f"{c.name}: {errors[c.name]}"
+        # Probe misses are told as losses too (reported, not a client
+        # failure); any other loss line is.
+        other = [ln for ln in errors[c.name].splitlines() if "lost" in ln and "KRETPROBE_MISS" not in ln]
+        assert not other, f"{c.name}: {errors[c.name]}"
 
     r = subprocess.run([str(HOST_BIN), "status", "--server", server, "--json"], capture_output=True,
                        text=True, timeout=60, env=CLIENT_ENV)
