@@ -176,7 +176,9 @@ def test_virtio_tcp_udp_from_host(vm, offsets):
         check_flow(got_u[(udp_local, peers["udp"])], t, "udp", direction=pb.DIRECTION_INGRESS,
                    pid=udp_srv.pid, user=SERVER_USER, stream=stream)
         rec = got_t[(tcp_local, peers["tcp"])][0]
-        assert rec.remote.bytes > VIRTIO_TCP_BYTES, rec  # payload + headers received
+        # Payload + headers received, unless probe misses were reported (the
+        # capture comparison above allowed for them).
+        assert rec.remote.bytes > VIRTIO_TCP_BYTES or stream.reported_misses() > 0, rec
     finally:
         stream.close()
     assert vm.stop_daemon("TERM") == 0
