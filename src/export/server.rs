@@ -307,16 +307,19 @@ fn prepare_unix_socket(path: &Path, mode: u32) -> Result<UnixListener, ServerErr
     Ok(listener)
 }
 
+/// Binds a TCP listener and returns it with the address it got.
+async fn bind_tcp(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let err = |source| ServerError::BindTcp { addr, source };
+    let l = TcpListener::bind(addr).await.map_err(err)?;
+    let local = l.local_addr().map_err(err)?;
+    Ok((l, local))
+}
+
 /// Binds the configured TCP address and Unix socket.
 pub async fn bind(opts: &ServerOptions) -> Result<Listeners, ServerError> {
     let (tcp, tcp_addr) = match opts.listen {
         Some(addr) => {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::BindTcp { addr, source })?;
-            let local = l
-                .local_addr()
-                .map_err(|source| ServerError::BindTcp { addr, source })?;
+            let (l, local) = bind_tcp(addr).await?;
             (Some(l), Some(local))
         }
         None => (None, None),
@@ -327,12 +330,7 @@ pub async fn bind(opts: &ServerOptions) -> Result<Listeners, ServerError> {
     };
     let health = match opts.health_listen {
         Some(addr) => {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::BindTcp { addr, source })?;
-            let local = l
-                .local_addr()
-                .map_err(|source| ServerError::BindTcp { addr, source })?;
+            let (l, local) = bind_tcp(addr).await?;
             Some((l, local))
         }
         None => None,

@@ -19,6 +19,7 @@ import urllib.request
 
 import grpc
 
+import flowlib
 import grpc_client
 
 METRICS_PORT = 9464
@@ -75,14 +76,7 @@ class Collector:
 
 
 def wait_for(what, cond, timeout=WAIT_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
+    return flowlib.wait_until(cond, timeout, what, interval=0.5)
 
 
 def scrape(vm) -> dict[str, float]:
