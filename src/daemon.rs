@@ -467,7 +467,14 @@ fn run_with_probes(
     faults: FaultPlan,
 ) -> Result<(), DaemonError> {
     let events = guard.events();
-    let descs: Vec<EventDesc<'_>> = events.iter().map(EventDesc::from).collect();
+    let descs: Vec<EventDesc<'_>> = events
+        .iter()
+        .map(|e| EventDesc {
+            kind: e.decoder,
+            task_context: e.task_context,
+            format: &e.format,
+        })
+        .collect();
     let decoder = Decoder::new(&descs)?;
     let cpus = ring::online_cpus()?;
     let ids: Vec<u64> = events.iter().map(|e| u64::from(e.id)).collect();

@@ -16,7 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use crate::decode::DecoderKind;
+use crate::schema::DecoderKind;
 
 use super::error::ProbeError;
 use super::spec::{Attach, ResolvedProbe};

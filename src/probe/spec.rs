@@ -31,18 +31,15 @@
 
 use std::collections::HashSet;
 
-use crate::decode::{DecoderKind, IpFamily, UDP_DELIVER_WINDOW};
 use crate::model::{PacketDir, SockOp, Transport};
+pub use crate::schema::PACKET_HEADER_BYTES;
+use crate::schema::{DecoderKind, IpFamily, SampleField as F, UDP_DELIVER_WINDOW};
 
 use super::btf::{Field, Offsets};
 use super::error::ProbeError;
 
 /// Most fetch arguments one probe may have (kernels oops beyond ~128).
 pub const MAX_FETCHARGS: usize = 128;
-/// Bytes of packet fetched from the IP header on: a maximal IPv4 header
-/// (60 bytes) plus the transport ports (4 bytes). Also the kernel's
-/// largest fetch array.
-pub const PACKET_HEADER_BYTES: usize = 64;
 /// Concurrent instances of a return probe (blocked `accept` calls each
 /// hold one).
 pub const KRETPROBE_MAXACTIVE: u32 = 256;
@@ -118,21 +115,37 @@ fn deref(off: u32, inner: &str) -> String {
     format!("+{off}({inner})")
 }
 
-fn get(name: &str, off: Field, base: &str) -> String {
-    format!("{name}={}:{}", deref(off.offset, base), off.fetch_type())
+/// One fetch argument: the declared field `f` fetched by `expr` as `ty`.
+fn arg(f: F, expr: &str, ty: &str) -> String {
+    format!("{}={expr}:{ty}", f.name())
+}
+
+/// The declared field `f` read from the struct member `m` of `base`.
+fn member(f: F, m: Field, base: &str) -> String {
+    arg(f, &deref(m.offset, base), &m.fetch_type())
+}
+
+/// The declared field `f` as a byte array at `expr`.
+fn bytes(f: F, expr: &str, len: usize) -> String {
+    arg(f, expr, &format!("u8[{len}]"))
+}
+
+/// A pointer-sized field (a kernel address).
+fn pointer(f: F, expr: &str) -> String {
+    arg(f, expr, "x64")
 }
 
 /// Fetch arguments describing a `struct sock *` expression.
 fn sock_fields(o: &Offsets, sk: &str) -> String {
     [
-        format!("sk={sk}:x64"),
-        get("family", o.skc_family, sk),
-        get("sport", o.skc_num, sk),
-        get("dport", o.skc_dport, sk),
-        get("saddr", o.skc_rcv_saddr, sk),
-        get("daddr", o.skc_daddr, sk),
-        format!("saddr6={}:u8[16]", deref(o.skc_v6_rcv_saddr.offset, sk)),
-        format!("daddr6={}:u8[16]", deref(o.skc_v6_daddr.offset, sk)),
+        pointer(F::Sk, sk),
+        member(F::Family, o.skc_family, sk),
+        member(F::Sport, o.skc_num, sk),
+        member(F::Dport, o.skc_dport, sk),
+        member(F::Saddr, o.skc_rcv_saddr, sk),
+        member(F::Daddr, o.skc_daddr, sk),
+        bytes(F::Saddr6, &deref(o.skc_v6_rcv_saddr.offset, sk), 16),
+        bytes(F::Daddr6, &deref(o.skc_v6_daddr.offset, sk), 16),
     ]
     .join(" ")
 }
@@ -141,10 +154,10 @@ fn packet_fields(o: &Offsets, skb: &str, sk: Option<&str>) -> String {
     let data = deref(o.skb_data.offset, skb);
     let mut v = Vec::new();
     if let Some(sk) = sk {
-        v.push(format!("sk={sk}:x64"));
+        v.push(pointer(F::Sk, sk));
     }
-    v.push(get("len", o.skb_len, skb));
-    v.push(format!("hdr=+0({data}):u8[{PACKET_HEADER_BYTES}]"));
+    v.push(member(F::Len, o.skb_len, skb));
+    v.push(bytes(F::Hdr, &format!("+0({data})"), PACKET_HEADER_BYTES));
     v.join(" ")
 }
 
@@ -154,9 +167,13 @@ fn packet_fields(o: &Offsets, skb: &str, sk: Option<&str>) -> String {
 fn udp_delivery_fields(o: &Offsets) -> String {
     let data = deref(o.skb_data.offset, "$arg2");
     [
-        "sk=$arg1:x64".to_string(),
-        get("len", o.skb_len, "$arg2"),
-        format!("hdr=-{UDP_DELIVER_WINDOW}({data}):u8[{UDP_DELIVER_WINDOW}]"),
+        pointer(F::Sk, "$arg1"),
+        member(F::Len, o.skb_len, "$arg2"),
+        bytes(
+            F::Hdr,
+            &format!("-{UDP_DELIVER_WINDOW}({data})"),
+            UDP_DELIVER_WINDOW,
+        ),
     ]
     .join(" ")
 }
@@ -169,15 +186,15 @@ fn udp_send_fields(o: &Offsets, v6: bool) -> String {
         (o.sin_port, o.sin_addr)
     };
     let mut v = vec![
-        "sk=$arg1:x64".to_string(),
-        get("namelen", o.msg_namelen, "$arg2"),
-        format!("nfamily=+0({name}):u16"),
-        format!("nport={}:u16", deref(port.offset, &name)),
+        pointer(F::Sk, "$arg1"),
+        member(F::Namelen, o.msg_namelen, "$arg2"),
+        arg(F::Nfamily, &format!("+0({name})"), "u16"),
+        arg(F::Nport, &deref(port.offset, &name), "u16"),
     ];
     if v6 {
-        v.push(format!("naddr6={}:u8[16]", deref(addr.offset, &name)));
+        v.push(bytes(F::Naddr6, &deref(addr.offset, &name), 16));
     } else {
-        v.push(format!("naddr={}:u32", deref(addr.offset, &name)));
+        v.push(arg(F::Naddr, &deref(addr.offset, &name), "u32"));
     }
     v.join(" ")
 }
@@ -234,11 +251,13 @@ pub fn probe_set(o: &Offsets) -> Vec<ProbeSpec> {
             ..kprobe(
                 "sock_create",
                 &["sock_init_data", "sock_init_data_uid"],
-                format!(
-                    "sk=$arg2:x64 {} {} prot={proto_name}:string",
-                    get("family", o.skc_family, "$arg2"),
-                    get("type", o.socket_type, "$arg1"),
-                ),
+                [
+                    pointer(F::Sk, "$arg2"),
+                    member(F::Family, o.skc_family, "$arg2"),
+                    member(F::SockType, o.socket_type, "$arg1"),
+                    arg(F::Prot, &proto_name, "string"),
+                ]
+                .join(" "),
                 true,
                 DecoderKind::SockCreate,
             )
@@ -265,10 +284,11 @@ pub fn probe_set(o: &Offsets) -> Vec<ProbeSpec> {
             ..kprobe(
                 "sock_close",
                 &["inet_release"],
-                format!(
-                    "sk={sk_of_socket}:x64 {}",
-                    get("family", o.skc_family, &sk_of_socket)
-                ),
+                [
+                    pointer(F::Sk, &sk_of_socket),
+                    member(F::Family, o.skc_family, &sk_of_socket),
+                ]
+                .join(" "),
                 true,
                 DecoderKind::SockClose,
             )
@@ -276,14 +296,14 @@ pub fn probe_set(o: &Offsets) -> Vec<ProbeSpec> {
         kprobe(
             "tcp_send",
             &["tcp_sendmsg"],
-            "sk=$arg1:x64".into(),
+            pointer(F::Sk, "$arg1"),
             true,
             activity(Transport::Tcp, SockOp::Send, None),
         ),
         kprobe(
             "tcp_recv",
             &["tcp_recvmsg"],
-            "sk=$arg1:x64".into(),
+            pointer(F::Sk, "$arg1"),
             true,
             activity(Transport::Tcp, SockOp::Recv, None),
         ),
@@ -376,10 +396,10 @@ pub fn probe_set(o: &Offsets) -> Vec<ProbeSpec> {
             "creds",
             &["commit_creds"],
             [
-                get("uid", o.cred_uid, "$arg1"),
-                get("gid", o.cred_gid, "$arg1"),
-                get("euid", o.cred_euid, "$arg1"),
-                get("egid", o.cred_egid, "$arg1"),
+                member(F::Uid, o.cred_uid, "$arg1"),
+                member(F::Gid, o.cred_gid, "$arg1"),
+                member(F::Euid, o.cred_euid, "$arg1"),
+                member(F::Egid, o.cred_egid, "$arg1"),
             ]
             .join(" "),
             true,
@@ -421,4 +441,117 @@ pub fn resolve(
         out.push(ResolvedProbe { spec, function });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::btf::Provenance;
+    use crate::schema::Width;
+
+    /// Offsets of plausible sizes (the values only need to be distinct).
+    fn offsets() -> Offsets {
+        let mut next = 0;
+        let mut f = |size| {
+            next += 8;
+            Field {
+                offset: next,
+                size,
+                bits: None,
+            }
+        };
+        Offsets {
+            provenance: Provenance::Btf("test".into()),
+            skc_family: f(2),
+            skc_daddr: f(4),
+            skc_rcv_saddr: f(4),
+            skc_dport: f(2),
+            skc_num: f(2),
+            skc_v6_daddr: f(16),
+            skc_v6_rcv_saddr: f(16),
+            skc_prot: f(8),
+            sk_protocol: f(2),
+            sk_type: f(2),
+            sk_common: f(0),
+            socket_sk: f(8),
+            socket_type: f(2),
+            proto_name: f(32),
+            skb_len: f(4),
+            skb_data: f(8),
+            skb_head: f(8),
+            skb_network_header: f(2),
+            skb_transport_header: f(2),
+            cred_uid: f(4),
+            cred_gid: f(4),
+            cred_euid: f(4),
+            cred_egid: f(4),
+            msg_name: f(8),
+            msg_namelen: f(4),
+            sin_port: f(2),
+            sin_addr: f(4),
+            sin6_port: f(2),
+            sin6_addr: f(16),
+        }
+    }
+
+    /// Bytes a fetch type stores in the sample (None: not a fixed size).
+    fn stored_bytes(ty: &str) -> Option<u32> {
+        if let Some(n) = ty.strip_prefix("u8[") {
+            return n.strip_suffix(']')?.parse().ok();
+        }
+        if let Some(unit) = ty.strip_prefix('b') {
+            return unit.rsplit('/').next()?.parse::<u32>().ok().map(|b| b / 8);
+        }
+        let bits: u32 = ty.get(1..)?.parse().ok()?;
+        matches!(ty.as_bytes()[0], b'u' | b's' | b'x').then_some(bits / 8)
+    }
+
+    #[test]
+    fn every_probe_fetches_its_declared_fields() {
+        for spec in probe_set(&offsets()) {
+            let declared = spec.decoder.fields();
+            if spec.decoder.is_tracepoint() {
+                assert!(spec.fetchargs.is_empty(), "{}", spec.name);
+                continue;
+            }
+            let fetched: Vec<(&str, &str)> = spec
+                .fetchargs
+                .split_whitespace()
+                .map(|a| {
+                    let (name, rest) = a.split_once('=').expect("name=fetcharg:type");
+                    let (_, ty) = rest.rsplit_once(':').expect("fetcharg:type");
+                    (name, ty)
+                })
+                .collect();
+            let names: Vec<&str> = fetched.iter().map(|(n, _)| *n).collect();
+            let want: Vec<&str> = declared.iter().map(|f| f.name()).collect();
+            assert_eq!(
+                names, want,
+                "probe {} fetches other fields than its kind declares",
+                spec.name
+            );
+            for (field, (_, ty)) in declared.iter().zip(&fetched) {
+                match field.width() {
+                    Width::Bytes(n) => assert_eq!(
+                        stored_bytes(ty),
+                        Some(n),
+                        "probe {}: {} fetched as {ty}",
+                        spec.name,
+                        field.name()
+                    ),
+                    Width::Array => assert!(stored_bytes(ty).is_some(), "{}: {ty}", spec.name),
+                    Width::DataLoc => assert_eq!(*ty, "string", "{}", spec.name),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stored_bytes_reads_every_fetch_type_used() {
+        assert_eq!(stored_bytes("x64"), Some(8));
+        assert_eq!(stored_bytes("u16"), Some(2));
+        assert_eq!(stored_bytes("u8[64]"), Some(64));
+        assert_eq!(stored_bytes("b8@8/32"), Some(4));
+        assert_eq!(stored_bytes("string"), None);
+    }
 }

@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 
 use crate::decode::format::Format;
 use crate::decode::ftrace::page_records;
-use crate::decode::DecoderKind;
 use crate::probe::install::{group_pid, ProbeGuard, GROUP_PREFIX};
 use crate::probe::spec::{Attach, ProbeSpec, ResolvedProbe};
 use crate::probe::tracefs::Tracefs;
+use crate::schema::DecoderKind;
 
 use super::GuessError;
 

@@ -1,0 +1,341 @@
+//! The probe event schema: what each kind of probe sample carries.
+//!
+//! A probe kind ([`DecoderKind`]) is declared once, here: the fields its
+//! samples carry ([`DecoderKind::fields`]), each with its name in the
+//! tracefs format file and its width ([`SampleField`]). Both sides read the
+//! same declaration:
+//!
+//! * [`crate::probe::spec`] writes one fetch argument per declared field,
+//!   named by [`SampleField::name`], and a unit test there checks that every
+//!   probe fetches exactly its kind's fields, in order, with the declared
+//!   widths;
+//! * [`crate::decode`] finds each field in the installed event's format file
+//!   by the same [`SampleField`], and refuses (at decoder setup) a field its
+//!   kind does not declare.
+//!
+//! A misspelt field is therefore a compile error (fields are an enum), and a
+//! field one side forgets is a unit-test failure, never a silent zero.
+//!
+//! # Adding a probe
+//!
+//! 1. Declare its kind here: a [`DecoderKind`] variant and its field list in
+//!    [`DecoderKind::fields`] (add [`SampleField`] variants if needed).
+//! 2. Add its [`crate::probe::spec::ProbeSpec`] to `probe_set` in
+//!    `probe/spec.rs`: the kernel functions to try and one fetch argument
+//!    per declared field (the test `every_probe_fetches_its_declared_fields`
+//!    says which are missing).
+//! 3. Turn its samples into a [`crate::model::EventKind`] in the decoder
+//!    (`decode/layout.rs` finds the fields, `decode/mod.rs` reads them).
+//! 4. Handle the event in the flow engine.
+//!
+//! This module depends on [`crate::model`] only, so the probe and decode
+//! stages can both use it without depending on each other.
+
+use crate::model::{PacketDir, SockOp, Transport};
+
+/// Bytes of packet fetched from the IP header on: a maximal IPv4 header
+/// (60 bytes) plus the transport ports (4 bytes). Also the kernel's largest
+/// fetch array.
+pub const PACKET_HEADER_BYTES: usize = 64;
+/// Bytes fetched before a delivered datagram's payload: the UDP header and
+/// the IP header before it (an IPv4 header with up to 36 bytes of options,
+/// or an IPv6 header without extension headers). The kernel's largest
+/// fetch array.
+pub const UDP_DELIVER_WINDOW: usize = 64;
+
+/// IP version of a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IpFamily {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+/// How wide a field is in the sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Width {
+    /// Exactly this many bytes.
+    Bytes(u32),
+    /// A byte array whose length the probe chooses (checked by the
+    /// decoder against what it needs).
+    Array,
+    /// A `__data_loc` string (4 bytes: offset and length).
+    DataLoc,
+}
+
+/// A field of a probe sample, by its name in the event's format file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SampleField {
+    /// `struct sock *` address (the socket's identity).
+    Sk,
+    /// `sk->__sk_common.skc_family`.
+    Family,
+    /// `socket->type` (SOCK_STREAM, SOCK_DGRAM).
+    SockType,
+    /// `sk->sk_prot->name` (`TCP`, `UDPv6`, …), a string.
+    Prot,
+    /// Local port (host order).
+    Sport,
+    /// Remote port (network order).
+    Dport,
+    /// Local IPv4 address.
+    Saddr,
+    /// Remote IPv4 address.
+    Daddr,
+    /// Local IPv6 address.
+    Saddr6,
+    /// Remote IPv6 address.
+    Daddr6,
+    /// `msg->msg_namelen`.
+    Namelen,
+    /// Family of `msg->msg_name`.
+    Nfamily,
+    /// Port of `msg->msg_name` (network order).
+    Nport,
+    /// IPv4 address of `msg->msg_name`.
+    Naddr,
+    /// IPv6 address of `msg->msg_name`.
+    Naddr6,
+    /// `skb->len`.
+    Len,
+    /// Packet header bytes.
+    Hdr,
+    /// `cred->uid`.
+    Uid,
+    /// `cred->gid`.
+    Gid,
+    /// `cred->euid`.
+    Euid,
+    /// `cred->egid`.
+    Egid,
+    /// `sched_process_exec`'s file name (tracepoint field).
+    Filename,
+    /// `sched_process_exec`/`_exit`'s pid (tracepoint field).
+    Pid,
+    /// `sched_process_fork`'s child pid (tracepoint field).
+    ChildPid,
+}
+
+impl SampleField {
+    /// The field's name in the format file (and in the fetch argument).
+    pub const fn name(self) -> &'static str {
+        match self {
+            SampleField::Sk => "sk",
+            SampleField::Family => "family",
+            SampleField::SockType => "type",
+            SampleField::Prot => "prot",
+            SampleField::Sport => "sport",
+            SampleField::Dport => "dport",
+            SampleField::Saddr => "saddr",
+            SampleField::Daddr => "daddr",
+            SampleField::Saddr6 => "saddr6",
+            SampleField::Daddr6 => "daddr6",
+            SampleField::Namelen => "namelen",
+            SampleField::Nfamily => "nfamily",
+            SampleField::Nport => "nport",
+            SampleField::Naddr => "naddr",
+            SampleField::Naddr6 => "naddr6",
+            SampleField::Len => "len",
+            SampleField::Hdr => "hdr",
+            SampleField::Uid => "uid",
+            SampleField::Gid => "gid",
+            SampleField::Euid => "euid",
+            SampleField::Egid => "egid",
+            SampleField::Filename => "filename",
+            SampleField::Pid => "pid",
+            SampleField::ChildPid => "child_pid",
+        }
+    }
+
+    /// The field's width.
+    pub const fn width(self) -> Width {
+        match self {
+            SampleField::Sk => Width::Bytes(8),
+            SampleField::Family | SampleField::Sport | SampleField::Dport => Width::Bytes(2),
+            SampleField::Nfamily | SampleField::Nport => Width::Bytes(2),
+            SampleField::Saddr | SampleField::Daddr | SampleField::Naddr => Width::Bytes(4),
+            SampleField::Saddr6 | SampleField::Daddr6 | SampleField::Naddr6 => Width::Bytes(16),
+            SampleField::Namelen | SampleField::Len => Width::Bytes(4),
+            SampleField::Uid | SampleField::Gid | SampleField::Euid | SampleField::Egid => {
+                Width::Bytes(4)
+            }
+            SampleField::Pid | SampleField::ChildPid => Width::Bytes(4),
+            // `socket->type` is a short on every kernel so far, but its
+            // width comes from BTF: any integer is accepted.
+            SampleField::SockType | SampleField::Hdr => Width::Array,
+            SampleField::Prot | SampleField::Filename => Width::DataLoc,
+        }
+    }
+}
+
+/// The fields of a socket read from a `struct sock *`.
+const SOCK: &[SampleField] = &[
+    SampleField::Sk,
+    SampleField::Family,
+    SampleField::Sport,
+    SampleField::Dport,
+    SampleField::Saddr,
+    SampleField::Daddr,
+    SampleField::Saddr6,
+    SampleField::Daddr6,
+];
+
+/// How an event's samples are turned into [`crate::model::EventKind`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecoderKind {
+    /// `sock_init_data`: a new socket.
+    SockCreate,
+    /// `tcp_connect`: an active open, with both ends.
+    TcpConnect,
+    /// `inet_csk_accept` return: an accepted socket, with both ends.
+    TcpAccept,
+    /// `udp_recvmsg`/`udpv6_recvmsg`: socket fields (only the local ones are
+    /// used).
+    UdpRecv,
+    /// Send/receive in syscall context; with `peer`, also the destination
+    /// of `msg_name`.
+    SockActivity {
+        /// Transport of the probed function.
+        transport: Transport,
+        /// Send or receive.
+        op: SockOp,
+        /// Family of the msg_name fields, when fetched.
+        peer: Option<IpFamily>,
+    },
+    /// A packet at the IP layer (egress also carries its socket).
+    Packet {
+        /// Egress or ingress.
+        dir: PacketDir,
+        /// IP version of the probed function.
+        family: IpFamily,
+    },
+    /// An ingress packet at the IP layer of which only TCP is reported
+    /// (UDP is counted at delivery to its socket, [`DecoderKind::UdpDeliver`]).
+    TcpIngress {
+        /// IP version of the probed function.
+        family: IpFamily,
+    },
+    /// `__udp_enqueue_schedule_skb(sk, skb)`: a datagram queued on its
+    /// socket. `len` is the payload length and `hdr` the
+    /// [`UDP_DELIVER_WINDOW`] bytes before `skb->data`, which then points at
+    /// the payload, so they end with the UDP header, preceded by the IP
+    /// header. Read there because at the IP layer the UDP header may still
+    /// sit in a page fragment (virtio-net with GRO on 5.10).
+    UdpDeliver,
+    /// `inet_release`: a socket released.
+    SockClose,
+    /// `sched_process_exec`.
+    Exec,
+    /// `sched_process_fork`.
+    Fork,
+    /// `sched_process_exit`.
+    Exit,
+    /// `commit_creds`: new credentials.
+    Creds,
+}
+
+impl DecoderKind {
+    /// The fields a sample of this kind carries, in fetch order. For
+    /// tracepoints, the kernel-defined fields the decoder reads.
+    pub fn fields(self) -> &'static [SampleField] {
+        use SampleField as F;
+        match self {
+            DecoderKind::SockCreate => &[F::Sk, F::Family, F::SockType, F::Prot],
+            DecoderKind::TcpConnect | DecoderKind::TcpAccept | DecoderKind::UdpRecv => SOCK,
+            DecoderKind::SockActivity { peer: None, .. } => &[F::Sk],
+            DecoderKind::SockActivity {
+                peer: Some(IpFamily::V4),
+                ..
+            } => &[F::Sk, F::Namelen, F::Nfamily, F::Nport, F::Naddr],
+            DecoderKind::SockActivity {
+                peer: Some(IpFamily::V6),
+                ..
+            } => &[F::Sk, F::Namelen, F::Nfamily, F::Nport, F::Naddr6],
+            DecoderKind::Packet {
+                dir: PacketDir::Egress,
+                ..
+            } => &[F::Sk, F::Len, F::Hdr],
+            DecoderKind::Packet {
+                dir: PacketDir::Ingress,
+                ..
+            }
+            | DecoderKind::TcpIngress { .. } => &[F::Len, F::Hdr],
+            DecoderKind::UdpDeliver => &[F::Sk, F::Len, F::Hdr],
+            DecoderKind::SockClose => &[F::Sk, F::Family],
+            DecoderKind::Creds => &[F::Uid, F::Gid, F::Euid, F::Egid],
+            DecoderKind::Exec => &[F::Filename, F::Pid],
+            DecoderKind::Fork => &[F::ChildPid],
+            DecoderKind::Exit => &[F::Pid],
+        }
+    }
+
+    /// Whether samples of this kind come from a static tracepoint (whose
+    /// fields the kernel defines) rather than from fetch arguments.
+    pub fn is_tracepoint(self) -> bool {
+        matches!(
+            self,
+            DecoderKind::Exec | DecoderKind::Fork | DecoderKind::Exit
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_names_are_unique() {
+        let all = [
+            SampleField::Sk,
+            SampleField::Family,
+            SampleField::SockType,
+            SampleField::Prot,
+            SampleField::Sport,
+            SampleField::Dport,
+            SampleField::Saddr,
+            SampleField::Daddr,
+            SampleField::Saddr6,
+            SampleField::Daddr6,
+            SampleField::Namelen,
+            SampleField::Nfamily,
+            SampleField::Nport,
+            SampleField::Naddr,
+            SampleField::Naddr6,
+            SampleField::Len,
+            SampleField::Hdr,
+            SampleField::Uid,
+            SampleField::Gid,
+            SampleField::Euid,
+            SampleField::Egid,
+            SampleField::Filename,
+            SampleField::Pid,
+            SampleField::ChildPid,
+        ];
+        let mut names: Vec<&str> = all.iter().map(|f| f.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+    }
+
+    #[test]
+    fn no_kind_declares_a_field_twice() {
+        let kinds = [
+            DecoderKind::SockCreate,
+            DecoderKind::TcpConnect,
+            DecoderKind::UdpDeliver,
+            DecoderKind::Creds,
+            DecoderKind::SockActivity {
+                transport: Transport::Udp,
+                op: SockOp::Send,
+                peer: Some(IpFamily::V6),
+            },
+        ];
+        for k in kinds {
+            let f = k.fields();
+            for (i, a) in f.iter().enumerate() {
+                assert!(!f[i + 1..].contains(a), "{k:?} declares {a:?} twice");
+            }
+        }
+    }
+}
