@@ -1,12 +1,16 @@
 //! Event sequences → expected flow records.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::*;
-use crate::enrich::process::{FakeProcSource, ProcSnapshot, ProcessTableConfig};
+use crate::enrich::process::{FakeProcSource, ProcSnapshot, ProcessTable, ProcessTableConfig};
 use crate::enrich::users::UserDb;
-use crate::model::Creds;
+use crate::model::{
+    Creds, Event, EventKind, FlowDirection, FlowRecord, KernelTime, Loss, LossSource, Output,
+    Packet, PacketDir, SockAddr, SockOp, Task, Transport,
+};
 
 const S: u64 = 1_000_000_000;
 const MS: u64 = 1_000_000;
