@@ -17,6 +17,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use super::keys::Due;
+use super::records::EvictionLoss;
 use super::slab::Slab;
 use super::{Clock, Engine};
 use crate::model::{KernelTime, Output};
@@ -188,7 +189,7 @@ impl<C: Clock> Engine<C> {
 
     fn evicted_flow(&mut self, t: KernelTime, f: u32, out: &mut Vec<Output>) {
         self.stats.flow_evictions += 1;
-        self.note_loss(1, 1, t);
+        self.note_loss(EvictionLoss::Flow, 1, t);
         self.finish_flow(f, out);
     }
 
@@ -197,7 +198,7 @@ impl<C: Clock> Engine<C> {
         while let Some(Reverse((_, s, gen))) = self.sock_due.pop() {
             if self.sockets.get(s).is_some_and(|so| so.gen == gen) {
                 self.stats.socket_evictions += 1;
-                self.note_loss(0, 1, t);
+                self.note_loss(EvictionLoss::Socket, 1, t);
                 self.end_socket(s, out);
                 return true;
             }

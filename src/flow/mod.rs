@@ -154,7 +154,7 @@ use crate::enrich::dns::DnsTable;
 use crate::enrich::process::ProcessTable;
 use crate::model::{KernelTime, SockAddr};
 use keys::{Due, Ep, Tuple, TupleRef};
-use records::PendingLoss;
+use records::{EvictionLoss, PendingLoss};
 use slab::Slab;
 use table::{Flow, Socket};
 use tcp::Embryo;
@@ -352,7 +352,7 @@ pub struct Engine<C: Clock> {
     embryo_due: BinaryHeap<Due>,
 
     next_id: u64,
-    losses: [PendingLoss; 3],
+    losses: [PendingLoss; EvictionLoss::COUNT],
     stats: EngineStats,
 
     dns: Option<DnsTable>,
@@ -407,7 +407,7 @@ impl<C: Clock> Engine<C> {
             sock_due: BinaryHeap::new(),
             embryo_due: BinaryHeap::new(),
             next_id: 1,
-            losses: [PendingLoss::default(); 3],
+            losses: [PendingLoss::default(); EvictionLoss::COUNT],
             stats: EngineStats::default(),
             dns: None,
             dns_exits: VecDeque::new(),

@@ -26,15 +26,47 @@ pub(super) struct PendingLoss {
     last: KernelTime,
 }
 
-pub(super) const LOSS_SOURCES: [LossSource; 3] = [
-    LossSource::SocketTableEviction,
-    LossSource::FlowTableEviction,
-    LossSource::ProcessTableEviction,
-];
+/// The tables whose evictions the engine reports as losses; indexes the
+/// pending notices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum EvictionLoss {
+    /// A socket evicted from the full socket table.
+    Socket,
+    /// A flow evicted from the full flow table.
+    Flow,
+    /// Processes evicted from the full process table.
+    Process,
+}
+
+impl EvictionLoss {
+    /// Every kind, in the order their notices are emitted.
+    const ALL: [EvictionLoss; 3] = [
+        EvictionLoss::Socket,
+        EvictionLoss::Flow,
+        EvictionLoss::Process,
+    ];
+    /// Number of kinds: the length of the engine's pending notices.
+    pub(super) const COUNT: usize = EvictionLoss::ALL.len();
+
+    /// Position of this kind's pending notice.
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The loss source reported for this kind.
+    fn source(self) -> LossSource {
+        match self {
+            EvictionLoss::Socket => LossSource::SocketTableEviction,
+            EvictionLoss::Flow => LossSource::FlowTableEviction,
+            EvictionLoss::Process => LossSource::ProcessTableEviction,
+        }
+    }
+}
 
 impl<C: Clock> Engine<C> {
-    pub(super) fn note_loss(&mut self, idx: usize, n: u64, t: KernelTime) {
-        let l = &mut self.losses[idx];
+    /// Counts `n` losses of `kind` at `t`, for the next notice.
+    pub(super) fn note_loss(&mut self, kind: EvictionLoss, n: u64, t: KernelTime) {
+        let l = &mut self.losses[kind.index()];
         if l.count == 0 {
             l.first = t;
         }
@@ -42,20 +74,22 @@ impl<C: Clock> Engine<C> {
         l.last = t;
     }
 
+    /// Counts the evictions the process table made since the last call.
     pub(super) fn note_process_evictions(&mut self, t: KernelTime) {
         let n = self.procs.take_evictions();
         if n > 0 {
             self.stats.process_evictions += n;
-            self.note_loss(2, n, t);
+            self.note_loss(EvictionLoss::Process, n, t);
         }
     }
 
+    /// Emits one loss notice per table with pending evictions.
     pub(super) fn flush_losses(&mut self, out: &mut Vec<Output>) {
-        for (i, src) in LOSS_SOURCES.iter().enumerate() {
-            let l = std::mem::take(&mut self.losses[i]);
+        for kind in EvictionLoss::ALL {
+            let l = std::mem::take(&mut self.losses[kind.index()]);
             if l.count > 0 {
                 out.push(Output::Loss(Loss {
-                    source: *src,
+                    source: kind.source(),
                     cpu: None,
                     count: l.count,
                     first: self.clock.wall(l.first),
