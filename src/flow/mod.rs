@@ -144,12 +144,10 @@ mod udp;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use hashbrown::HashMap;
 
-use crate::config::Config;
 use crate::enrich::dns::DnsTable;
 use crate::enrich::process::ProcessTable;
 use crate::model::{KernelTime, SockAddr};
@@ -217,50 +215,6 @@ pub struct EngineConfig {
     pub own_pid: u32,
     /// Local TCP ports the daemon listens on (gRPC, health, metrics).
     pub own_tcp_ports: Vec<u16>,
-}
-
-impl EngineConfig {
-    /// From the daemon configuration.
-    pub fn from_config(cfg: &Config, own_pid: u32) -> Self {
-        let s = &cfg.socket;
-        EngineConfig {
-            flow_inactive_timeout: s.flow_inactive_timeout,
-            flow_termination_timeout: s.flow_termination_timeout,
-            socket_inactive_timeout: s.socket_inactive_timeout,
-            flow_update_interval: s.flow_update_interval,
-            max_sockets: cfg.limits.max_sockets,
-            max_flows: cfg.limits.max_flows,
-            max_embryonic: DEFAULT_MAX_EMBRYONIC.min(cfg.limits.max_flows.max(1)),
-            max_parked_udp: DEFAULT_MAX_PARKED_UDP.min(cfg.limits.max_flows.max(1)),
-            include_self: s.include_self,
-            own_pid,
-            own_tcp_ports: own_tcp_ports(cfg),
-        }
-    }
-}
-
-/// The ports of the daemon's TCP listeners in `cfg` (unparsable or empty
-/// addresses, already refused by validation, are skipped).
-fn own_tcp_ports(cfg: &Config) -> Vec<u16> {
-    let mut ports: Vec<u16> = [
-        &cfg.server.listen,
-        &cfg.server.health_listen,
-        &cfg.metrics.listen,
-    ]
-    .iter()
-    .filter_map(|a| a.trim().parse::<SocketAddr>().ok())
-    .map(|a| a.port())
-    .filter(|&p| p != 0)
-    .collect();
-    ports.sort_unstable();
-    ports.dedup();
-    ports
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig::from_config(&Config::default(), std::process::id())
-    }
 }
 
 /// Snapshot of the engine's tables and counters.

@@ -1535,16 +1535,6 @@ fn unowned_tcp_flow_on_the_daemons_listening_port_is_its_own() {
 }
 
 #[test]
-fn own_tcp_ports_come_from_the_listen_addresses() {
-    let mut c = crate::config::Config::default();
-    c.server.listen = "0.0.0.0:50051".into();
-    c.server.health_listen = "127.0.0.1:8081".into();
-    c.metrics.listen = String::new();
-    let e = EngineConfig::from_config(&c, 1);
-    assert_eq!(e.own_tcp_ports, vec![8081, 50051]);
-}
-
-#[test]
 fn late_ack_after_the_closed_socket_was_reused_counts_on_the_old_flow() {
     // The server closes first; the kernel turns its socket into a TIME_WAIT
     // mini-socket and reuses the memory for a new socket; the peer's FIN
