@@ -567,7 +567,7 @@ fn run_with_probes(
     threads.threads.push(("reader", reader));
     let engine = {
         let shared = shared.clone();
-        let engine_cfg = EngineConfig::from_config(cfg, std::process::id());
+        let engine_cfg = engine_config(cfg);
         let stop = stop.clone();
         let fault = faults
             .delay(FaultThread::Engine)
@@ -939,6 +939,55 @@ impl Delta {
         let d = now.saturating_sub(self.seen);
         self.seen = now;
         d
+    }
+}
+
+/// The flow engine's settings from the daemon configuration: its timeouts
+/// and table bounds (the embryonic and parked UDP tables at their defaults,
+/// never above `limits.max_flows`), this process's pid, and the ports of
+/// the daemon's TCP listeners (unparsable or empty listen addresses,
+/// already refused by validation, are skipped).
+fn engine_config(cfg: &Config) -> EngineConfig {
+    let mut own_tcp_ports: Vec<u16> = [
+        &cfg.server.listen,
+        &cfg.server.health_listen,
+        &cfg.metrics.listen,
+    ]
+    .iter()
+    .filter_map(|a| a.trim().parse::<std::net::SocketAddr>().ok())
+    .map(|a| a.port())
+    .filter(|&p| p != 0)
+    .collect();
+    own_tcp_ports.sort_unstable();
+    own_tcp_ports.dedup();
+    let s = &cfg.socket;
+    EngineConfig {
+        flow_inactive_timeout: s.flow_inactive_timeout,
+        flow_termination_timeout: s.flow_termination_timeout,
+        socket_inactive_timeout: s.socket_inactive_timeout,
+        flow_update_interval: s.flow_update_interval,
+        max_sockets: cfg.limits.max_sockets,
+        max_flows: cfg.limits.max_flows,
+        max_embryonic: crate::flow::DEFAULT_MAX_EMBRYONIC.min(cfg.limits.max_flows.max(1)),
+        max_parked_udp: crate::flow::DEFAULT_MAX_PARKED_UDP.min(cfg.limits.max_flows.max(1)),
+        include_self: s.include_self,
+        own_pid: std::process::id(),
+        own_tcp_ports,
+    }
+}
+
+#[cfg(test)]
+mod engine_config_tests {
+    use super::*;
+
+    #[test]
+    fn own_tcp_ports_come_from_the_listen_addresses() {
+        let mut c = Config::default();
+        c.server.listen = "0.0.0.0:50051".into();
+        c.server.health_listen = "127.0.0.1:8081".into();
+        c.metrics.listen = String::new();
+        let e = engine_config(&c);
+        assert_eq!(e.own_tcp_ports, vec![8081, 50051]);
     }
 }
 
