@@ -5,8 +5,8 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use sockscope::enrich::dns::net::{decode_packet, ETH_P_IP};
-use sockscope::enrich::dns::wire::parse_response;
+use sockscope::enrich::dns::datagram::{decode_packet, ETH_P_IP};
+use sockscope::enrich::dns::message::parse_response;
 use sockscope::enrich::dns::{DnsTable, TableLimits};
 
 const PACKET_HOST: u8 = 0;

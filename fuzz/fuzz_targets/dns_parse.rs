@@ -10,10 +10,14 @@ use libfuzzer_sys::fuzz_target;
 // The daemon's DNS parsing modules, compiled from their source files (they
 // depend on nothing else of the daemon), so the instrumented build does not
 // have to compile the whole daemon. They refer to each other through
-// `super::`, which is this crate's root here.
+// `super::` and to the shared header parser through `crate::headers`, both
+// of which are this crate's root here.
 #[allow(dead_code)]
-#[path = "../../src/enrich/dns/net.rs"]
-mod net;
+#[path = "../../src/enrich/dns/datagram.rs"]
+mod datagram;
+#[allow(dead_code)]
+#[path = "../../src/headers.rs"]
+mod headers;
 #[allow(dead_code)]
 #[path = "../../src/enrich/dns/response.rs"]
 mod response;
@@ -21,13 +25,13 @@ mod response;
 #[path = "../../src/enrich/dns/table.rs"]
 mod table;
 #[allow(dead_code)]
-#[path = "../../src/enrich/dns/wire.rs"]
-mod wire;
+#[path = "../../src/enrich/dns/message.rs"]
+mod message;
 
-use net::{Address, ETH_P_IP, ETH_P_IPV6, MAX_CNAME_CHAIN};
+use datagram::{Address, ETH_P_IP, ETH_P_IPV6, MAX_CNAME_CHAIN};
 use response::{DnsName, DnsResponse};
 use table::{DnsTable, TableLimits};
-use wire::{MAX_ANSWER_RECORDS, MAX_NAME_WIRE_LEN};
+use message::{MAX_ANSWER_RECORDS, MAX_NAME_WIRE_LEN};
 
 /// Longest presentation form of a name: every octet escaped as `\DDD`.
 const MAX_NAME_TEXT_LEN: usize = MAX_NAME_WIRE_LEN * 4;
@@ -77,15 +81,15 @@ fn exercise_table(response: &DnsResponse) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(message) = wire::parse_response(data) {
+    if let Ok(message) = message::parse_response(data) {
         let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40_000);
-        let server = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), net::DNS_PORT);
-        let response = net::response_from_message(client, server, &message, false);
+        let server = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), datagram::DNS_PORT);
+        let response = datagram::response_from_message(client, server, &message, false);
         check(&response);
         exercise_table(&response);
     }
     for protocol in [ETH_P_IP, ETH_P_IPV6] {
-        if let Ok(response) = net::decode_packet(protocol, PACKET_HOST, data) {
+        if let Ok(response) = datagram::decode_packet(protocol, PACKET_HOST, data) {
             check(&response);
             exercise_table(&response);
         }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::filter::filter_program;
-use super::net::{decode_packet, DropReason};
+use super::bpf::filter_program;
+use super::datagram::{decode_packet, DropReason};
 use super::{DnsError, DnsResponse};
 use crate::config::DnsConfig;
 use crate::sys::packet::{interface_index, Framing, PacketSocket};

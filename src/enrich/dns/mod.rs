@@ -2,8 +2,8 @@
 //!
 //! DNS responses are captured on an AF_PACKET socket ([`DnsCapture`]) with a
 //! classic BPF filter so that only UDP datagrams from port 53 reach user
-//! space; IP and UDP headers are decoded with pnet_packet and the DNS
-//! message with our own parser ([`wire`], fuzzed). The capture thread sends
+//! space; IP and UDP headers are decoded by the shared [`crate::headers`] parser and the DNS
+//! message with our own parser ([`message`], fuzzed). The capture thread sends
 //! [`DnsResponse`]s over a bounded channel to the flow engine, which feeds
 //! them to a [`DnsTable`]:
 //!
@@ -59,16 +59,16 @@
 //! assert_eq!((m.domain(), m.source), ("www.example.com", MatchSource::Process));
 //! ```
 
+pub mod bpf;
 pub mod capture;
-pub mod filter;
-pub mod net;
+pub mod datagram;
+pub mod message;
 pub mod response;
 pub mod table;
-pub mod wire;
 
+pub use bpf::filter_program;
 pub use capture::{CaptureCounters, CaptureStats, DnsCapture, DnsCaptureThread};
-pub use filter::filter_program;
-pub use net::{decode_packet, Address, DropReason};
+pub use datagram::{decode_packet, Address, DropReason};
 pub use response::{DnsName, DnsResponse};
 pub use table::{DnsMatch, DnsTable, MatchSource, TableLimits, TableStats};
 

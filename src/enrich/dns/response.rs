@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use super::net::Address;
+use super::datagram::Address;
 
 /// A resolved name: the name the client asked for and the CNAME chain that
 /// led to the addresses.

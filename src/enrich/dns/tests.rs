@@ -4,9 +4,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::filter::filter_program;
-use super::net::{decode_packet, resolve, DropReason, ETH_P_IP, ETH_P_IPV6, PACKET_OUTGOING};
-use super::wire::{
+use super::bpf::filter_program;
+use super::datagram::{decode_packet, resolve, DropReason, ETH_P_IP, ETH_P_IPV6, PACKET_OUTGOING};
+use super::message::{
     parse_response, read_name, RecordData, WireError, CLASS_IN, TYPE_A, TYPE_AAAA, TYPE_CNAME,
 };
 use super::*;
@@ -99,7 +99,7 @@ impl Msg {
 
 const Q: u16 = 12;
 
-fn addrs(m: &wire::Message) -> Vec<(IpAddr, u32)> {
+fn addrs(m: &message::Message) -> Vec<(IpAddr, u32)> {
     resolve(m).1.into_iter().map(|a| (a.ip, a.ttl)).collect()
 }
 

@@ -1,16 +1,14 @@
-//! From a captured network-layer packet to a [`DnsResponse`]: the kernel
-//! filter program, IPv4/IPv6 and UDP header decoding (pnet_packet), and the
+//! From a captured network-layer packet to a [`DnsResponse`]: IPv4/IPv6 and
+//! UDP headers through the daemon's shared header parser
+//! ([`crate::headers`]), the DNS message through [`super::message`], and the
 //! reasons packets are dropped.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use pnet_packet::ip::IpNextHeaderProtocols;
-use pnet_packet::ipv4::Ipv4Packet;
-use pnet_packet::ipv6::Ipv6Packet;
-use pnet_packet::udp::UdpPacket;
+use crate::headers::{self, HeaderError, IpHeader, IPPROTO_UDP, UDP_HEADER_LEN};
 
-use super::wire::{self, Message, RecordData, WireError};
+use super::message::{self, Message, RecordData, WireError};
 use super::{DnsName, DnsResponse};
 
 /// UDP port DNS servers answer from.
@@ -23,16 +21,6 @@ pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const PACKET_OUTGOING: u8 = libc::PACKET_OUTGOING;
 /// Longest CNAME chain followed from the question name.
 pub const MAX_CNAME_CHAIN: usize = 16;
-
-const IPV4_MIN_HEADER_LEN: usize = 20;
-const IPV4_IHL_UNIT: usize = 4;
-/// Fragment offset bits of the IPv4 flags/fragment field.
-pub(crate) const IPV4_FRAG_OFFSET_MASK: u16 = 0x1FFF;
-/// Length of the fixed IPv6 header.
-pub(crate) const IPV6_HEADER_LEN: usize = 40;
-const UDP_HEADER_LEN: usize = 8;
-const IP_VERSION_4: u8 = 4;
-const IP_VERSION_6: u8 = 6;
 
 /// Why a captured packet yielded no [`DnsResponse`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -139,56 +127,34 @@ pub fn decode_packet(protocol: u16, pkttype: u8, data: &[u8]) -> Result<DnsRespo
     if pkttype == PACKET_OUTGOING {
         return Err(DropReason::Outgoing);
     }
-    let (src_ip, dst_ip, l4): (IpAddr, IpAddr, &[u8]) = match protocol {
-        ETH_P_IP => {
-            let ip = Ipv4Packet::new(data).ok_or(DropReason::BadIpHeader)?;
-            if ip.get_version() != IP_VERSION_4 {
-                return Err(DropReason::NotIp);
-            }
-            let header_len = usize::from(ip.get_header_length()) * IPV4_IHL_UNIT;
-            let total_len = usize::from(ip.get_total_length());
-            if header_len < IPV4_MIN_HEADER_LEN || header_len > data.len() || total_len < header_len
-            {
-                return Err(DropReason::BadIpHeader);
-            }
-            if ip.get_next_level_protocol() != IpNextHeaderProtocols::Udp {
-                return Err(DropReason::NotUdp);
-            }
-            if ip.get_fragment_offset() & IPV4_FRAG_OFFSET_MASK != 0 {
-                return Err(DropReason::Fragment);
-            }
-            // A first fragment (offset 0, more-fragments set) is parsed as a
-            // cut-off message: its UDP length exceeds what is present.
-            let end = total_len.min(data.len());
-            (
-                IpAddr::V4(ip.get_source()),
-                IpAddr::V4(ip.get_destination()),
-                data.get(header_len..end).ok_or(DropReason::BadIpHeader)?,
-            )
-        }
-        ETH_P_IPV6 => {
-            let ip = Ipv6Packet::new(data).ok_or(DropReason::BadIpHeader)?;
-            if ip.get_version() != IP_VERSION_6 {
-                return Err(DropReason::NotIp);
-            }
-            if ip.get_next_header() != IpNextHeaderProtocols::Udp {
-                return Err(DropReason::NotUdp);
-            }
-            let end = (IPV6_HEADER_LEN + usize::from(ip.get_payload_length())).min(data.len());
-            (
-                IpAddr::V6(ip.get_source()),
-                IpAddr::V6(ip.get_destination()),
-                data.get(IPV6_HEADER_LEN..end)
-                    .ok_or(DropReason::BadIpHeader)?,
-            )
-        }
+    let ip: IpHeader = match protocol {
+        ETH_P_IP => headers::parse_ipv4(data),
+        ETH_P_IPV6 => headers::parse_ipv6(data),
         _ => return Err(DropReason::NotIp),
-    };
-    let udp = UdpPacket::new(l4).ok_or(DropReason::BadUdpHeader)?;
-    if udp.get_source() != DNS_PORT {
+    }
+    .map_err(|e| match e {
+        HeaderError::NotV4 | HeaderError::NotV6 => DropReason::NotIp,
+        _ => DropReason::BadIpHeader,
+    })?;
+    let header_len = ip.transport_offset;
+    if header_len > data.len() || ip.total_len < header_len {
+        return Err(DropReason::BadIpHeader);
+    }
+    if ip.protocol != IPPROTO_UDP {
+        return Err(DropReason::NotUdp);
+    }
+    if ip.later_fragment {
+        return Err(DropReason::Fragment);
+    }
+    // A first fragment (offset 0, more-fragments set) is parsed as a
+    // cut-off message: its UDP length exceeds what is present.
+    let end = ip.total_len.min(data.len());
+    let l4 = data.get(header_len..end).ok_or(DropReason::BadIpHeader)?;
+    let udp = headers::parse_udp(l4).ok_or(DropReason::BadUdpHeader)?;
+    if udp.src_port != DNS_PORT {
         return Err(DropReason::NotDnsPort);
     }
-    let udp_len = usize::from(udp.get_length());
+    let udp_len = usize::from(udp.length);
     if udp_len < UDP_HEADER_LEN {
         return Err(DropReason::BadUdpHeader);
     }
@@ -196,9 +162,9 @@ pub fn decode_packet(protocol: u16, pkttype: u8, data: &[u8]) -> Result<DnsRespo
     let dns = l4
         .get(UDP_HEADER_LEN..udp_len.min(l4.len()))
         .ok_or(DropReason::BadUdpHeader)?;
-    let message = wire::parse_response(dns)?;
-    let server = SocketAddr::new(src_ip, udp.get_source());
-    let client = SocketAddr::new(dst_ip, udp.get_destination());
+    let message = message::parse_response(dns)?;
+    let server = SocketAddr::new(ip.src, udp.src_port);
+    let client = SocketAddr::new(ip.dst, udp.dst_port);
     Ok(response_from_message(client, server, &message, cut))
 }
 

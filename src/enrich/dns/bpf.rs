@@ -1,11 +1,8 @@
 //! The capture socket's classic BPF filter: only DNS responses reach user
 //! space.
 
-use pnet_packet::ip::IpNextHeaderProtocols;
-
-use super::net::{
-    DNS_PORT, ETH_P_IP, ETH_P_IPV6, IPV4_FRAG_OFFSET_MASK, IPV6_HEADER_LEN, PACKET_OUTGOING,
-};
+use super::datagram::{DNS_PORT, ETH_P_IP, ETH_P_IPV6, PACKET_OUTGOING};
+use crate::headers::{IPPROTO_UDP, IPV4_FRAG_OFFSET_MASK, IPV6_HEADER_LEN};
 use crate::sys::packet::BpfInsn;
 
 const fn stmt(code: u32, k: u32) -> BpfInsn {
@@ -62,12 +59,7 @@ pub fn filter_program(snaplen: u32) -> Vec<BpfInsn> {
         jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(ETH_P_IPV6), 7, 12),
         // IPv4
         stmt(BPF_LD | BPF_B | BPF_ABS, 9),
-        jump(
-            BPF_JMP | BPF_JEQ | BPF_K,
-            u32::from(IpNextHeaderProtocols::Udp.0),
-            0,
-            10,
-        ),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(IPPROTO_UDP), 0, 10),
         stmt(BPF_LD | BPF_H | BPF_ABS, 6),
         jump(
             BPF_JMP | BPF_JSET | BPF_K,
@@ -80,12 +72,7 @@ pub fn filter_program(snaplen: u32) -> Vec<BpfInsn> {
         jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(DNS_PORT), 4, 5),
         // IPv6
         stmt(BPF_LD | BPF_B | BPF_ABS, 6),
-        jump(
-            BPF_JMP | BPF_JEQ | BPF_K,
-            u32::from(IpNextHeaderProtocols::Udp.0),
-            0,
-            3,
-        ),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(IPPROTO_UDP), 0, 3),
         stmt(BPF_LD | BPF_H | BPF_ABS, IPV6_HEADER_LEN as u32),
         jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(DNS_PORT), 0, 1),
         stmt(BPF_RET | BPF_K, snaplen),
