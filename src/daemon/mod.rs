@@ -129,6 +129,8 @@ struct Pipeline {
     serving_since: Arc<OnceLock<Instant>>,
 }
 
+/// Preflight, the DNS capture socket and the probes, then the pipeline;
+/// the probes are removed whatever the pipeline's outcome.
 fn run(cfg: Config, faults: FaultPlan) -> Result<(), DaemonError> {
     probe::install::install_panic_hook();
     let setup = probe::setup(&cfg.socket)?;
@@ -164,6 +166,8 @@ fn run(cfg: Config, faults: FaultPlan) -> Result<(), DaemonError> {
     result
 }
 
+/// Opens the rings, starts the reader and engine threads and serves gRPC
+/// until the daemon stops; the threads are joined before it returns.
 fn run_with_probes(
     cfg: &Config,
     setup: &probe::Setup,
