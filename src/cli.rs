@@ -13,36 +13,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_stream::StreamExt;
 
 use crate::config::{self, Config};
+use crate::exit::ExitCode;
 use crate::export::client::{self, ServerAddr};
 use crate::export::convert;
 use crate::export::ecs::{self, HostInfo};
 use crate::export::proto;
-
-/// Process exit codes. 0 and 2 are fixed; the others are reserved for the
-/// daemon's failure classes so scripts can tell them apart.
-pub mod exit {
-    /// Success.
-    pub const OK: i32 = 0;
-    /// Unclassified runtime failure (also: stream closed by the server with
-    /// an error, e.g. RESOURCE_EXHAUSTED).
-    pub const FAILURE: i32 = 1;
-    /// Usage or configuration error (unknown key, bad value, bad flag).
-    pub const USAGE: i32 = 2;
-    /// Server unreachable, or a feature not available in this build.
-    pub const UNAVAILABLE: i32 = 3;
-    /// Insufficient privileges (needs root / CAP_SYS_ADMIN, CAP_NET_ADMIN).
-    pub const NO_PERMISSION: i32 = 4;
-    /// tracefs missing or not mountable.
-    pub const TRACEFS: i32 = 5;
-    /// Kernel lacks a required facility (kprobe_events, perf events).
-    pub const KERNEL_UNSUPPORTED: i32 = 6;
-    /// Struct offsets could not be determined (BTF or guessing failed).
-    pub const OFFSETS: i32 = 7;
-    /// Probe installation failed.
-    pub const PROBES: i32 = 8;
-    /// The gRPC server could not listen (bind, TLS, socket path).
-    pub const LISTEN: i32 = 9;
-}
 
 /// Per-CPU/per-source flow monitor.
 #[derive(Debug, Parser)]
@@ -213,14 +188,14 @@ pub struct StatusArgs {
 }
 
 /// Entry point; returns the process exit code.
-pub fn main() -> i32 {
+pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() {
-                exit::USAGE
+                ExitCode::Usage
             } else {
-                exit::OK
+                ExitCode::Ok
             };
             let _ = e.print();
             return code;
@@ -230,7 +205,7 @@ pub fn main() -> i32 {
 }
 
 /// Runs a parsed command line; returns the exit code.
-pub fn run(cli: Cli) -> i32 {
+pub fn run(cli: Cli) -> ExitCode {
     let mut overrides = cli.overrides.clone();
     if let Command::Serve {
         insecure_listen: true,
@@ -251,7 +226,7 @@ pub fn run(cli: Cli) -> i32 {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sockscope: {e}");
-            return exit::USAGE;
+            return ExitCode::Usage;
         }
     };
     init_logging(&cfg);
@@ -276,10 +251,10 @@ fn init_logging(cfg: &Config) {
     };
 }
 
-fn client_runtime<F, Fut>(f: F) -> i32
+fn client_runtime<F, Fut>(f: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = i32>,
+    Fut: std::future::Future<Output = ExitCode>,
 {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -288,7 +263,7 @@ where
         Ok(rt) => rt.block_on(f()),
         Err(e) => {
             eprintln!("sockscope: starting runtime: {e}");
-            exit::FAILURE
+            ExitCode::Failure
         }
     }
 }
@@ -300,11 +275,11 @@ fn server_addr(cfg: &Config, explicit: Option<&str>) -> ServerAddr {
     }
 }
 
-fn status_exit(s: &tonic::Status) -> i32 {
+fn status_exit(s: &tonic::Status) -> ExitCode {
     match s.code() {
-        tonic::Code::InvalidArgument => exit::USAGE,
-        tonic::Code::Unavailable => exit::UNAVAILABLE,
-        _ => exit::FAILURE,
+        tonic::Code::InvalidArgument => ExitCode::Usage,
+        tonic::Code::Unavailable => ExitCode::Unavailable,
+        _ => ExitCode::Failure,
     }
 }
 
@@ -441,13 +416,13 @@ pub fn loss_line(l: &proto::LossNotice) -> String {
     )
 }
 
-async fn watch(cfg: &Config, a: WatchArgs) -> i32 {
+async fn watch(cfg: &Config, a: WatchArgs) -> ExitCode {
     let addr = server_addr(cfg, a.server.as_deref());
     let ch = match client::connect(&addr).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sockscope: {e}");
-            return exit::UNAVAILABLE;
+            return ExitCode::Unavailable;
         }
     };
     let mut c = client::flow_client(ch);
@@ -513,10 +488,10 @@ async fn watch(cfg: &Config, a: WatchArgs) -> i32 {
             (_, None) => continue,
         };
         if writeln!(out, "{line}").is_err() {
-            return exit::OK;
+            return ExitCode::Ok;
         }
     }
-    exit::OK
+    ExitCode::Ok
 }
 
 /// Human-readable rendering of a status response.
@@ -584,13 +559,13 @@ pub fn status_text(s: &proto::GetStatusResponse) -> String {
     t
 }
 
-async fn status(cfg: &Config, a: StatusArgs) -> i32 {
+async fn status(cfg: &Config, a: StatusArgs) -> ExitCode {
     let addr = server_addr(cfg, a.server.as_deref());
     let ch = match client::connect(&addr).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sockscope: {e}");
-            return exit::UNAVAILABLE;
+            return ExitCode::Unavailable;
         }
     };
     let mut c = client::flow_client(ch);
@@ -613,9 +588,9 @@ async fn status(cfg: &Config, a: StatusArgs) -> i32 {
         None => match c.get_status(proto::GetStatusRequest {}).await {
             Ok(r) => {
                 if print(r.get_ref()) {
-                    exit::OK
+                    ExitCode::Ok
                 } else {
-                    exit::FAILURE
+                    ExitCode::Failure
                 }
             }
             Err(s) => {
@@ -638,7 +613,7 @@ async fn status(cfg: &Config, a: StatusArgs) -> i32 {
                 match item {
                     Ok(s) => {
                         if !print(&s) {
-                            return exit::OK;
+                            return ExitCode::Ok;
                         }
                     }
                     Err(s) => {
@@ -647,7 +622,20 @@ async fn status(cfg: &Config, a: StatusArgs) -> i32 {
                     }
                 }
             }
-            exit::OK
+            ExitCode::Ok
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_map_to_client_exit_codes() {
+        let code = |c: tonic::Code| status_exit(&tonic::Status::new(c, "x"));
+        assert_eq!(code(tonic::Code::InvalidArgument), ExitCode::Usage);
+        assert_eq!(code(tonic::Code::Unavailable), ExitCode::Unavailable);
+        assert_eq!(code(tonic::Code::ResourceExhausted), ExitCode::Failure);
     }
 }

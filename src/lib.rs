@@ -6,13 +6,16 @@
 //! per-CPU merge, clock) → [`decode`] (tracefs formats, typed events) →
 //! [`flow`] (socket/flow state machine, expiry) → [`enrich`] (process, user,
 //! DNS, container) → [`export`] (gRPC service, ECS/JSON).
-//! All syscalls, ioctls and mmaps go through [`sys`].
+//! All syscalls, ioctls and mmaps go through [`sys`]. [`daemon`] wires the
+//! stages together, [`cli`] is the command line, and every process exit code
+//! is an [`exit::ExitCode`].
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod decode;
 pub mod enrich;
+pub mod exit;
 pub mod export;
 pub mod flow;
 pub mod headers;

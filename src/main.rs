@@ -1,3 +1,3 @@
-fn main() {
-    std::process::exit(sockscope::cli::main());
+fn main() -> std::process::ExitCode {
+    sockscope::cli::main().into()
 }

@@ -4,8 +4,8 @@
 use std::io::Write;
 use std::process::Command;
 
-use sockscope::cli::exit;
 use sockscope::config::{self, ConfigError};
+use sockscope::exit::ExitCode;
 
 fn yaml(text: &str) -> tempfile::NamedTempFile {
     let mut f = tempfile::Builder::new()
@@ -141,7 +141,7 @@ fn sockscope(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
 fn binary_exit_codes() {
     let bad = yaml("server:\n  histroy_size: 5\n");
     let out = sockscope(&["-c", bad.path().to_str().expect("path"), "check"], &[]);
-    assert_eq!(out.status.code(), Some(exit::USAGE));
+    assert_eq!(out.status.code(), Some(ExitCode::Usage.code()));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("server") && stderr.contains("histroy_size"),
@@ -151,15 +151,15 @@ fn binary_exit_codes() {
         &["check"],
         &[("SOCKSCOPE_SOCKET__RING_SIZE_EXPONENT", "99")],
     );
-    assert_eq!(out.status.code(), Some(exit::USAGE));
+    assert_eq!(out.status.code(), Some(ExitCode::Usage.code()));
     assert!(String::from_utf8_lossy(&out.stderr).contains("socket.ring_size_exponent"));
     let out = sockscope(&["-E", "socket.perf_queue_size=-1", "check"], &[]);
-    assert_eq!(out.status.code(), Some(exit::USAGE));
+    assert_eq!(out.status.code(), Some(ExitCode::Usage.code()));
     assert!(String::from_utf8_lossy(&out.stderr).contains("socket.perf_queue_size"));
     let out = sockscope(&["watch", "--bogus-flag"], &[]);
-    assert_eq!(out.status.code(), Some(exit::USAGE));
+    assert_eq!(out.status.code(), Some(ExitCode::Usage.code()));
     let out = sockscope(&["--help"], &[]);
-    assert_eq!(out.status.code(), Some(exit::OK));
+    assert_eq!(out.status.code(), Some(ExitCode::Ok.code()));
     // Nothing listens on this port: unreachable server.
     let out = sockscope(
         &[
@@ -171,7 +171,7 @@ fn binary_exit_codes() {
         ],
         &[],
     );
-    assert_eq!(out.status.code(), Some(exit::UNAVAILABLE));
+    assert_eq!(out.status.code(), Some(ExitCode::Unavailable.code()));
 }
 
 #[test]
@@ -198,4 +198,34 @@ fn only_sectioned_environment_variables_are_configuration() {
         &[],
     ));
     assert_eq!(key, "socket.no_such_key");
+}
+
+/// The exit codes the README documents (API section and Troubleshooting
+/// table) are exactly the ones the process can return.
+#[test]
+fn readme_documents_every_exit_code() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let mut documented: Vec<i32> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| "))
+        .filter_map(|l| l.split(" | ").next())
+        .flat_map(|cell| cell.split(", ").map(str::parse::<i32>).collect::<Vec<_>>())
+        .filter_map(Result::ok)
+        .filter(|n| (0..=255).contains(n))
+        .collect();
+    let api = readme
+        .split("Exit codes: ")
+        .nth(1)
+        .and_then(|t| t.split(" one per cause").next())
+        .expect("exit codes paragraph");
+    documented.extend(
+        api.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse::<i32>().ok())
+            .filter(|n| *n < 10),
+    );
+    documented.sort_unstable();
+    documented.dedup();
+    let all: Vec<i32> = ExitCode::ALL.iter().map(|c| c.code()).collect();
+    assert_eq!(documented, all);
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use sockscope::config::{OffsetsMode, SocketConfig};
+use sockscope::exit::ExitCode;
 use sockscope::probe::check::load_offsets_from;
 use sockscope::probe::guess::net::{V6Mode, V6Pool};
 use sockscope::probe::guess::{remove_stale_instances, session::guess_name, MAX_REPETITIONS};
@@ -76,7 +77,7 @@ fn auto_without_btf_guesses_and_reports_every_failure() {
         .offsets
         .expect_err("no kprobe_events: guessing must fail");
     assert!(matches!(err, ProbeError::Guess { .. }), "{err}");
-    assert_eq!(err.exit_code(), 24);
+    assert_eq!(err.exit_code(), ExitCode::Guess.code());
     let names: Vec<&str> = loaded.guesses.iter().map(|g| g.name).collect();
     assert_eq!(
         names,

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use sockscope::config::SocketConfig;
+use sockscope::exit::ExitCode;
 use sockscope::probe::{Offsets, ProbeError, Tracefs};
 
 #[test]
@@ -60,7 +61,24 @@ fn host_without_kprobes_fails_with_kprobe_error() {
     );
     assert!(err.to_string().contains("CONFIG_KPROBE_EVENTS"), "{err}");
     assert!(err.to_string().contains("kprobe_events missing"), "{err}");
-    assert_ne!(err.exit_code(), 0);
+    assert_eq!(err.exit_code(), ExitCode::KprobesUnsupported.code());
+    assert_eq!(ExitCode::from(&err), ExitCode::KprobesUnsupported);
+}
+
+#[test]
+fn check_and_serve_exit_with_the_kprobe_code() {
+    for command in ["check", "serve"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sockscope"))
+            .args(["-E", "server.unix_socket=", command])
+            .output()
+            .expect("run sockscope");
+        assert_eq!(
+            out.status.code(),
+            Some(ExitCode::KprobesUnsupported.code()),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 mod spec {

@@ -2,8 +2,7 @@
 
 use std::path::PathBuf;
 
-/// Exit code base of probe errors; each variant adds a fixed number to it.
-const EXIT_BASE: i32 = 10;
+use crate::exit::ExitCode;
 
 /// Everything that can go wrong while finding tracefs, checking the kernel,
 /// reading offsets or installing probes.
@@ -142,26 +141,10 @@ pub enum ProbeError {
 }
 
 impl ProbeError {
-    /// Process exit code for this error, distinct per variant.
+    /// Process exit code for this error, distinct per variant (the number
+    /// of its [`ExitCode`]).
     pub fn exit_code(&self) -> i32 {
-        EXIT_BASE
-            + match self {
-                ProbeError::TracefsNotFound { .. } => 0,
-                ProbeError::TracefsPathInvalid { .. } => 1,
-                ProbeError::KprobesUnsupported { .. } => 2,
-                ProbeError::KprobesDisabled { .. } => 3,
-                ProbeError::KprobeEventsNotWritable { .. } => 4,
-                ProbeError::MissingCapability { .. } => 5,
-                ProbeError::Btf { .. } => 6,
-                ProbeError::BtfMember { .. } => 7,
-                ProbeError::NoFunction { .. } => 8,
-                ProbeError::Ipv6Disabled { .. } => 9,
-                ProbeError::Install { .. } => 10,
-                ProbeError::Remove { .. } => 11,
-                ProbeError::Io { .. } => 12,
-                ProbeError::Parse { .. } => 13,
-                ProbeError::Guess { .. } => 14,
-            }
+        ExitCode::from(self).code()
     }
 
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -169,6 +152,28 @@ impl ProbeError {
             op,
             path: path.into(),
             source,
+        }
+    }
+}
+
+impl From<&ProbeError> for ExitCode {
+    fn from(e: &ProbeError) -> ExitCode {
+        match e {
+            ProbeError::TracefsNotFound { .. } => ExitCode::TracefsNotFound,
+            ProbeError::TracefsPathInvalid { .. } => ExitCode::TracefsPathInvalid,
+            ProbeError::KprobesUnsupported { .. } => ExitCode::KprobesUnsupported,
+            ProbeError::KprobesDisabled { .. } => ExitCode::KprobesDisabled,
+            ProbeError::KprobeEventsNotWritable { .. } => ExitCode::KprobeEventsNotWritable,
+            ProbeError::MissingCapability { .. } => ExitCode::MissingCapability,
+            ProbeError::Btf { .. } => ExitCode::Btf,
+            ProbeError::BtfMember { .. } => ExitCode::BtfMember,
+            ProbeError::NoFunction { .. } => ExitCode::NoFunction,
+            ProbeError::Ipv6Disabled { .. } => ExitCode::Ipv6Disabled,
+            ProbeError::Install { .. } => ExitCode::ProbeRejected,
+            ProbeError::Remove { .. } => ExitCode::ProbeRemove,
+            ProbeError::Io { .. } => ExitCode::TracefsIo,
+            ProbeError::Parse { .. } => ExitCode::TracefsParse,
+            ProbeError::Guess { .. } => ExitCode::Guess,
         }
     }
 }
