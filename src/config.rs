@@ -587,8 +587,17 @@ impl Config {
                 format!("{} out of range 1-{MAX_JSONL_MAX_FILES}", j.max_files),
             ));
         }
-        crate::export::jsonl::compile_filters(&j.filters, &j.deny)
-            .map_err(|e| invalid("export.jsonl", e.to_string()))?;
+        // Only the shape is checked here: the fields of a filter object are
+        // those of `sockscope.v1.FlowFilter`, converted (and refused) by the
+        // JSON lines output at start.
+        for (name, list) in [("filters", &j.filters), ("deny", &j.deny)] {
+            if let Some(i) = list.iter().position(|v| !v.is_object()) {
+                return Err(invalid(
+                    &format!("export.jsonl.{name}[{i}]"),
+                    "expected a FlowFilter object",
+                ));
+            }
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid(
                 "log.format",

@@ -2,7 +2,7 @@
 //! port and a Unix socket in a temporary directory, fed through the
 //! pipeline channel, queried with tonic clients.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -1155,8 +1155,18 @@ fn non_loopback_plaintext_is_refused() {
     assert!(err.to_string().contains("insecure_listen"), "{err}");
     cfg.server.insecure_listen = true;
     ServerOptions::from_config(&cfg).expect("insecure_listen accepted");
-    let ip: IpAddr = "0.0.0.0".parse().expect("ip");
-    assert!(!ip.is_loopback());
+    // Without insecure_listen: loopback addresses (the whole 127/8 and ::1)
+    // take plaintext, every other address is refused naming the key.
+    cfg.server.insecure_listen = false;
+    for addr in ["127.0.0.1:50051", "127.3.4.5:1", "[::1]:50051"] {
+        cfg.server.listen = addr.into();
+        ServerOptions::from_config(&cfg).unwrap_or_else(|e| panic!("{addr} refused: {e}"));
+    }
+    for addr in ["[::]:50051", "192.0.2.7:50051", "10.0.2.15:50051"] {
+        cfg.server.listen = addr.into();
+        let err = ServerOptions::from_config(&cfg).expect_err(addr);
+        assert!(err.to_string().contains("insecure_listen"), "{addr}: {err}");
+    }
 }
 
 #[tokio::test]

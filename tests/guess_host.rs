@@ -11,8 +11,9 @@ use std::time::Duration;
 use sockscope::config::{OffsetsMode, SocketConfig};
 use sockscope::exit::ExitCode;
 use sockscope::probe::check::load_offsets_from;
+use sockscope::probe::group::{guess_group_name, remove_stale_instances};
 use sockscope::probe::guess::net::{V6Mode, V6Pool};
-use sockscope::probe::guess::{remove_stale_instances, session::guess_name, MAX_REPETITIONS};
+use sockscope::probe::guess::MAX_REPETITIONS;
 use sockscope::probe::{ProbeError, Provenance, Tracefs};
 use sockscope::sys::guess::{set_thread_ids, ThreadIds};
 
@@ -52,7 +53,7 @@ fn stale_guess_instances_of_dead_processes_are_removed() {
     let dir = fake_tracefs();
     let inst = dir.path().join("instances");
     let dead = format!("sockscope_{}_guess", dead_pid());
-    let mine = guess_name();
+    let mine = guess_group_name();
     for d in [&dead, &mine, &"unrelated".to_string()] {
         fs::create_dir(inst.join(d)).unwrap();
     }
@@ -108,7 +109,10 @@ fn auto_without_btf_guesses_and_reports_every_failure() {
         assert!(g.to_string().starts_with("FAILED"), "{g}");
     }
     assert!(
-        !dir.path().join("instances").join(guess_name()).exists(),
+        !dir.path()
+            .join("instances")
+            .join(guess_group_name())
+            .exists(),
         "the private ftrace instance must be removed after guessing"
     );
 }

@@ -427,9 +427,16 @@ fn new_configuration_keys_load_and_validate() {
         let e = config::load_from(None, Vec::new(), &args).expect_err("invalid");
         assert!(e.to_string().starts_with(key), "{args:?}: {e}");
     }
+    // The configuration checks a filter's shape; its fields are checked
+    // against `FlowFilter` by the JSON lines output (at daemon start).
     let bad = yaml("export:\n  jsonl:\n    path: x\n    filters:\n      - dport: [1]\n");
-    let e = config::load_from(Some(bad.path()), Vec::new(), &[]).expect_err("unknown field");
+    let cfg = config::load_from(Some(bad.path()), Vec::new(), &[]).expect("an object");
+    let j = &cfg.export.jsonl;
+    let e = jsonl::compile_filters(&j.filters, &j.deny).expect_err("unknown field");
     assert!(e.to_string().contains("filters[0]"), "{e}");
+    let not_object = yaml("export:\n  jsonl:\n    deny:\n      - 53\n");
+    let e = config::load_from(Some(not_object.path()), Vec::new(), &[]).expect_err("not an object");
+    assert!(e.to_string().starts_with("export.jsonl.deny[0]"), "{e}");
 }
 
 /// The daemon configuration embedded in the Kubernetes ConfigMap loads with

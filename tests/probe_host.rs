@@ -85,7 +85,7 @@ mod spec {
     use std::collections::HashSet;
     use std::path::Path;
 
-    use sockscope::probe::install::MAX_NAME_LEN;
+    use sockscope::probe::group::MAX_NAME_LEN;
     use sockscope::probe::spec::{KRETPROBE_MAXACTIVE, MAX_FETCHARGS};
     use sockscope::probe::{probe_set, resolve, Attach, Offsets, ProbeError};
 

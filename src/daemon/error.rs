@@ -74,6 +74,9 @@ impl From<&DaemonError> for ExitCode {
             DaemonError::Server(_) | DaemonError::Metrics(_) => ExitCode::Listen,
             DaemonError::Dns(e) => ExitCode::from(e),
             DaemonError::Fault { .. } => ExitCode::Usage,
+            DaemonError::Jsonl(
+                jsonl::JsonlError::FilterSyntax { .. } | jsonl::JsonlError::Filter(_),
+            ) => ExitCode::Usage,
             DaemonError::Jsonl(_)
             | DaemonError::Process(_)
             | DaemonError::Record(_)

@@ -131,6 +131,10 @@ struct Pipeline {
 /// Preflight, the DNS capture socket and the probes, then the pipeline;
 /// the probes are removed whatever the pipeline's outcome.
 fn run(cfg: Config, faults: FaultPlan) -> Result<(), DaemonError> {
+    // The configuration checked the filters' shape; their fields are
+    // checked here, before anything is set up.
+    let j = &cfg.export.jsonl;
+    crate::export::jsonl::compile_filters(&j.filters, &j.deny)?;
     probe::install::install_panic_hook();
     let setup = probe::setup(&cfg.socket)?;
     // Opened before any probe is installed: a missing privilege fails the
@@ -142,7 +146,7 @@ fn run(cfg: Config, faults: FaultPlan) -> Result<(), DaemonError> {
             "DNS capture open"
         );
     }
-    match probe::install::remove_stale_groups(&setup.tracefs) {
+    match probe::group::remove_stale_groups(&setup.tracefs) {
         Ok(removed) if !removed.is_empty() => {
             tracing::info!(groups = ?removed, "removed probes of dead instances")
         }

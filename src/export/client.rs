@@ -2,14 +2,12 @@
 //! messages as proto3 JSON (as grpcurl prints them).
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use hyper_util::rt::TokioIo;
-use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use prost_reflect::{DynamicMessage, SerializeOptions};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::export::proto::flow_service_client::FlowServiceClient;
-use crate::export::server::FILE_DESCRIPTOR_SET;
 
 /// Authority sent on Unix-socket connections.
 pub const UNIX_AUTHORITY: &str = "localhost";
@@ -128,15 +126,6 @@ pub fn flow_client(ch: Channel) -> FlowServiceClient<Channel> {
     FlowServiceClient::new(ch)
 }
 
-fn pool() -> &'static DescriptorPool {
-    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        // The descriptor set is produced by build.rs from our own protos; a
-        // failure here is a build defect, reported as an empty pool.
-        DescriptorPool::decode(FILE_DESCRIPTOR_SET).unwrap_or_default()
-    })
-}
-
 /// Renders a message as proto3 JSON (lowerCamelCase names, 64-bit integers
 /// as strings, default values omitted), `full_name` being its protobuf name
 /// (e.g. `sockscope.v1.StreamFlowsResponse`).
@@ -148,7 +137,7 @@ pub fn proto_json<M: prost::Message>(
         message: full_name.to_string(),
         reason,
     };
-    let desc = pool()
+    let desc = crate::export::proto::descriptor_pool()
         .get_message_by_name(full_name)
         .ok_or_else(|| err("unknown message type".to_string()))?;
     let dynamic = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice())

@@ -12,10 +12,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 
-use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
+use prost_reflect::{DeserializeOptions, DynamicMessage};
 use tokio_stream::{Stream, StreamExt};
 
 use crate::config::JsonlConfig;
@@ -23,7 +22,6 @@ use crate::export::ecs::{self, HostInfo};
 use crate::export::filter::{FilterError, FilterSet};
 use crate::export::hub::{Hub, SubscribeRequest};
 use crate::export::proto;
-use crate::export::server::FILE_DESCRIPTOR_SET;
 use crate::export::wire::Payload;
 
 /// Protobuf name of the filter message.
@@ -62,15 +60,6 @@ pub enum JsonlError {
     Subscribe(String),
 }
 
-fn pool() -> &'static DescriptorPool {
-    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        // Built by build.rs from our own protos; a failure is a build defect
-        // and surfaces as "unknown message" below.
-        DescriptorPool::decode(FILE_DESCRIPTOR_SET).unwrap_or_default()
-    })
-}
-
 /// Converts one configured filter object into a `FlowFilter`. Field names
 /// are the proto names (`destination_port`) or their JSON names
 /// (`destinationPort`); enums are their value names (`TRANSPORT_TCP`);
@@ -83,7 +72,7 @@ pub fn filter_from_value(
         field: field.to_string(),
         reason,
     };
-    let desc = pool()
+    let desc = crate::export::proto::descriptor_pool()
         .get_message_by_name(FLOW_FILTER)
         .ok_or_else(|| syntax(format!("{FLOW_FILTER} missing from the descriptor set")))?;
     let msg = DynamicMessage::deserialize_with_options(

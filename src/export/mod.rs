@@ -19,10 +19,27 @@ pub mod server;
 pub mod status;
 pub mod wire;
 
-/// Generated protobuf types and gRPC client of `sockscope.v1`.
+/// Generated protobuf types and gRPC client of `sockscope.v1`, with the
+/// descriptor set they were generated from.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod proto {
     tonic::include_proto!("sockscope.v1");
+
+    /// Encoded file descriptor set of `sockscope.v1` and its imports (built
+    /// by build.rs), served by reflection and used for proto3 JSON.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/sockscope_descriptor.bin"));
+
+    /// The messages of [`FILE_DESCRIPTOR_SET`], decoded once. The set is
+    /// built from our own protos, so a decoding failure is a build defect;
+    /// it shows as an empty pool ("unknown message" where it is used).
+    pub fn descriptor_pool() -> &'static prost_reflect::DescriptorPool {
+        static POOL: std::sync::OnceLock<prost_reflect::DescriptorPool> =
+            std::sync::OnceLock::new();
+        POOL.get_or_init(|| {
+            prost_reflect::DescriptorPool::decode(FILE_DESCRIPTOR_SET).unwrap_or_default()
+        })
+    }
 }
 
 pub use hub::{pipeline_channel, Hub, HubOptions, PipelineReceiver, PipelineSender};

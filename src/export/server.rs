@@ -28,10 +28,6 @@ use crate::export::proto;
 use crate::export::status::{self, StatusSource};
 use crate::export::wire::WireResponse;
 
-/// Encoded file descriptor set of `sockscope.v1` and its imports, served by
-/// reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/sockscope_descriptor.bin"));
 /// gRPC service name of the flow service.
 pub const SERVICE_NAME: &str = "sockscope.v1.FlowService";
 /// Smallest `WatchStatus` interval; shorter requests are raised to it.
@@ -409,7 +405,7 @@ pub async fn serve_with_hub(
     });
     let reflection = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(crate::export::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let refl_v1 = reflection().build_v1()?;

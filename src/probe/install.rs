@@ -12,20 +12,18 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
 use crate::schema::DecoderKind;
 
 use super::error::ProbeError;
+use super::group::{
+    append_line, group_name, parse_kprobe_events, remove_group, GROUP_PREFIX, MAX_NAME_LEN,
+};
 use super::spec::{Attach, ResolvedProbe};
 use super::tracefs::Tracefs;
 
-/// Prefix of every group we create.
-pub const GROUP_PREFIX: &str = "sockscope_";
-/// Longest group or event name tracefs accepts (MAX_EVENT_NAME_LEN - 1).
-pub const MAX_NAME_LEN: usize = 63;
 /// Lines of tracefs `error_log` quoted in install errors.
 const ERROR_LOG_LINES: usize = 4;
 /// errno of a probe that still has perf users.
@@ -53,11 +51,6 @@ pub struct InstalledEvent {
     pub function: Option<&'static str>,
 }
 
-/// The group name for this process.
-pub fn group_name() -> String {
-    format!("{GROUP_PREFIX}{}", std::process::id())
-}
-
 /// Per group: the `kprobe_events` path and the `GROUP/NAME`s installed.
 type Registry = HashMap<String, (PathBuf, Vec<String>)>;
 
@@ -83,17 +76,12 @@ pub fn install_panic_hook() {
             let groups: Vec<_> = lock_registry().drain().collect();
             for (_, (path, names)) in groups {
                 for n in names {
-                    let _ = write_line(&path, &format!("-:{n}"));
+                    let _ = append_line(&path, &format!("-:{n}"));
                 }
             }
             prev(info);
         }));
     });
-}
-
-fn write_line(path: &Path, line: &str) -> std::io::Result<()> {
-    let mut f = fs::OpenOptions::new().append(true).open(path)?;
-    f.write_all(format!("{line}\n").as_bytes())
 }
 
 fn error_log(tfs: &Tracefs) -> String {
@@ -148,7 +136,7 @@ impl ProbeGuard {
                     (system.to_string(), event.to_string())
                 }
                 (_, Some(line)) => {
-                    write_line(&guard.kprobe_events, &line).map_err(|source| {
+                    append_line(&guard.kprobe_events, &line).map_err(|source| {
                         ProbeError::Install {
                             line: line.clone(),
                             path: guard.kprobe_events.clone(),
@@ -201,7 +189,7 @@ impl ProbeGuard {
         let mut first_err = None;
         let mut left = Vec::new();
         for name in self.kprobes.drain(..) {
-            if let Err(source) = write_line(&self.kprobe_events, &format!("-:{name}")) {
+            if let Err(source) = append_line(&self.kprobe_events, &format!("-:{name}")) {
                 let busy = source.raw_os_error() == Some(EBUSY);
                 if source.kind() != std::io::ErrorKind::NotFound {
                     left.push(name.clone());
@@ -292,102 +280,50 @@ pub fn parse_profile_misses(events: &str, profile: &str, group: &str) -> Option<
     Some(sum)
 }
 
-/// (group, name) of every kprobe in `kprobe_events` text.
-pub fn parse_kprobe_events(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter_map(|l| {
-            let head = l.split_whitespace().next()?;
-            let (_, gn) = head.split_once(':')?;
-            let (g, n) = gn.split_once('/')?;
-            Some((g.to_string(), n.to_string()))
-        })
-        .collect()
-}
-
-/// The pid encoded in one of our group names (`sockscope_<pid>[_suffix]`).
-pub fn group_pid(group: &str) -> Option<u32> {
-    let rest = group.strip_prefix(GROUP_PREFIX)?;
-    rest.split('_').next()?.parse().ok()
-}
-
-fn remove_group(tfs: &Tracefs, group: &str) -> Result<Vec<String>, ProbeError> {
-    let path = tfs.kprobe_events();
-    let text = fs::read_to_string(&path).map_err(|e| ProbeError::io("read", &path, e))?;
-    let mut removed = Vec::new();
-    for (g, n) in parse_kprobe_events(&text) {
-        if g == group {
-            let full = format!("{g}/{n}");
-            write_line(&path, &format!("-:{full}")).map_err(|source| ProbeError::Remove {
-                name: full.clone(),
-                path: path.clone(),
-                source,
-                hint: "",
-            })?;
-            removed.push(full);
-        }
-    }
-    Ok(removed)
-}
-
-/// Removes the probes of `sockscope_<pid>` groups whose process is no longer
-/// running (`/proc/<pid>` missing). Returns the removed `GROUP/NAME`s.
-pub fn remove_stale_groups(tfs: &Tracefs) -> Result<Vec<String>, ProbeError> {
-    // A probe still enabled in a dead process's guess instance cannot be
-    // removed: drop those instances first.
-    super::guess::remove_stale_instances(tfs);
-    let path = tfs.kprobe_events();
-    let text = fs::read_to_string(&path).map_err(|e| ProbeError::io("read", &path, e))?;
-    let mut groups: Vec<String> = parse_kprobe_events(&text)
-        .into_iter()
-        .map(|(g, _)| g)
-        .filter(|g| group_pid(g).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()))
-        .collect();
-    groups.dedup();
-    let mut removed = Vec::new();
-    for g in groups {
-        removed.extend(remove_group(tfs, &g)?);
-    }
-    Ok(removed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parses_kprobe_events_lines() {
-        let text = "p:sockscope_12/tcp_connect tcp_connect+0 sk=%di:x64\n\
-                    r256:sockscope_12/tcp_accept inet_csk_accept ret=$retval\n\
-                    p:kprobes/other do_sys_open\n";
-        let v = parse_kprobe_events(text);
-        assert_eq!(v.len(), 3);
-        assert_eq!(v[1], ("sockscope_12".into(), "tcp_accept".into()));
-        assert_eq!(group_pid(&v[0].0), Some(12));
-        assert_eq!(group_pid("sockscope_77_t3"), Some(77));
-        assert_eq!(group_pid(&v[2].0), None);
-    }
-
-    #[test]
     fn profile_misses_only_count_our_group() {
         // As 5.10 and 7.2 print them: bare event names, kprobe_events order.
+        // Two groups with the same event names and different figures in
+        // every column: summing another group's misses, the hits column, or
+        // pairing rows by name instead of by position gives another total.
         let events = "r256:sockscope_5/tcp_accept inet_csk_accept sk=$retval:x64\n\
                       r256:sockscope_6/tcp_accept inet_csk_accept sk=$retval:x64\n\
-                      p:sockscope_5/ip_out ip_output sk=$arg2:x64\n";
-        let profile = "  tcp_accept    100     7\n  tcp_accept   3   9\n  ip_out  10  2\n";
+                      p:sockscope_5/ip_out ip_output sk=$arg2:x64\n\
+                      p:kprobes/ip_out ip_output\n\
+                      p:sockscope_6/ip_out ip_output sk=$arg2:x64\n";
+        let profile = "  tcp_accept    100     7\n  tcp_accept   3   40\n  ip_out  10  2\n\
+                       \x20 ip_out 20000 60000\n  ip_out 5 500\n";
         assert_eq!(
             parse_profile_misses(events, profile, "sockscope_5"),
             Some(9)
         );
         assert_eq!(
             parse_profile_misses(events, profile, "sockscope_6"),
-            Some(9)
+            Some(540)
+        );
+        assert_eq!(
+            parse_profile_misses(events, profile, "sockscope_7"),
+            Some(0)
+        );
+        // Kernels that print "group/name" pair the same way.
+        let qualified = "  sockscope_5/tcp_accept 100 7\n  sockscope_6/tcp_accept 3 40\n\
+                         \x20 sockscope_5/ip_out 10 2\n  kprobes/ip_out 20000 60000\n\
+                         \x20 sockscope_6/ip_out 5 500\n";
+        assert_eq!(
+            parse_profile_misses(events, qualified, "sockscope_6"),
+            Some(540)
         );
         // A probe added between the two reads: no answer rather than a wrong one.
         assert_eq!(
             parse_profile_misses(events, "  tcp_accept 1 1\n", "sockscope_5"),
             None
         );
-        let swapped = "  ip_out 1 1\n  tcp_accept 3 9\n  tcp_accept 100 7\n";
+        let swapped = "  ip_out 10 2\n  tcp_accept 100 7\n  tcp_accept 3 40\n\
+                       \x20 ip_out 20000 60000\n  ip_out 5 500\n";
         assert_eq!(parse_profile_misses(events, swapped, "sockscope_5"), None);
     }
 }

@@ -8,6 +8,7 @@
 pub mod btf;
 pub mod check;
 pub mod error;
+pub mod group;
 pub mod guess;
 pub mod tracefs;
 
@@ -17,7 +18,8 @@ pub use tracefs::Tracefs;
 pub mod install;
 pub mod spec;
 
-pub use install::{remove_stale_groups, InstalledEvent, ProbeGuard};
+pub use group::remove_stale_groups;
+pub use install::{InstalledEvent, ProbeGuard};
 pub use spec::{probe_set, resolve, Attach, ProbeSpec, ResolvedProbe};
 
 pub use check::{check, setup, CheckItem, CheckStatus, Setup};

@@ -35,8 +35,6 @@ use super::tracefs::Tracefs;
 use search::{Intersection, Resolution};
 use session::{Instance, Probes, Rec};
 
-pub use session::remove_stale_instances;
-
 /// Repetitions every guess runs at least (fresh random values each).
 pub const MIN_REPETITIONS: u32 = 3;
 /// Repetitions after which a still ambiguous guess fails.
@@ -303,9 +301,9 @@ fn run_all(
         guess: "setup".into(),
         reason: e.to_string(),
     };
-    remove_stale_instances(tfs);
+    super::group::remove_stale_instances(tfs);
     let available = tfs.available_functions()?;
-    let inst = Instance::create(tfs, &session::guess_name()).map_err(wrap)?;
+    let inst = Instance::create(tfs, &super::group::guess_group_name()).map_err(wrap)?;
     let mode = if ipv6_on_lo {
         net::V6Mode::Ula
     } else {

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use crate::decode::format::Format;
 use crate::decode::ftrace::page_records;
-use crate::probe::install::{group_pid, ProbeGuard, GROUP_PREFIX};
+use crate::probe::group::guess_group_name;
+use crate::probe::install::ProbeGuard;
 use crate::probe::spec::{Attach, ProbeSpec, ResolvedProbe};
 use crate::probe::tracefs::Tracefs;
 use crate::schema::DecoderKind;
@@ -23,7 +24,6 @@ use crate::schema::DecoderKind;
 use super::GuessError;
 
 /// Suffix of the guess group and instance names.
-const SUFFIX: &str = "_guess";
 /// Bytes of the common event header (type, flags, preempt count, pid).
 const COMMON_HEADER_LEN: usize = 8;
 /// Offset of `common_pid` in a record.
@@ -32,11 +32,6 @@ const COMMON_PID_AT: usize = 4;
 const INSTANCE_BUFFER_KB: u32 = 1024;
 /// Most pages read from one CPU per drain (bounds a drain on a busy host).
 const MAX_PAGES_PER_DRAIN: usize = 4096;
-
-/// Name of the guess group and instance of this process.
-pub fn guess_name() -> String {
-    format!("{GROUP_PREFIX}{}{SUFFIX}", std::process::id())
-}
 
 fn io(op: &'static str, path: &Path, e: std::io::Error) -> GuessError {
     GuessError::Io {
@@ -53,26 +48,6 @@ fn write_file(path: &Path, v: &str) -> Result<(), GuessError> {
         .open(path)
         .map_err(|e| io("open", path, e))?;
     f.write_all(v.as_bytes()).map_err(|e| io("write", path, e))
-}
-
-/// Removes `instances/sockscope_<pid>…` directories of processes that no
-/// longer run. Must run before the stale kprobe groups are removed: a
-/// kprobe enabled in an instance cannot be deleted. Returns the removed
-/// instance names.
-pub fn remove_stale_instances(tfs: &Tracefs) -> Vec<String> {
-    let dir = tfs.root().join("instances");
-    let Ok(rd) = fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let mut removed = Vec::new();
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let dead = group_pid(&name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
-        if dead && fs::remove_dir(e.path()).is_ok() {
-            removed.push(name);
-        }
-    }
-    removed
 }
 
 /// A private ftrace instance; removed on drop.
@@ -216,7 +191,7 @@ impl<'i> Probes<'i> {
                 function: Some(function),
             });
         }
-        let guard = ProbeGuard::install_in_group(tfs, &resolved, &guess_name())?;
+        let guard = ProbeGuard::install_in_group(tfs, &resolved, &guess_group_name())?;
         let mut me = Probes {
             inst,
             guard: Some(guard),
