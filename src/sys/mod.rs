@@ -24,19 +24,19 @@
 //! | `mount` | mounting and unmounting tracefs |
 //! | `caps` | effective capabilities |
 //! | `thread` | CPU pinning and thread ids |
-//! | [`guess`] | sockets, addresses and credential changes for the offset guesser |
+//! | [`trigger`] | sockets, addresses and credential changes that trigger the offset guesser's probes |
 //! | [`packet`] | AF_PACKET capture sockets |
 //! | [`fake`] | the in-memory kernel for tests and benchmarks |
 
 mod caps;
 mod clock;
 pub mod fake;
-pub mod guess;
 mod mount;
 pub mod packet;
 mod perf;
 mod ring_map;
 mod thread;
+pub mod trigger;
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
-//! System calls used only by the struct offset guesser (`probe::guess`):
-//! loopback IPv6 addresses, sockets with an explicit protocol number and
+//! System calls used only by the struct offset guesser (`probe::guess`) to
+//! trigger the operations its probes record: loopback IPv6 addresses,
+//! sockets with an explicit protocol number, UDP checksum switching and
 //! per-thread credential changes.
 
 use std::net::Ipv6Addr;
