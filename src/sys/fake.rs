@@ -1,6 +1,10 @@
 //! In-memory stand-in for the kernel side of perf rings, for tests and
 //! benchmarks: rings are heap pages laid out like the kernel's, written by a
 //! test producer with [`FakeRing::write`].
+//!
+//! Built only for the crate's own tests and with the `test-util` feature
+//! (which the crate's tests and benchmarks enable), never into the release
+//! binary.
 
 use std::alloc::Layout;
 use std::ffi::CStr;

@@ -5,8 +5,9 @@
 //!
 //! * the [`Sys`] trait covers what the perf ring reader needs
 //!   (`perf_event_open`, the `PERF_EVENT_IOC_*` ioctls, mmap of rings, poll,
-//!   `clock_gettime`). [`RealSys`] issues the real syscalls; [`fake::FakeSys`]
-//!   is an in-memory stand-in whose rings are written by a test producer.
+//!   `clock_gettime`). [`RealSys`] issues the real syscalls; `fake::FakeSys`
+//!   (built for tests and with the `test-util` feature) is an in-memory
+//!   stand-in whose rings are written by a test producer.
 //!   The ring reader is generic over it (`Rings<S: Sys = RealSys>`).
 //! * free functions cover the rest: mounting tracefs, capability checks,
 //!   clock reads, CPU pinning, thread ids.
@@ -26,10 +27,11 @@
 //! | `thread` | CPU pinning and thread ids |
 //! | [`trigger`] | sockets, addresses and credential changes that trigger the offset guesser's probes |
 //! | [`packet`] | AF_PACKET capture sockets |
-//! | [`fake`] | the in-memory kernel for tests and benchmarks |
+//! | `fake` | the in-memory kernel for tests and benchmarks |
 
 mod caps;
 mod clock;
+#[cfg(any(test, feature = "test-util"))]
 pub mod fake;
 mod mount;
 pub mod packet;

@@ -42,7 +42,7 @@ pub struct PerfEventConfig {
 }
 
 /// The syscalls the perf ring reader needs. [`RealSys`] issues them;
-/// [`fake::FakeSys`](super::fake::FakeSys) simulates them in memory for tests and benchmarks.
+/// `fake::FakeSys` simulates them in memory for tests and benchmarks.
 pub trait Sys {
     /// An open perf event. Dropping it closes the event.
     type Fd: AsRawFd;

@@ -40,6 +40,7 @@ pub(super) enum Backing {
     /// A kernel mapping, unmapped on drop.
     Mmap,
     /// Heap memory shared with a fake producer.
+    #[cfg(any(test, feature = "test-util"))]
     Heap {
         _memory: std::sync::Arc<super::fake::FakeMemory>,
     },
@@ -187,6 +188,7 @@ impl RingMap {
     }
 
     /// Writes `src` at ring position `pos`, wrapping (fake producer side).
+    #[cfg(any(test, feature = "test-util"))]
     pub(super) fn write_in(&self, pos: u64, src: &[u8]) {
         let start = (pos & (self.data_size - 1)) as usize;
         let first = src.len().min(self.data_size as usize - start);
@@ -212,6 +214,7 @@ impl Drop for RingMap {
                     tracing::warn!(errno = %Errno::last(), "munmap of perf ring failed");
                 }
             }
+            #[cfg(any(test, feature = "test-util"))]
             Backing::Heap { .. } => {}
         }
     }
