@@ -15,7 +15,7 @@ use sockscope::probe::group::{guess_group_name, remove_stale_instances};
 use sockscope::probe::guess::net::{V6Mode, V6Pool};
 use sockscope::probe::guess::MAX_REPETITIONS;
 use sockscope::probe::{ProbeError, Provenance, Tracefs};
-use sockscope::sys::guess::{set_thread_ids, ThreadIds};
+use sockscope::sys::trigger::{set_thread_ids, ThreadIds};
 
 /// A directory that looks like tracefs to the probe stage but has no
 /// `kprobe_events`, like a kernel without kprobes.

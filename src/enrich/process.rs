@@ -27,9 +27,13 @@
 //! of the process it was attributed to, whatever happens to the table later.
 //! All reads of `/proc` go through [`ProcSource`] so tests can use fake data.
 
-use std::collections::{BTreeMap, VecDeque};
+#[cfg(any(test, feature = "test-util"))]
+use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+#[cfg(any(test, feature = "test-util"))]
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hashbrown::HashMap;
@@ -531,11 +535,14 @@ impl ProcessTable {
 
 /// A [`ProcSource`] over in-memory data, for tests and benchmarks. Clones
 /// share the data, so a test can change it after handing a clone to a table.
+/// Built only for tests and with the `test-util` feature.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Clone, Default)]
 pub struct FakeProcSource {
     procs: Arc<Mutex<BTreeMap<u32, ProcSnapshot>>>,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl FakeProcSource {
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, ProcSnapshot>> {
         self.procs.lock().unwrap_or_else(|e| e.into_inner())
@@ -552,6 +559,7 @@ impl FakeProcSource {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl ProcSource for FakeProcSource {
     fn pids(&self) -> Result<Vec<u32>, ProcError> {
         Ok(self.map().keys().copied().collect())

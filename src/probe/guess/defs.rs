@@ -727,7 +727,7 @@ fn random_ids<const N: usize>() -> [u32; N] {
 
 fn cred_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), GuessError> {
     let [rg, eg, sg, fsg, ru, eu, su] = random_ids::<7>();
-    let ids = crate::sys::guess::ThreadIds {
+    let ids = crate::sys::trigger::ThreadIds {
         gid: [rg, eg, sg, fsg],
         uid: [ru, eu, su, su],
     };
@@ -735,7 +735,7 @@ fn cred_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(), GuessErro
     // the ids and exits; the rest of the process keeps its own.
     let tid = std::thread::spawn(move || {
         let tid = crate::sys::current_tid();
-        crate::sys::guess::set_thread_ids(ids).map(|()| tid)
+        crate::sys::trigger::set_thread_ids(ids).map(|()| tid)
     })
     .join()
     .map_err(|_| GuessError::NoRecord {

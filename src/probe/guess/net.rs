@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::socket::{self, MsgFlags, SockaddrIn, SockaddrIn6, SockaddrLike};
 
-use crate::sys::guess::{self as gsys, AddrOp};
+use crate::sys::trigger::{self as gsys, AddrOp};
 
 use super::GuessError;
 
