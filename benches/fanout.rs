@@ -11,11 +11,11 @@ use std::time::{Duration, Instant, SystemTime};
 use criterion::{black_box, Criterion};
 use sockscope::config::Config;
 use sockscope::export::client::{self, ServerAddr};
+use sockscope::export::encoded::EncodedFlow;
 use sockscope::export::filter::FilterSet;
 use sockscope::export::hub::{Hub, HubOptions, SubscribeRequest};
 use sockscope::export::proto;
 use sockscope::export::status::EmptyStatus;
-use sockscope::export::wire::EncodedFlow;
 use sockscope::export::{self as export, HealthHandle, PipelineSender, ServerOptions};
 use sockscope::model::{
     Creds, Endpoint, FlowDirection, FlowRecord, Output, ProcessInfo, Transport,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sockscope::ring::wire::{encode_sample, Sample};
+use sockscope::ring::perf_record::{encode_sample, Sample};
 use sockscope::ring::{RingItem, RingOptions, Rings, REORDER_SLACK};
 use sockscope::sys::fake::{FakeRing, FakeSys};
 

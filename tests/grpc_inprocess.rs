@@ -657,7 +657,7 @@ async fn slow_subscriber_gets_drops_in_band_then_resource_exhausted() {
     let (fast_tx, mut fast_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(Ok(w)) = fast.next().await {
-            if let Some(sockscope::export::wire::Payload::Flow(f)) = w.payload {
+            if let Some(sockscope::export::encoded::Payload::Flow(f)) = w.payload {
                 if fast_tx.send(f.record.id).is_err() {
                     return;
                 }
@@ -694,8 +694,8 @@ async fn slow_subscriber_gets_drops_in_band_then_resource_exhausted() {
             .expect("slow ended")
             .expect("slow error");
         match w.payload {
-            Some(sockscope::export::wire::Payload::Flow(f)) => flows.push(f.record.id),
-            Some(sockscope::export::wire::Payload::Loss(l)) => {
+            Some(sockscope::export::encoded::Payload::Flow(f)) => flows.push(f.record.id),
+            Some(sockscope::export::encoded::Payload::Loss(l)) => {
                 assert_eq!(l.source, proto::LossSource::SubscriberQueue as i32);
                 lost = l.count;
             }

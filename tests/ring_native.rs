@@ -11,7 +11,7 @@ use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use sockscope::ring::clock::{PerfClock, SysClockSource, WallClock};
-use sockscope::ring::record::{RecordHeader, RecordedEvent, Recorder, Replay};
+use sockscope::ring::recording::{RecordHeader, RecordedEvent, Recorder, Replay};
 use sockscope::ring::{online_cpus, RingItem, RingOptions, Rings, DEFAULT_POLL_TIMEOUT};
 use sockscope::sys;
 

@@ -7,7 +7,7 @@ use crate::enrich::process::ProcError;
 use crate::exit::ExitCode;
 use crate::export::{jsonl, metrics, server};
 use crate::probe::ProbeError;
-use crate::ring::{self, record::RecordError};
+use crate::ring::{self, recording::RecordError};
 use crate::sys::{self, packet::PacketError};
 
 /// Why the daemon stopped or could not start.

@@ -67,7 +67,7 @@ use crate::export::hub::pipeline_channel;
 use crate::model::Event;
 use crate::probe::{self, check::CheckStatus, ProbeGuard};
 use crate::ring::clock::{SysClockSource, WallClock};
-use crate::ring::record::{RecordHeader, RecordedEvent, Recorder};
+use crate::ring::recording::{RecordHeader, RecordedEvent, Recorder};
 use crate::ring::{self, RingOptions, Rings};
 use engine::EngineStage;
 use grpc::Grpc;

@@ -14,7 +14,7 @@ use super::status::PipelineState;
 use super::Pipeline;
 use crate::decode::Decoder;
 use crate::model::Event;
-use crate::ring::record::Recorder;
+use crate::ring::recording::Recorder;
 use crate::ring::{self, RingItem, Rings};
 use crate::sys;
 

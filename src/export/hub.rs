@@ -23,10 +23,10 @@ use tokio::task::JoinHandle;
 use tonic::Status;
 
 use crate::export::convert;
+use crate::export::encoded::{EncodedFlow, Payload, WireResponse};
 use crate::export::filter::FilterSet;
 use crate::export::proto;
 use crate::export::status::{HubStatus, SubscriberInfo};
-use crate::export::wire::{EncodedFlow, Payload, WireResponse};
 use crate::model::Output;
 
 /// Minimum spacing of two loss notices with the same (source, cpu) key in
@@ -292,7 +292,7 @@ impl tokio_stream::Stream for Subscription {
 type LossKey = (i32, Option<u32>);
 
 #[derive(Debug, Clone, Copy)]
-struct PendingLoss {
+struct CoalescedLoss {
     count: u64,
     first: SystemTime,
     last: SystemTime,
@@ -308,7 +308,7 @@ struct Sub {
     close: Option<oneshot::Sender<Status>>,
     drops: u64,
     delivered: u64,
-    pending: HashMap<LossKey, PendingLoss>,
+    pending: HashMap<LossKey, CoalescedLoss>,
     last_sent: HashMap<LossKey, Instant>,
     period_offered: u64,
     period_dropped: u64,
@@ -326,7 +326,7 @@ impl Sub {
                 p.first = p.first.min(first);
                 p.last = p.last.max(last);
             })
-            .or_insert(PendingLoss { count, first, last });
+            .or_insert(CoalescedLoss { count, first, last });
     }
 
     /// Sends pending notices whose key is not rate-limited, while the queue

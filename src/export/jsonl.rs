@@ -19,10 +19,10 @@ use tokio_stream::{Stream, StreamExt};
 
 use crate::config::JsonlConfig;
 use crate::export::ecs::{self, HostInfo};
+use crate::export::encoded::Payload;
 use crate::export::filter::{FilterError, FilterSet};
 use crate::export::hub::{Hub, SubscribeRequest};
 use crate::export::proto;
-use crate::export::wire::Payload;
 
 /// Protobuf name of the filter message.
 const FLOW_FILTER: &str = "sockscope.v1.FlowFilter";
@@ -292,7 +292,7 @@ pub fn write_stream<S>(
     host: &HostInfo,
 ) -> Result<JsonlStats, JsonlError>
 where
-    S: Stream<Item = Result<crate::export::wire::WireResponse, tonic::Status>> + Unpin,
+    S: Stream<Item = Result<crate::export::encoded::WireResponse, tonic::Status>> + Unpin,
 {
     let mut stats = JsonlStats::default();
     let mut cx = Context::from_waker(Waker::noop());

@@ -11,13 +11,13 @@ pub mod authority;
 pub mod client;
 pub mod convert;
 pub mod ecs;
+pub mod encoded;
 pub mod filter;
 pub mod hub;
 pub mod jsonl;
 pub mod metrics;
 pub mod server;
 pub mod status;
-pub mod wire;
 
 /// Generated protobuf types and gRPC client of `sockscope.v1`, with the
 /// descriptor set they were generated from.

@@ -22,11 +22,11 @@ use tonic_health::ServingStatus;
 
 use crate::config::Config;
 use crate::export::convert;
+use crate::export::encoded::WireResponse;
 use crate::export::filter::FilterSet;
 use crate::export::hub::{Hub, HubOptions, PipelineReceiver, SubscribeRequest, Subscription};
 use crate::export::proto;
 use crate::export::status::{self, StatusSource};
-use crate::export::wire::WireResponse;
 
 /// gRPC service name of the flow service.
 pub const SERVICE_NAME: &str = "sockscope.v1.FlowService";

@@ -152,7 +152,7 @@ use crate::enrich::dns::DnsTable;
 use crate::enrich::process::ProcessTable;
 use crate::model::{KernelTime, SockAddr};
 use keys::{Due, Ep, Tuple, TupleRef};
-use records::{EvictionLoss, PendingLoss};
+use records::{EvictionLoss, UnreportedEvictions};
 use slab::Slab;
 use table::{Flow, Socket};
 use tcp::Embryo;
@@ -306,7 +306,7 @@ pub struct Engine<C: Clock> {
     embryo_due: BinaryHeap<Due>,
 
     next_id: u64,
-    losses: [PendingLoss; EvictionLoss::COUNT],
+    losses: [UnreportedEvictions; EvictionLoss::COUNT],
     stats: EngineStats,
 
     dns: Option<DnsTable>,
@@ -361,7 +361,7 @@ impl<C: Clock> Engine<C> {
             sock_due: BinaryHeap::new(),
             embryo_due: BinaryHeap::new(),
             next_id: 1,
-            losses: [PendingLoss::default(); EvictionLoss::COUNT],
+            losses: [UnreportedEvictions::default(); EvictionLoss::COUNT],
             stats: EngineStats::default(),
             dns: None,
             dns_exits: VecDeque::new(),

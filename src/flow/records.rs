@@ -20,7 +20,7 @@ use crate::model::{
 /// Evictions of one table not reported yet: how many, and when the first
 /// and the last happened.
 #[derive(Debug, Default, Clone, Copy)]
-pub(super) struct PendingLoss {
+pub(super) struct UnreportedEvictions {
     count: u64,
     first: KernelTime,
     last: KernelTime,

@@ -5,7 +5,7 @@
 //! # Layout
 //! [`Rings::open`] opens one perf event per (tracefs event id, CPU):
 //! `PERF_TYPE_TRACEPOINT`, `config` = the id, `sample_period` 1, sample_type
-//! [`wire::SAMPLE_TYPE`] (`IDENTIFIER|TID|TIME|CPU|RAW`), opened disabled.
+//! [`perf_record::SAMPLE_TYPE`] (`IDENTIFIER|TID|TIME|CPU|RAW`), opened disabled.
 //! The first event of each CPU owns a ring of `2^ring_size_exponent` data
 //! pages plus the metadata page; the CPU's other events are redirected into
 //! it with `PERF_EVENT_IOC_SET_OUTPUT`. `PERF_EVENT_IOC_ID` maps the id in
@@ -41,8 +41,8 @@
 
 pub mod clock;
 pub mod merge;
-pub mod record;
-pub mod wire;
+pub mod perf_record;
+pub mod recording;
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
@@ -346,7 +346,7 @@ impl<S: Sys> Rings<S> {
         ));
         let mut config = PerfEventConfig {
             tracepoint_id: event_ids[0],
-            sample_type: wire::SAMPLE_TYPE,
+            sample_type: perf_record::SAMPLE_TYPE,
             clockid: None,
             wakeup,
         };
@@ -559,13 +559,14 @@ fn drain_ring(
     }
     while tail != head {
         let remaining = head.wrapping_sub(tail);
-        let mut hb = [0u8; wire::HEADER_SIZE];
-        let header_ok = remaining >= wire::HEADER_SIZE as u64 && ring.map.copy_out(tail, &mut hb);
-        let h = wire::Header::parse(hb);
+        let mut hb = [0u8; perf_record::HEADER_SIZE];
+        let header_ok =
+            remaining >= perf_record::HEADER_SIZE as u64 && ring.map.copy_out(tail, &mut hb);
+        let h = perf_record::Header::parse(hb);
         let size_ok = header_ok
-            && h.size as usize >= wire::HEADER_SIZE
+            && h.size as usize >= perf_record::HEADER_SIZE
             && h.size as u64 <= remaining
-            && h.size as usize % wire::RECORD_ALIGN == 0;
+            && h.size as usize % perf_record::RECORD_ALIGN == 0;
         if !size_ok {
             // Records carry no sync marker: skip everything published.
             ring.stats.malformed += 1;
@@ -583,9 +584,9 @@ fn drain_ring(
                 scratch
             }
         };
-        let body = &rec[wire::HEADER_SIZE..];
+        let body = &rec[perf_record::HEADER_SIZE..];
         match h.kind {
-            wire::RECORD_SAMPLE => match wire::parse_sample(body) {
+            perf_record::RECORD_SAMPLE => match perf_record::parse_sample(body) {
                 Ok(s) => match ids.get(&s.id) {
                     Some(&event) => {
                         ring.stats.samples += 1;
@@ -606,7 +607,7 @@ fn drain_ring(
                 },
                 Err(_) => ring.stats.malformed += 1,
             },
-            wire::RECORD_LOST => match wire::parse_lost(body) {
+            perf_record::RECORD_LOST => match perf_record::parse_lost(body) {
                 Ok((_, count)) => {
                     ring.stats.lost += count;
                     emit(RingItem::Lost {

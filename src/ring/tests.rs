@@ -30,9 +30,9 @@ fn id_of(sys: &FakeSys, tp: u64, cpu: u32) -> u64 {
 
 fn sample(id: u64, time: u64, cpu: u32, raw: &[u8]) -> Vec<u8> {
     let mut b = Vec::new();
-    wire::encode_sample(
+    perf_record::encode_sample(
         &mut b,
-        &wire::Sample {
+        &perf_record::Sample {
             id,
             pid: 40 + cpu,
             tid: 50 + cpu,
@@ -101,7 +101,7 @@ fn opens_one_event_per_id_and_cpu_and_cleans_up() {
     assert!(evs.iter().all(|e| e.enabled));
     assert!(evs
         .iter()
-        .all(|e| e.config.sample_type == wire::SAMPLE_TYPE));
+        .all(|e| e.config.sample_type == perf_record::SAMPLE_TYPE));
     assert!(evs
         .iter()
         .all(|e| e.config.clockid == Some(libc::CLOCK_MONOTONIC)));
@@ -236,7 +236,7 @@ fn lost_records_are_reported_and_counted() {
     let mut r = open(&sys, &[0, 1], 0);
     sys.set_clock(1000 * MS);
     let mut lost = Vec::new();
-    wire::encode_lost(&mut lost, id_of(&sys, 501, 1), 17);
+    perf_record::encode_lost(&mut lost, id_of(&sys, 501, 1), 17);
     assert!(ring(&sys, 1).write(&lost));
     assert!(ring(&sys, 1).write(&sample(id_of(&sys, 501, 1), 5, 1, b"after")));
     let got = read_all(&mut r);
@@ -258,7 +258,7 @@ fn malformed_records_are_counted_and_skipped() {
 
     // Truncated raw: raw size larger than the record. Skipped by size.
     let mut bad = sample(id, 1, 0, b"abcdefgh1234");
-    let raw_size_at = wire::HEADER_SIZE + 32;
+    let raw_size_at = perf_record::HEADER_SIZE + 32;
     bad[raw_size_at..raw_size_at + 4].copy_from_slice(&1000u32.to_ne_bytes());
     assert!(p.write(&bad));
     // Unknown stream id.

@@ -17,7 +17,8 @@
 //!   answer of its own;
 //! * [`DnsTable::fork`] / [`DnsTable::on_exit`] follow the process tree.
 //!
-//! Everything is bounded (see [`TableLimits`]) and counted ([`DnsStats`]).
+//! Everything is bounded (see [`TableLimits`]) and counted (the capture's
+//! [`CaptureCounters`], the table's [`TableStats`]).
 //!
 //! # Wiring
 //!
@@ -34,7 +35,8 @@
 //!   `table.lookup(now, pid, remote_ip)` → `Endpoint::domain`;
 //! * every second or so: `table.expire(now)`.
 //!
-//! The status API reports `DnsStats::collect(thread.counters(), &table)`.
+//! The status API reports the capture thread's counters
+//! (`thread.counters()`) and the table's (`table.stats()`).
 //!
 //! ```
 //! use std::net::SocketAddr;
@@ -105,25 +107,6 @@ pub enum DnsError {
     /// The capture thread could not be started.
     #[error("starting the DNS capture thread: {0}")]
     Thread(#[source] std::io::Error),
-}
-
-/// Everything the status API reports about DNS enrichment.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DnsStats {
-    /// Capture-side counters.
-    pub capture: CaptureStats,
-    /// Table-side counters and sizes.
-    pub table: TableStats,
-}
-
-impl DnsStats {
-    /// Combines a capture's counters with a table's.
-    pub fn collect(capture: &CaptureCounters, table: &DnsTable) -> Self {
-        DnsStats {
-            capture: capture.snapshot(),
-            table: table.stats(),
-        }
-    }
 }
 
 #[cfg(test)]
