@@ -100,6 +100,23 @@ pub(super) struct Socket {
     unowned_flows: u32,
 }
 
+/// A flow about to be created: its socket, transport and endpoints, and
+/// what is known of its start.
+pub(super) struct NewFlow {
+    /// Slab index of the socket the flow belongs to.
+    pub(super) sock: u32,
+    /// TCP or UDP.
+    pub(super) transport: Transport,
+    /// The local endpoint.
+    pub(super) local: Ep,
+    /// The remote endpoint.
+    pub(super) remote: Ep,
+    /// Who opened the flow, as far as known.
+    pub(super) direction: FlowDirection,
+    /// Whether the flow's start was observed.
+    pub(super) complete: bool,
+}
+
 impl<C: Clock> Engine<C> {
     pub(super) fn new_socket(
         &mut self,
@@ -143,18 +160,17 @@ impl<C: Clock> Engine<C> {
         s
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new_flow(
-        &mut self,
-        t: KernelTime,
-        s: u32,
-        transport: Transport,
-        local: Ep,
-        remote: Ep,
-        direction: FlowDirection,
-        complete: bool,
-        out: &mut Vec<Output>,
-    ) -> u32 {
+    /// Creates the flow `new` at `t` (evicting while the table is full)
+    /// and links it at the head of its socket's flow list.
+    pub(super) fn new_flow(&mut self, t: KernelTime, new: NewFlow, out: &mut Vec<Output>) -> u32 {
+        let NewFlow {
+            sock: s,
+            transport,
+            local,
+            remote,
+            direction,
+            complete,
+        } = new;
         while self.flows.len() >= self.max_flows {
             if !self.evict_flow(t, out) {
                 break;

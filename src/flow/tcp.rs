@@ -15,6 +15,7 @@ use std::cmp::Reverse;
 
 use super::keys::{Tuple, TupleRef};
 use super::slab::NIL;
+use super::table::NewFlow;
 use super::{Clock, Engine};
 use crate::model::{
     FlowDirection, KernelTime, Output, Packet, PacketDir, SockAddr, Task, Transport,
@@ -105,16 +106,15 @@ impl<C: Clock> Engine<C> {
                     .sockets
                     .get(sock)
                     .map_or(FlowDirection::Unknown, |so| so.tcp_dir);
-                let f = self.new_flow(
-                    t,
+                let new = NewFlow {
                     sock,
-                    Transport::Tcp,
-                    tuple.local,
-                    tuple.remote,
-                    dir,
-                    false,
-                    out,
-                );
+                    transport: Transport::Tcp,
+                    local: tuple.local,
+                    remote: tuple.remote,
+                    direction: dir,
+                    complete: false,
+                };
+                let f = self.new_flow(t, new, out);
                 self.set_tcp_flow(sock, tuple, f);
                 f
             };
@@ -240,16 +240,15 @@ impl<C: Clock> Engine<C> {
         }
         let so = self.sockets.get_mut(s)?;
         so.tuple = Some(tuple);
-        let f = self.new_flow(
-            t,
-            s,
-            Transport::Tcp,
-            tuple.local,
-            tuple.remote,
-            dir,
+        let new = NewFlow {
+            sock: s,
+            transport: Transport::Tcp,
+            local: tuple.local,
+            remote: tuple.remote,
+            direction: dir,
             complete,
-            out,
-        );
+        };
+        let f = self.new_flow(t, new, out);
         self.tuple_index
             .insert(tuple, TupleRef { sock: s, flow: f });
         if let Some(so) = self.sockets.get_mut(s) {

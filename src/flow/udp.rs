@@ -15,6 +15,7 @@ use std::cmp::Reverse;
 use std::net::SocketAddr;
 
 use super::keys::Ep;
+use super::table::NewFlow;
 use super::{Clock, Engine, DNS_PORT};
 use crate::model::{FlowDirection, KernelTime, Output, Packet, PacketDir, SockAddr, Transport};
 
@@ -156,7 +157,15 @@ impl<C: Clock> Engine<C> {
             }
             None => return,
         };
-        let f = self.new_flow(t, s, Transport::Udp, l, r, dir, complete, out);
+        let new = NewFlow {
+            sock: s,
+            transport: Transport::Udp,
+            local: l,
+            remote: r,
+            direction: dir,
+            complete,
+        };
+        let f = self.new_flow(t, new, out);
         self.peer_index.insert((sa, r), f);
         if let Some(so) = self.sockets.get_mut(s) {
             so.udp_hint = f;
@@ -237,16 +246,15 @@ impl<C: Clock> Engine<C> {
             let f = match self.peer_index.get(&(sa, pk.remote)) {
                 Some(&f) => f,
                 None => {
-                    let f = self.new_flow(
-                        pk.first,
-                        s,
-                        Transport::Udp,
-                        pk.local,
-                        pk.remote,
-                        dir,
+                    let new = NewFlow {
+                        sock: s,
+                        transport: Transport::Udp,
+                        local: pk.local,
+                        remote: pk.remote,
+                        direction: dir,
                         complete,
-                        out,
-                    );
+                    };
+                    let f = self.new_flow(pk.first, new, out);
                     self.peer_index.insert((sa, pk.remote), f);
                     f
                 }

@@ -10,9 +10,9 @@ fn late_packets_count_within_termination_timeout_only() {
     let (l, r) = ("10.0.0.1:1000", "10.0.0.2:80");
     h.create(S, 100, sk, Some(Tcp));
     h.connect(S, 100, sk, l, r);
-    h.pkt(S + MS, Some(sk), Tcp, Out, l, r, 60);
+    h.pkt(S + MS, Some(sk), Tcp, Out, (l, r), 60);
     h.close(2 * S, Some(100), sk);
-    h.pkt(2 * S + 100 * MS, None, Tcp, In, r, l, 40); // late FIN-ACK, counted
+    h.pkt(2 * S + 100 * MS, None, Tcp, In, (r, l), 40); // late FIN-ACK, counted
     h.tick(6 * S);
     assert!(h.flows().is_empty());
     h.tick(7 * S);
@@ -20,7 +20,7 @@ fn late_packets_count_within_termination_timeout_only() {
     assert_eq!(counters(&rec), (1, 60, 1, 40));
     assert_eq!(rec.end, wall(2 * S + 100 * MS));
     // After the termination timeout: not part of the finished flow.
-    h.pkt(8 * S, Some(sk), Tcp, In, r, l, 40);
+    h.pkt(8 * S, Some(sk), Tcp, In, (r, l), 40);
     assert_eq!(h.eng.stats().embryonic, 1);
     h.tick(14 * S);
     assert!(h.flows().is_empty());
@@ -45,8 +45,7 @@ fn inactive_flow_becomes_final_after_timeout_exactly() {
         Some(sk),
         Udp,
         Out,
-        "10.0.0.1:5000",
-        "10.0.0.2:6000",
+        ("10.0.0.1:5000", "10.0.0.2:6000"),
         50,
     );
     h.tick(2 * S + 30 * S - 1);
@@ -61,8 +60,7 @@ fn inactive_flow_becomes_final_after_timeout_exactly() {
         Some(sk),
         Udp,
         Out,
-        "10.0.0.1:5000",
-        "10.0.0.2:6000",
+        ("10.0.0.1:5000", "10.0.0.2:6000"),
         50,
     );
     h.tick(80 * S);
@@ -78,7 +76,7 @@ fn interim_updates_are_cumulative_and_share_the_id() {
     h.create(0, 100, sk, Some(Tcp));
     h.connect(0, 100, sk, l, r);
     for i in 0..25u64 {
-        h.pkt(i * S, Some(sk), Tcp, Out, l, r, 100);
+        h.pkt(i * S, Some(sk), Tcp, Out, (l, r), 100);
         h.tick(i * S);
     }
     let v = h.flows();
@@ -110,8 +108,7 @@ fn idle_socket_is_dropped_after_socket_inactive_timeout() {
         Some(0xb200),
         Udp,
         Out,
-        "10.0.0.1:1",
-        "10.0.0.2:2",
+        ("10.0.0.1:1", "10.0.0.2:2"),
         30,
     );
     h.tick(61 * S);
@@ -129,8 +126,8 @@ fn idle_socket_is_dropped_after_socket_inactive_timeout() {
 fn flush_emits_everything_final() {
     let mut h = H::new();
     h.create(S, 100, 0x1, Some(Udp));
-    h.pkt(S, Some(0x1), Udp, Out, "10.0.0.1:1", "10.0.0.2:1", 10);
-    h.pkt(S, Some(0x1), Udp, Out, "10.0.0.1:1", "10.0.0.3:1", 10);
+    h.pkt(S, Some(0x1), Udp, Out, ("10.0.0.1:1", "10.0.0.2:1"), 10);
+    h.pkt(S, Some(0x1), Udp, Out, ("10.0.0.1:1", "10.0.0.3:1"), 10);
     h.eng.flush(&mut h.out);
     let v = h.flows();
     assert_eq!(v.len(), 2);

@@ -170,15 +170,14 @@ impl H {
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A packet of `len` IP bytes from `src` to `dst`.
     fn pkt(
         &mut self,
         t: KernelTime,
         sock: Option<SockAddr>,
         tr: Transport,
         dir: PacketDir,
-        src: &str,
-        dst: &str,
+        (src, dst): (&str, &str),
         len: u32,
     ) {
         self.ev(

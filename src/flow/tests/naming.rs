@@ -41,7 +41,7 @@ impl H {
     fn query(&mut self, t: KernelTime, pid: u32, sk: SockAddr, client: &str) {
         self.create(t, pid, sk, Some(Udp));
         self.activity(t + 1, pid, sk, Udp, SockOp::Send);
-        self.pkt(t + 2, Some(sk), Udp, Out, client, SERVER, 60);
+        self.pkt(t + 2, Some(sk), Udp, Out, (client, SERVER), 60);
     }
 
     fn observe(&mut self, t: KernelTime, r: &DnsResponse) {
@@ -52,8 +52,8 @@ impl H {
     fn tcp_flow(&mut self, t: KernelTime, pid: u32, sk: SockAddr, local: &str, remote: &str) {
         self.create(t, pid, sk, Some(Tcp));
         self.connect(t + 1, pid, sk, local, remote);
-        self.pkt(t + 2, Some(sk), Tcp, Out, local, remote, 60);
-        self.pkt(t + 3, Some(sk), Tcp, In, remote, local, 60);
+        self.pkt(t + 2, Some(sk), Tcp, Out, (local, remote), 60);
+        self.pkt(t + 3, Some(sk), Tcp, In, (remote, local), 60);
         self.close(t + 4, Some(pid), sk);
     }
 
@@ -162,8 +162,7 @@ fn udp_flow_to_a_resolved_address_is_named() {
         Some(0x20),
         Udp,
         Out,
-        "[2001:db8::1]:50000",
-        "[2001:db8::9]:9001",
+        ("[2001:db8::1]:50000", "[2001:db8::9]:9001"),
         100,
     );
     h.tick(100 * S);
@@ -302,7 +301,7 @@ fn name_is_kept_on_interim_and_final_records() {
     h.connect(2 * S + 1, 100, 0x20, local, remote);
     // Traffic every second for 25 s: interim records every 10 s.
     for i in 0..25 {
-        h.pkt(3 * S + i * S, Some(0x20), Tcp, Out, local, remote, 100);
+        h.pkt(3 * S + i * S, Some(0x20), Tcp, Out, (local, remote), 100);
         if i == 2 {
             // The process's answers go meanwhile; the flow keeps its name.
             h.ev(5 * S + 2, Some(100), EventKind::Exit { tid: 100, pid: 100 });

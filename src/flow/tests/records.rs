@@ -12,15 +12,15 @@ fn loopback_pair_gives_two_flows_each_with_its_process() {
     h.create(S, 100, cs, Some(Tcp));
     h.connect(S + MS, 100, cs, c, s);
     // Every loopback packet is seen leaving one socket and entering the other.
-    h.pkt(S + 2 * MS, Some(cs), Tcp, Out, c, s, 60); // SYN
-    h.pkt(S + 2 * MS, Some(ls), Tcp, In, c, s, 60);
-    h.pkt(S + 3 * MS, Some(0x4000), Tcp, Out, s, c, 60); // SYN-ACK, request sock
-    h.pkt(S + 3 * MS, Some(cs), Tcp, In, s, c, 60);
-    h.pkt(S + 4 * MS, Some(cs), Tcp, Out, c, s, 52); // ACK
-    h.pkt(S + 4 * MS, None, Tcp, In, c, s, 52);
+    h.pkt(S + 2 * MS, Some(cs), Tcp, Out, (c, s), 60); // SYN
+    h.pkt(S + 2 * MS, Some(ls), Tcp, In, (c, s), 60);
+    h.pkt(S + 3 * MS, Some(0x4000), Tcp, Out, (s, c), 60); // SYN-ACK, request sock
+    h.pkt(S + 3 * MS, Some(cs), Tcp, In, (s, c), 60);
+    h.pkt(S + 4 * MS, Some(cs), Tcp, Out, (c, s), 52); // ACK
+    h.pkt(S + 4 * MS, None, Tcp, In, (c, s), 52);
     h.accept(S + 5 * MS, 200, asock, s, c);
-    h.pkt(S + 6 * MS, Some(cs), Tcp, Out, c, s, 100);
-    h.pkt(S + 6 * MS, Some(asock), Tcp, In, c, s, 100);
+    h.pkt(S + 6 * MS, Some(cs), Tcp, Out, (c, s), 100);
+    h.pkt(S + 6 * MS, Some(asock), Tcp, In, (c, s), 100);
     h.close(S + 7 * MS, Some(100), cs);
     h.close(S + 7 * MS, Some(200), asock);
     h.tick(20 * S);
@@ -47,9 +47,9 @@ fn own_traffic_is_excluded_unless_included() {
         c.include_self = include;
         let mut h = H::with(c, 1024);
         h.create(S, OWN_PID, 0x1, Some(Udp));
-        h.pkt(S, Some(0x1), Udp, Out, "127.0.0.1:1", "127.0.0.1:2", 10);
+        h.pkt(S, Some(0x1), Udp, Out, ("127.0.0.1:1", "127.0.0.1:2"), 10);
         h.create(S, 100, 0x2, Some(Udp));
-        h.pkt(S, Some(0x2), Udp, Out, "127.0.0.1:3", "127.0.0.1:4", 10);
+        h.pkt(S, Some(0x2), Udp, Out, ("127.0.0.1:3", "127.0.0.1:4"), 10);
         h.tick(100 * S);
         let v = h.flows();
         let pids: Vec<u32> = v.iter().map(|r| r.process.as_ref().unwrap().pid).collect();
@@ -83,8 +83,22 @@ fn attribution_ignores_packet_tasks_and_keeps_first_owner_per_flow() {
     );
     // Another process sends on the socket (e.g. after fd passing).
     h.activity(2 * S, 100, sk, Udp, SockOp::Send);
-    h.pkt(2 * S, Some(sk), Udp, Out, "10.0.0.1:999", "10.0.0.2:53", 50);
-    h.pkt(2 * S, Some(sk), Udp, Out, "10.0.0.1:999", "10.0.0.5:53", 50);
+    h.pkt(
+        2 * S,
+        Some(sk),
+        Udp,
+        Out,
+        ("10.0.0.1:999", "10.0.0.2:53"),
+        50,
+    );
+    h.pkt(
+        2 * S,
+        Some(sk),
+        Udp,
+        Out,
+        ("10.0.0.1:999", "10.0.0.5:53"),
+        50,
+    );
     h.tick(100 * S);
     let mut v = h.flows();
     v.sort_by_key(|r| r.remote.ip.to_string());
@@ -104,7 +118,7 @@ fn attribution_ignores_packet_tasks_and_keeps_first_owner_per_flow() {
 fn socket_without_owner_gets_one_from_later_syscall_event() {
     let mut h = H::new();
     let sk = 0x2200;
-    h.pkt(S, Some(sk), Udp, Out, "10.0.0.1:999", "10.0.0.2:53", 50);
+    h.pkt(S, Some(sk), Udp, Out, ("10.0.0.1:999", "10.0.0.2:53"), 50);
     h.activity(S + MS, 300, sk, Udp, SockOp::Recv);
     h.tick(100 * S);
     assert_eq!(only(h.flows()).process.unwrap().pid, 300);
@@ -114,7 +128,7 @@ fn socket_without_owner_gets_one_from_later_syscall_event() {
 fn pid_reuse_never_mislabels() {
     let mut h = H::new();
     h.create(S, 100, 0x1, Some(Udp));
-    h.pkt(S, Some(0x1), Udp, Out, "10.0.0.1:1", "10.0.0.2:1", 10);
+    h.pkt(S, Some(0x1), Udp, Out, ("10.0.0.1:1", "10.0.0.2:1"), 10);
     h.ev(2 * S, None, EventKind::Exit { tid: 100, pid: 100 });
     h.tick(10 * S); // grace over: pid 100 forgotten
                     // pid 100 is reused by a new program.
@@ -136,7 +150,14 @@ fn pid_reuse_never_mislabels() {
         },
     );
     h.create(12 * S, 100, 0x2, Some(Udp));
-    h.pkt(12 * S, Some(0x2), Udp, Out, "10.0.0.1:2", "10.0.0.2:2", 10);
+    h.pkt(
+        12 * S,
+        Some(0x2),
+        Udp,
+        Out,
+        ("10.0.0.1:2", "10.0.0.2:2"),
+        10,
+    );
     h.tick(100 * S);
     let mut v = h.flows();
     v.sort_by_key(|r| r.sock);
@@ -156,7 +177,7 @@ fn pid_reuse_never_mislabels() {
 fn exec_and_creds_events_shape_later_attributions() {
     let mut h = H::new();
     h.create(S, 100, 0x1, Some(Udp));
-    h.pkt(S, Some(0x1), Udp, Out, "10.0.0.1:1", "10.0.0.2:1", 10);
+    h.pkt(S, Some(0x1), Udp, Out, ("10.0.0.1:1", "10.0.0.2:1"), 10);
     // pid 100 drops privileges and execs something else (/proc is gone).
     h.src.remove(100);
     let creds = Creds {
@@ -175,7 +196,7 @@ fn exec_and_creds_events_shape_later_attributions() {
         },
     );
     h.create(3 * S, 100, 0x2, Some(Udp));
-    h.pkt(3 * S, Some(0x2), Udp, Out, "10.0.0.1:2", "10.0.0.2:2", 10);
+    h.pkt(3 * S, Some(0x2), Udp, Out, ("10.0.0.1:2", "10.0.0.2:2"), 10);
     h.tick(100 * S);
     let mut v = h.flows();
     v.sort_by_key(|r| r.sock);
@@ -205,8 +226,8 @@ fn unowned_tcp_flow_on_the_daemons_listening_port_is_its_own() {
         // handshake's embryonic entries become flows at expiry, unowned.
         for (sock, port) in [(0x7001, OWN_PORT), (0x7002, OWN_PORT + 1)] {
             let local = format!("10.0.2.15:{port}");
-            h.pkt(S, None, Tcp, In, "10.0.2.2:40000", &local, 60);
-            h.pkt(S + 1, Some(sock), Tcp, Out, &local, "10.0.2.2:40000", 60);
+            h.pkt(S, None, Tcp, In, ("10.0.2.2:40000", &local), 60);
+            h.pkt(S + 1, Some(sock), Tcp, Out, (&local, "10.0.2.2:40000"), 60);
         }
         h.tick(100 * S);
         let ports: Vec<u16> = h.flows().iter().map(|r| r.local.port).collect();
@@ -226,8 +247,7 @@ fn unowned_tcp_flow_on_the_daemons_listening_port_is_its_own() {
         Some(0x7003),
         Tcp,
         Out,
-        "10.0.2.15:50051",
-        "10.0.2.2:40001",
+        ("10.0.2.15:50051", "10.0.2.2:40001"),
         60,
     );
     h.tick(100 * S);

@@ -14,8 +14,7 @@ fn sock_address_reuse_ends_old_socket_never_merges() {
         Some(sk),
         Tcp,
         Out,
-        "10.0.0.1:1000",
-        "10.0.0.2:80",
+        ("10.0.0.1:1000", "10.0.0.2:80"),
         60,
     );
     h.close(2 * S, Some(100), sk);
@@ -29,8 +28,7 @@ fn sock_address_reuse_ends_old_socket_never_merges() {
         Some(sk),
         Tcp,
         In,
-        "10.0.0.3:2000",
-        "10.0.0.1:80",
+        ("10.0.0.3:2000", "10.0.0.1:80"),
         70,
     );
     // A connect on an already connected address: reuse without close.
@@ -63,10 +61,10 @@ fn full_flow_table_evicts_with_final_record_and_loss() {
     let mut h = H::with(c, 1024);
     let sk = 0xf100;
     h.create(S, 300, sk, Some(Udp));
-    h.pkt(S, Some(sk), Udp, Out, "10.0.0.1:1", "10.0.0.2:1", 10);
-    h.pkt(2 * S, Some(sk), Udp, Out, "10.0.0.1:1", "10.0.0.3:1", 10);
-    h.pkt(3 * S, Some(sk), Udp, Out, "10.0.0.1:1", "10.0.0.2:1", 10); // keeps .2 active
-    h.pkt(4 * S, Some(sk), Udp, Out, "10.0.0.1:1", "10.0.0.4:1", 10);
+    h.pkt(S, Some(sk), Udp, Out, ("10.0.0.1:1", "10.0.0.2:1"), 10);
+    h.pkt(2 * S, Some(sk), Udp, Out, ("10.0.0.1:1", "10.0.0.3:1"), 10);
+    h.pkt(3 * S, Some(sk), Udp, Out, ("10.0.0.1:1", "10.0.0.2:1"), 10); // keeps .2 active
+    h.pkt(4 * S, Some(sk), Udp, Out, ("10.0.0.1:1", "10.0.0.4:1"), 10);
     let ev = only(h.flows());
     assert!(ev.is_final);
     assert_eq!(
@@ -93,7 +91,7 @@ fn full_socket_table_evicts_and_reports() {
     c.max_sockets = 2;
     let mut h = H::with(c, 1024);
     h.create(S, 100, 0x1, Some(Udp));
-    h.pkt(S, Some(0x1), Udp, Out, "10.0.0.1:1", "10.0.0.2:1", 10);
+    h.pkt(S, Some(0x1), Udp, Out, ("10.0.0.1:1", "10.0.0.2:1"), 10);
     h.create(2 * S, 100, 0x2, Some(Udp));
     h.create(3 * S, 100, 0x3, Some(Udp));
     let r = only(h.flows());

@@ -14,8 +14,7 @@ fn tcp_connect_v4_full_record() {
         Some(sk),
         Tcp,
         Out,
-        "10.0.2.15:40192",
-        "151.101.66.217:80",
+        ("10.0.2.15:40192", "151.101.66.217:80"),
         60,
     );
     h.pkt(
@@ -23,8 +22,7 @@ fn tcp_connect_v4_full_record() {
         Some(sk),
         Tcp,
         In,
-        "151.101.66.217:80",
-        "10.0.2.15:40192",
+        ("151.101.66.217:80", "10.0.2.15:40192"),
         60,
     );
     h.pkt(
@@ -32,8 +30,7 @@ fn tcp_connect_v4_full_record() {
         None,
         Tcp,
         Out,
-        "10.0.2.15:40192",
-        "151.101.66.217:80",
+        ("10.0.2.15:40192", "151.101.66.217:80"),
         52,
     );
     h.pkt(
@@ -41,8 +38,7 @@ fn tcp_connect_v4_full_record() {
         None,
         Tcp,
         Out,
-        "10.0.2.15:40192",
-        "151.101.66.217:80",
+        ("10.0.2.15:40192", "151.101.66.217:80"),
         182,
     );
     h.pkt(
@@ -50,8 +46,7 @@ fn tcp_connect_v4_full_record() {
         None,
         Tcp,
         In,
-        "151.101.66.217:80",
-        "10.0.2.15:40192",
+        ("151.101.66.217:80", "10.0.2.15:40192"),
         377,
     );
     h.close(S + 70 * MS, Some(100), sk);
@@ -89,14 +84,14 @@ fn tcp_accept_v6_merges_embryonic_handshake() {
     let (srv, cli) = ("[2001:db8::1]:443", "[2001:db8::2]:55000");
     h.create(S, 200, listener, Some(Tcp));
     // Handshake before accept returns: listener, request sock, no sock.
-    h.pkt(2 * S, Some(listener), Tcp, In, cli, srv, 80);
-    h.pkt(2 * S + MS, Some(request), Tcp, Out, srv, cli, 80);
-    h.pkt(2 * S + 2 * MS, None, Tcp, In, cli, srv, 72);
+    h.pkt(2 * S, Some(listener), Tcp, In, (cli, srv), 80);
+    h.pkt(2 * S + MS, Some(request), Tcp, Out, (srv, cli), 80);
+    h.pkt(2 * S + 2 * MS, None, Tcp, In, (cli, srv), 72);
     assert_eq!(h.eng.stats().embryonic, 1);
     h.accept(2 * S + 5 * MS, 200, child, srv, cli);
     assert_eq!(h.eng.stats().embryonic, 0);
-    h.pkt(2 * S + 6 * MS, Some(child), Tcp, In, cli, srv, 500);
-    h.pkt(2 * S + 7 * MS, Some(child), Tcp, Out, srv, cli, 1500);
+    h.pkt(2 * S + 6 * MS, Some(child), Tcp, In, (cli, srv), 500);
+    h.pkt(2 * S + 7 * MS, Some(child), Tcp, Out, (srv, cli), 1500);
     h.close(3 * S, Some(200), child);
     h.tick(10 * S);
     let r = only(h.flows());
@@ -118,9 +113,9 @@ fn lost_connect_gives_unknown_incomplete_flow_with_owner() {
     h.create(S, 100, sk, Some(Tcp));
     // TcpConnect was lost.
     h.activity(S + MS, 100, sk, Tcp, SockOp::Send);
-    h.pkt(S + 2 * MS, Some(sk), Tcp, Out, l, r, 100);
-    h.pkt(S + 3 * MS, Some(sk), Tcp, In, r, l, 200);
-    h.pkt(S + 4 * MS, None, Tcp, In, r, l, 200);
+    h.pkt(S + 2 * MS, Some(sk), Tcp, Out, (l, r), 100);
+    h.pkt(S + 3 * MS, Some(sk), Tcp, In, (r, l), 200);
+    h.pkt(S + 4 * MS, None, Tcp, In, (r, l), 200);
     h.close(2 * S, None, sk);
     h.tick(10 * S);
     let rec = only(h.flows());
@@ -134,15 +129,14 @@ fn lost_connect_gives_unknown_incomplete_flow_with_owner() {
 fn mid_flow_start_tcp_via_embryonic_promotion_and_udp_directly() {
     let mut h = H::new();
     let (l, r) = ("10.0.0.1:1000", "10.0.0.2:80");
-    h.pkt(S, Some(0xd100), Tcp, In, r, l, 1000);
-    h.pkt(S + MS, Some(0xd100), Tcp, Out, l, r, 52);
+    h.pkt(S, Some(0xd100), Tcp, In, (r, l), 1000);
+    h.pkt(S + MS, Some(0xd100), Tcp, Out, (l, r), 52);
     h.pkt(
         S + 2 * MS,
         Some(0xd200),
         Udp,
         Out,
-        "10.0.0.1:3000",
-        "10.0.0.3:3000",
+        ("10.0.0.1:3000", "10.0.0.3:3000"),
         40,
     );
     assert_eq!(
@@ -152,7 +146,7 @@ fn mid_flow_start_tcp_via_embryonic_promotion_and_udp_directly() {
     );
     h.tick(6 * S);
     assert_eq!(h.eng.stats().embryonic_promoted, 1);
-    h.pkt(7 * S, Some(0xd100), Tcp, In, r, l, 1000);
+    h.pkt(7 * S, Some(0xd100), Tcp, In, (r, l), 1000);
     h.tick(100 * S);
     let mut v = h.flows();
     v.sort_by_key(|r| r.sock);
@@ -175,8 +169,7 @@ fn unclaimed_handshake_on_listener_expires_and_is_counted() {
         Some(0xe100),
         Tcp,
         In,
-        "10.0.0.9:5000",
-        "10.0.0.1:80",
+        ("10.0.0.9:5000", "10.0.0.1:80"),
         60,
     );
     h.tick(7 * S);
@@ -192,7 +185,7 @@ fn embryonic_table_is_bounded() {
     let mut h = H::with(c, 1024);
     for port in 0..5u16 {
         let src = format!("10.0.0.9:{}", 5000 + port);
-        h.pkt(S, None, Tcp, In, &src, "10.0.0.1:80", 60);
+        h.pkt(S, None, Tcp, In, (&src, "10.0.0.1:80"), 60);
     }
     let st = h.eng.stats();
     assert_eq!((st.embryonic, st.embryonic_dropped), (2, 3));
@@ -204,7 +197,7 @@ fn v4_mapped_dual_stack_socket_matches_ipv4_packets() {
     let sk = 0x3100;
     h.create(S, 100, sk, Some(Tcp));
     h.connect(S, 100, sk, "[::ffff:10.0.0.1]:1000", "[::ffff:10.0.0.2]:80");
-    h.pkt(S + MS, None, Tcp, Out, "10.0.0.1:1000", "10.0.0.2:80", 60);
+    h.pkt(S + MS, None, Tcp, Out, ("10.0.0.1:1000", "10.0.0.2:80"), 60);
     h.close(2 * S, None, sk);
     h.tick(10 * S);
     let r = only(h.flows());
@@ -219,13 +212,13 @@ fn tcp_connection_resuming_after_inactivity_is_one_new_flow() {
     let (l, r) = ("10.0.0.1:1000", "10.0.0.2:22");
     h.create(0, 100, sk, Some(Tcp));
     h.connect(0, 100, sk, l, r);
-    h.pkt(S, Some(sk), Tcp, Out, l, r, 60);
+    h.pkt(S, Some(sk), Tcp, Out, (l, r), 60);
     h.tick(31 * S);
     let first = only(h.flows());
     assert!(first.is_final && first.complete);
-    h.pkt(50 * S, Some(sk), Tcp, In, r, l, 80);
-    h.pkt(51 * S, None, Tcp, Out, l, r, 60);
-    h.pkt(52 * S, Some(sk), Tcp, Out, l, r, 60);
+    h.pkt(50 * S, Some(sk), Tcp, In, (r, l), 80);
+    h.pkt(51 * S, None, Tcp, Out, (l, r), 60);
+    h.pkt(52 * S, Some(sk), Tcp, Out, (l, r), 60);
     assert_eq!(h.eng.stats().flows, 1);
     h.close(53 * S, Some(100), sk);
     h.tick(60 * S);
@@ -247,20 +240,19 @@ fn late_ack_after_the_closed_socket_was_reused_counts_on_the_old_flow() {
     let (l, r) = ("127.0.0.1:9120", "127.0.0.1:51206");
     h.create(S, 100, sk, Some(Tcp));
     h.accept(S, 100, sk, l, r);
-    h.pkt(S + MS, Some(sk), Tcp, Out, l, r, 1000);
+    h.pkt(S + MS, Some(sk), Tcp, Out, (l, r), 1000);
     h.close(2 * S, Some(100), sk);
-    h.pkt(2 * S + MS, Some(sk), Tcp, Out, l, r, 52); // FIN
+    h.pkt(2 * S + MS, Some(sk), Tcp, Out, (l, r), 52); // FIN
     h.create(2 * S + 2 * MS, 300, sk, Some(Tcp)); // reused
     h.connect(2 * S + 2 * MS, 300, sk, "127.0.0.1:40000", "127.0.0.1:22");
-    h.pkt(2 * S + 3 * MS, None, Tcp, In, r, l, 52); // peer's FIN
-    h.pkt(2 * S + 4 * MS, Some(ctl), Tcp, Out, l, r, 52); // last ACK
+    h.pkt(2 * S + 3 * MS, None, Tcp, In, (r, l), 52); // peer's FIN
+    h.pkt(2 * S + 4 * MS, Some(ctl), Tcp, Out, (l, r), 52); // last ACK
     h.pkt(
         2 * S + 5 * MS,
         Some(sk),
         Tcp,
         Out,
-        "127.0.0.1:40000",
-        "127.0.0.1:22",
+        ("127.0.0.1:40000", "127.0.0.1:22"),
         60,
     );
     h.tick(6 * S);
@@ -296,9 +288,9 @@ fn packet_of_a_new_connection_at_a_closed_sockets_address_waits_for_accept() {
     h.activity(S, 100, sk, Tcp, SockOp::Send);
     h.close(2 * S, Some(100), sk);
     let (l, r) = ("127.0.0.1:9120", "127.0.0.1:54234");
-    h.pkt(3 * S, None, Tcp, In, r, l, 60); // SYN
-    h.pkt(3 * S + 1, None, Tcp, In, r, l, 52); // FIN
-    h.pkt(3 * S + 2, Some(sk), Tcp, Out, l, r, 52); // ACK from the child
+    h.pkt(3 * S, None, Tcp, In, (r, l), 60); // SYN
+    h.pkt(3 * S + 1, None, Tcp, In, (r, l), 52); // FIN
+    h.pkt(3 * S + 2, Some(sk), Tcp, Out, (l, r), 52); // ACK from the child
     h.accept(3 * S + 3, 200, sk, l, r);
     h.close(4 * S, Some(200), sk);
     h.tick(100 * S);

@@ -13,8 +13,7 @@ fn udp_unconnected_socket_has_one_flow_per_peer() {
         Some(sk),
         Udp,
         Out,
-        "10.0.0.1:5353",
-        "10.0.0.53:53",
+        ("10.0.0.1:5353", "10.0.0.53:53"),
         70,
     );
     h.pkt(
@@ -22,8 +21,7 @@ fn udp_unconnected_socket_has_one_flow_per_peer() {
         Some(sk),
         Udp,
         Out,
-        "10.0.0.1:5353",
-        "8.8.8.8:53",
+        ("10.0.0.1:5353", "8.8.8.8:53"),
         71,
     );
     h.pkt(
@@ -31,8 +29,7 @@ fn udp_unconnected_socket_has_one_flow_per_peer() {
         Some(sk),
         Udp,
         In,
-        "10.0.0.53:53",
-        "10.0.0.1:5353",
+        ("10.0.0.53:53", "10.0.0.1:5353"),
         120,
     );
     h.pkt(
@@ -40,8 +37,7 @@ fn udp_unconnected_socket_has_one_flow_per_peer() {
         Some(sk),
         Udp,
         In,
-        "9.9.9.9:53",
-        "10.0.0.1:5353",
+        ("9.9.9.9:53", "10.0.0.1:5353"),
         130,
     );
     h.pkt(
@@ -49,8 +45,7 @@ fn udp_unconnected_socket_has_one_flow_per_peer() {
         Some(sk),
         Udp,
         Out,
-        "10.0.0.1:5353",
-        "10.0.0.53:53",
+        ("10.0.0.1:5353", "10.0.0.53:53"),
         70,
     );
     assert_eq!(h.eng.stats().flows, 3);
@@ -100,8 +95,7 @@ fn udp_ingress_without_sock_matches_local_then_port_index() {
         Some(sk),
         Udp,
         In,
-        "10.0.0.9:4000",
-        "10.0.0.1:53",
+        ("10.0.0.9:4000", "10.0.0.1:53"),
         100,
     );
     // Same local endpoint, no sock.
@@ -110,8 +104,7 @@ fn udp_ingress_without_sock_matches_local_then_port_index() {
         None,
         Udp,
         In,
-        "10.0.0.9:4000",
-        "10.0.0.1:53",
+        ("10.0.0.9:4000", "10.0.0.1:53"),
         100,
     );
     // Another local address of a wildcard-bound socket: by port.
@@ -120,8 +113,7 @@ fn udp_ingress_without_sock_matches_local_then_port_index() {
         None,
         Udp,
         In,
-        "10.0.0.7:4001",
-        "192.168.1.1:53",
+        ("10.0.0.7:4001", "192.168.1.1:53"),
         90,
     );
     // Nothing listens on 54.
@@ -130,8 +122,7 @@ fn udp_ingress_without_sock_matches_local_then_port_index() {
         None,
         Udp,
         In,
-        "10.0.0.7:4001",
-        "192.168.1.1:54",
+        ("10.0.0.7:4001", "192.168.1.1:54"),
         90,
     );
     // Parked for a socket that may still show up; counted when none did.
@@ -174,7 +165,7 @@ fn receive_only_udp_socket_is_found_through_its_recv_bound_address() {
     .into_iter()
     .enumerate()
     {
-        h.pkt(S + (2 + i as u64) * MS, None, Udp, In, src, dst, 228);
+        h.pkt(S + (2 + i as u64) * MS, None, Udp, In, (src, dst), 228);
     }
     assert_eq!(h.eng.stats().unmatched_packets, 0);
     h.tick(100 * S);
@@ -204,7 +195,14 @@ fn udp_recv_with_unbound_port_registers_nothing() {
             local: sa("0.0.0.0:0"),
         },
     );
-    h.pkt(S + 2 * MS, None, Udp, In, "127.0.0.1:1", "127.0.0.1:9", 30);
+    h.pkt(
+        S + 2 * MS,
+        None,
+        Udp,
+        In,
+        ("127.0.0.1:1", "127.0.0.1:9"),
+        30,
+    );
     // Parked, waiting for a socket that receives on port 9; none shows up.
     assert_eq!(h.eng.stats().parked_udp, 1);
     h.tick(S + 2 * MS + 29 * S);
@@ -222,14 +220,20 @@ fn datagrams_queued_before_the_first_receive_land_on_the_socket() {
     h.create(S, 200, specific, Some(Udp));
     h.create(S, 201, wildcard, Some(Udp));
     // Datagrams arrive before either socket called recvfrom.
-    h.pkt(2 * S, None, Udp, In, "10.0.0.5:5000", "10.0.0.1:9401", 100);
+    h.pkt(
+        2 * S,
+        None,
+        Udp,
+        In,
+        ("10.0.0.5:5000", "10.0.0.1:9401"),
+        100,
+    );
     h.pkt(
         2 * S + MS,
         None,
         Udp,
         In,
-        "10.0.0.5:5000",
-        "10.0.0.1:9401",
+        ("10.0.0.5:5000", "10.0.0.1:9401"),
         100,
     );
     h.pkt(
@@ -237,8 +241,7 @@ fn datagrams_queued_before_the_first_receive_land_on_the_socket() {
         None,
         Udp,
         In,
-        "10.0.0.6:5000",
-        "10.0.0.1:9401",
+        ("10.0.0.6:5000", "10.0.0.1:9401"),
         50,
     );
     h.pkt(
@@ -246,8 +249,7 @@ fn datagrams_queued_before_the_first_receive_land_on_the_socket() {
         None,
         Udp,
         In,
-        "10.0.0.7:5000",
-        "10.0.0.2:9501",
+        ("10.0.0.7:5000", "10.0.0.2:9501"),
         70,
     );
     h.pkt(
@@ -255,8 +257,7 @@ fn datagrams_queued_before_the_first_receive_land_on_the_socket() {
         None,
         Udp,
         In,
-        "10.0.0.7:5000",
-        "10.0.0.3:9501",
+        ("10.0.0.7:5000", "10.0.0.3:9501"),
         70,
     );
     // Same port, another local address: not the specific socket's.
@@ -265,8 +266,7 @@ fn datagrams_queued_before_the_first_receive_land_on_the_socket() {
         None,
         Udp,
         In,
-        "10.0.0.8:5000",
-        "10.0.0.9:9401",
+        ("10.0.0.8:5000", "10.0.0.9:9401"),
         10,
     );
     let st = h.eng.stats();
@@ -344,14 +344,13 @@ fn datagrams_queued_before_the_first_receive_land_on_the_socket() {
 fn a_reply_from_the_socket_claims_the_request_parked_before_it() {
     let mut h = H::new();
     h.create(S, 200, 0x7500, Some(Udp));
-    h.pkt(2 * S, None, Udp, In, "10.0.0.5:5000", "10.0.0.1:53", 80);
+    h.pkt(2 * S, None, Udp, In, ("10.0.0.5:5000", "10.0.0.1:53"), 80);
     h.pkt(
         2 * S + MS,
         Some(0x7500),
         Udp,
         Out,
-        "10.0.0.1:53",
-        "10.0.0.5:5000",
+        ("10.0.0.1:53", "10.0.0.5:5000"),
         120,
     );
     h.tick(100 * S);
@@ -373,8 +372,7 @@ fn parked_udp_table_is_bounded() {
             None,
             Udp,
             In,
-            "10.0.0.5:5000",
-            &format!("10.0.0.1:{port}"),
+            ("10.0.0.5:5000", &format!("10.0.0.1:{port}")),
             40,
         );
     }

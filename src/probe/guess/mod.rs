@@ -33,7 +33,7 @@ use super::error::ProbeError;
 use super::tracefs::Tracefs;
 
 use search::{Intersection, Resolution};
-use session::{Instance, Probes, Rec};
+use session::{GuessRecord, Instance, Probes};
 
 /// Repetitions every guess runs at least (fresh random values each).
 pub const MIN_REPETITIONS: u32 = 3;
@@ -245,8 +245,8 @@ impl Ctx<'_, '_> {
     pub fn collect(
         &self,
         what: &'static str,
-        want: impl Fn(&Rec) -> bool,
-    ) -> Result<Vec<Rec>, GuessError> {
+        want: impl Fn(&GuessRecord) -> bool,
+    ) -> Result<Vec<GuessRecord>, GuessError> {
         let start = Instant::now();
         let mut got = Vec::new();
         loop {
@@ -276,7 +276,7 @@ impl Ctx<'_, '_> {
     }
 
     /// Bytes of field `name` of `rec` (empty when absent).
-    pub fn field<'r>(&self, rec: &'r Rec, name: &str) -> &'r [u8] {
+    pub fn field<'r>(&self, rec: &'r GuessRecord, name: &str) -> &'r [u8] {
         self.probes.field(rec, name).unwrap_or_default()
     }
 }
@@ -310,24 +310,20 @@ fn run_all(
         net::V6Mode::Mapped
     };
     let mut pool = net::V6Pool::new(mode).map_err(wrap)?;
-    let tid = crate::sys::current_tid();
+    let setup = GuessSetup {
+        tfs,
+        inst: &inst,
+        available: &available,
+        tid: crate::sys::current_tid(),
+        timeout: cfg.guess_timeout,
+    };
     let mut known = Known::new();
     let mut first_err: Option<ProbeError> = None;
     for def in defs::DEFS {
         let start = Instant::now();
         let mut reps = 0;
         let mut notes = Vec::new();
-        let r = run_one(
-            def,
-            tfs,
-            &inst,
-            &available,
-            &mut pool,
-            &known,
-            tid,
-            cfg.guess_timeout,
-            (&mut reps, &mut notes),
-        );
+        let r = run_one(def, &setup, &mut pool, &known, (&mut reps, &mut notes));
         let duration = start.elapsed();
         match r {
             Ok(fields) => {
@@ -372,18 +368,34 @@ fn run_all(
     .map_err(wrap)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What every guess of one run shares.
+struct GuessSetup<'a> {
+    /// The tracefs mount.
+    tfs: &'a Tracefs,
+    /// The private ftrace instance the guess probes are enabled in.
+    inst: &'a Instance,
+    /// The kernel functions that can be probed.
+    available: &'a std::collections::HashSet<String>,
+    /// The thread that triggers the operations.
+    tid: u32,
+    /// How long one guess may take.
+    timeout: Duration,
+}
+
 fn run_one(
     def: &defs::Def,
-    tfs: &Tracefs,
-    inst: &Instance,
-    available: &std::collections::HashSet<String>,
+    setup: &GuessSetup<'_>,
     pool: &mut net::V6Pool,
     known: &Known,
-    tid: u32,
-    timeout: Duration,
     (reps, notes): (&mut u32, &mut Vec<String>),
 ) -> Result<Vec<(&'static str, Field)>, GuessError> {
+    let &GuessSetup {
+        tfs,
+        inst,
+        available,
+        tid,
+        timeout,
+    } = setup;
     let Some(probes_fn) = def.probes_fn else {
         return def.finish(&Intersection::default(), known);
     };

@@ -139,7 +139,7 @@ pub struct GuessProbe {
 
 /// A record of one of our probes.
 #[derive(Debug, Clone)]
-pub struct Rec {
+pub struct GuessRecord {
     /// Index of the probe in the list given to [`Probes::install`].
     pub probe: usize,
     /// `common_pid`: the task the probe fired in.
@@ -218,7 +218,7 @@ impl<'i> Probes<'i> {
     }
 
     /// Drains the instance and returns our records.
-    pub fn records(&self) -> Result<Vec<Rec>, GuessError> {
+    pub fn records(&self) -> Result<Vec<GuessRecord>, GuessError> {
         let raw = self.inst.drain()?;
         Ok(raw
             .into_iter()
@@ -226,13 +226,13 @@ impl<'i> Probes<'i> {
                 let ty = super::search::u16_at(&data, 0)?;
                 let pid = super::search::u32_at(&data, COMMON_PID_AT)?;
                 let probe = self.events.iter().position(|e| e.0 == ty)?;
-                (data.len() >= COMMON_HEADER_LEN).then_some(Rec { probe, pid, data })
+                (data.len() >= COMMON_HEADER_LEN).then_some(GuessRecord { probe, pid, data })
             })
             .collect())
     }
 
     /// The bytes of field `name` in a record of probe `rec.probe`.
-    pub fn field<'r>(&self, rec: &'r Rec, name: &str) -> Option<&'r [u8]> {
+    pub fn field<'r>(&self, rec: &'r GuessRecord, name: &str) -> Option<&'r [u8]> {
         let f = self.events.get(rec.probe)?.3.field(name)?;
         let start = f.offset as usize;
         rec.data.get(start..start.checked_add(f.size as usize)?)
