@@ -494,4 +494,160 @@ mod tests {
         assert_eq!(total, (1..=n).map(|id| 100 * id).sum::<u64>() as f64);
         assert_eq!(m["sockscope_serving"], 0.0);
     }
+
+    /// Reads a metric or label name: `[a-zA-Z_:][a-zA-Z0-9_:]*` (no `:` in
+    /// label names); returns it and the rest of the line.
+    fn name(s: &str, colon: bool) -> Result<(&str, &str), String> {
+        let ok = |i: usize, c: char| {
+            c.is_ascii_alphabetic()
+                || c == '_'
+                || (colon && c == ':')
+                || (i > 0 && c.is_ascii_digit())
+        };
+        let end = s
+            .char_indices()
+            .find(|&(i, c)| !ok(i, c))
+            .map_or(s.len(), |(i, _)| i);
+        if end == 0 {
+            return Err(format!("no name at {s:?}"));
+        }
+        Ok(s.split_at(end))
+    }
+
+    /// Reads `{name="value",...}`; returns the labels and the rest.
+    fn labels(mut s: &str) -> Result<(Vec<(String, String)>, &str), String> {
+        let mut out = Vec::new();
+        let Some(r) = s.strip_prefix('{') else {
+            return Ok((out, s));
+        };
+        s = r;
+        loop {
+            let (key, r) = name(s, false)?;
+            let r = r.strip_prefix("=\"").ok_or(format!("no =\" after {key}"))?;
+            let mut value = String::new();
+            let mut chars = r.char_indices();
+            let end = loop {
+                match chars.next() {
+                    None => return Err(format!("unterminated value of {key}")),
+                    Some((i, '"')) => break i,
+                    Some((_, '\\')) => match chars.next() {
+                        Some((_, '\\')) => value.push('\\'),
+                        Some((_, '"')) => value.push('"'),
+                        Some((_, 'n')) => value.push('\n'),
+                        other => return Err(format!("bad escape {other:?} in {key}")),
+                    },
+                    Some((_, '\n')) => return Err(format!("raw newline in {key}")),
+                    Some((_, c)) => value.push(c),
+                }
+            };
+            out.push((key.to_string(), value));
+            s = &r[end + 1..];
+            if let Some(r) = s.strip_prefix(',') {
+                s = r;
+            } else {
+                return s
+                    .strip_prefix('}')
+                    .map(|r| (out, r))
+                    .ok_or(format!("no closing brace at {s:?}"));
+            }
+        }
+    }
+
+    /// Checks the whole exposition against the text format: every line is
+    /// `# HELP name text`, `# TYPE name counter|gauge` or
+    /// `name{labels} value`; a family's TYPE comes before its samples, which
+    /// are contiguous, and no series repeats.
+    fn check_text_format(text: &str) -> Result<usize, String> {
+        if !text.ends_with('\n') {
+            return Err("no final newline".into());
+        }
+        let mut typed: Vec<String> = Vec::new();
+        let mut series = std::collections::HashSet::new();
+        let mut samples = 0;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                name(rest, true)?;
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (family, kind) = name(rest, true)?;
+                if ![" counter", " gauge"].contains(&kind) {
+                    return Err(format!("type {kind:?} of {family}"));
+                }
+                if typed.iter().any(|t| t == family) {
+                    return Err(format!("second TYPE of {family}"));
+                }
+                typed.push(family.to_string());
+                continue;
+            }
+            let (metric, rest) = name(line, true)?;
+            if typed.last().map(String::as_str) != Some(metric) {
+                return Err(format!("sample {metric} outside its family"));
+            }
+            let (labels, rest) = labels(rest)?;
+            let value = rest
+                .strip_prefix(' ')
+                .ok_or(format!("no value separator in {line:?}"))?;
+            value
+                .parse::<f64>()
+                .map_err(|e| format!("value {value:?} of {metric}: {e}"))?;
+            if !series.insert((metric.to_string(), labels)) {
+                return Err(format!("duplicate series in {line:?}"));
+            }
+            samples += 1;
+        }
+        Ok(samples)
+    }
+
+    #[test]
+    fn every_line_follows_the_text_format() {
+        let mut snap = snapshot();
+        snap.kernel_release = "6.1 \"q\" \\ back\nslash ,}{=".into();
+        snap.last_error = Some("boom".into());
+        snap.cpus = (0..MAX_CPU_SERIES as u32 + 3)
+            .map(|cpu| CpuCounters {
+                cpu,
+                samples: u64::from(cpu),
+                lost: 1,
+            })
+            .collect();
+        let mut many = hub(MAX_SUBSCRIBER_SERIES as u64 + 4);
+        many.subscribers[0].peer = "[::1]:80 \"x\"".into();
+        for (snap, status) in [
+            (snap, many),
+            (StatusSnapshot::default(), HubStatus::default()),
+        ] {
+            let text = render(&snap, &status, true);
+            let samples = check_text_format(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert!(samples > 0);
+        }
+        // The escaped kernel release reads back as it was.
+        let text = render(&snapshot(), &hub(0), false);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("sockscope_build_info{"))
+            .expect("build info");
+        let (parsed, _) = labels(&line["sockscope_build_info".len()..]).expect("labels");
+        assert!(parsed.contains(&("kernel_release".into(), snapshot().kernel_release)));
+    }
+
+    #[test]
+    fn the_text_format_check_rejects_malformed_lines() {
+        for bad in [
+            "# TYPE a counter\na{x=\"1} 1\n",
+            "# TYPE a counter\na{x=\"\\q\"} 1\n",
+            "# TYPE a counter\na 1 2\n",
+            "# TYPE a counter\nb 1\n",
+            "# TYPE a summary\na 1\n",
+            "# TYPE a gauge\na 1\na 2\n",
+            "# TYPE a gauge\na{1x=\"\"} 1\n",
+            "# TYPE a gauge\na 1",
+        ] {
+            assert!(check_text_format(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            check_text_format("# HELP a x\n# TYPE a gauge\na{b=\"\\\"\"} 1\n"),
+            Ok(1)
+        );
+    }
 }
