@@ -514,8 +514,11 @@ mod tests {
         Ok(s.split_at(end))
     }
 
+    /// Label pairs of one sample, unescaped.
+    type Labels = Vec<(String, String)>;
+
     /// Reads `{name="value",...}`; returns the labels and the rest.
-    fn labels(mut s: &str) -> Result<(Vec<(String, String)>, &str), String> {
+    fn labels(mut s: &str) -> Result<(Labels, &str), String> {
         let mut out = Vec::new();
         let Some(r) = s.strip_prefix('{') else {
             return Ok((out, s));
