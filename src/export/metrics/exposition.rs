@@ -200,42 +200,36 @@ impl Reading {
             ]
             .map(|(source, v)| ([("source", source)], ConstCounter::new(v))),
         )?;
-        let counters = [
-            (
-                "sockscope_decode_errors",
-                "Samples that could not be decoded.",
-                snap.decode_errors,
-            ),
-            (
-                "sockscope_kretprobe_misses",
-                "Missed kretprobe instances.",
-                snap.kretprobe_misses,
-            ),
-        ];
-        for (name, help, v) in counters {
-            single(enc, name, help, ConstCounter::new(v))?;
-        }
-        let gauges = [
-            (
-                "sockscope_tracked_sockets",
-                "Sockets tracked by the flow engine.",
-                snap.tracked_sockets,
-            ),
-            (
-                "sockscope_tracked_flows",
-                "Flows tracked by the flow engine.",
-                snap.tracked_flows,
-            ),
-            (
-                "sockscope_tracked_processes",
-                "Processes tracked by the process table.",
-                snap.tracked_processes,
-            ),
-        ];
-        for (name, help, v) in gauges {
-            single(enc, name, help, ConstGauge::new(v))?;
-        }
-        Ok(())
+        single(
+            enc,
+            "sockscope_decode_errors",
+            "Samples that could not be decoded.",
+            ConstCounter::new(snap.decode_errors),
+        )?;
+        single(
+            enc,
+            "sockscope_kretprobe_misses",
+            "Missed kretprobe instances.",
+            ConstCounter::new(snap.kretprobe_misses),
+        )?;
+        single(
+            enc,
+            "sockscope_tracked_sockets",
+            "Sockets tracked by the flow engine.",
+            ConstGauge::new(snap.tracked_sockets),
+        )?;
+        single(
+            enc,
+            "sockscope_tracked_flows",
+            "Flows tracked by the flow engine.",
+            ConstGauge::new(snap.tracked_flows),
+        )?;
+        single(
+            enc,
+            "sockscope_tracked_processes",
+            "Processes tracked by the process table.",
+            ConstGauge::new(snap.tracked_processes),
+        )
     }
 
     fn encode_fan_out(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
@@ -298,26 +292,24 @@ impl Reading {
 
     fn encode_dns(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
         let dns = &self.snap.dns;
-        let counters = [
-            (
-                "sockscope_dns_packets",
-                "DNS response packets captured.",
-                dns.packets,
-            ),
-            (
-                "sockscope_dns_answers",
-                "DNS A/AAAA answers recorded.",
-                dns.answers,
-            ),
-            (
-                "sockscope_dns_parse_errors",
-                "DNS packets that could not be parsed.",
-                dns.parse_errors,
-            ),
-        ];
-        for (name, help, v) in counters {
-            single(enc, name, help, ConstCounter::new(v))?;
-        }
+        single(
+            enc,
+            "sockscope_dns_packets",
+            "DNS response packets captured.",
+            ConstCounter::new(dns.packets),
+        )?;
+        single(
+            enc,
+            "sockscope_dns_answers",
+            "DNS A/AAAA answers recorded.",
+            ConstCounter::new(dns.answers),
+        )?;
+        single(
+            enc,
+            "sockscope_dns_parse_errors",
+            "DNS packets that could not be parsed.",
+            ConstCounter::new(dns.parse_errors),
+        )?;
         single(
             enc,
             "sockscope_dns_entries",
@@ -335,6 +327,7 @@ impl Collector for Reading {
         self.encode_dns(&mut enc)
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,5 +645,51 @@ mod tests {
             check_text_format("# HELP a x\n# TYPE a gauge\na{b=\"\\\"\"} 1\n"),
             Ok(1)
         );
+    }
+
+    /// Every family the endpoint has exposed since it exists, with its
+    /// type, in order: dashboards and alerts depend on these names.
+    const FAMILIES: [(&str, &str); 28] = [
+        ("sockscope_build_info", "gauge"),
+        ("sockscope_serving", "gauge"),
+        ("sockscope_uptime_seconds", "gauge"),
+        ("sockscope_pipeline_error", "gauge"),
+        ("sockscope_probes_installed", "gauge"),
+        ("sockscope_probe_installed", "gauge"),
+        ("sockscope_ring_samples_total", "counter"),
+        ("sockscope_ring_lost_samples_total", "counter"),
+        ("sockscope_lost_total", "counter"),
+        ("sockscope_decode_errors_total", "counter"),
+        ("sockscope_kretprobe_misses_total", "counter"),
+        ("sockscope_tracked_sockets", "gauge"),
+        ("sockscope_tracked_flows", "gauge"),
+        ("sockscope_tracked_processes", "gauge"),
+        ("sockscope_flows_emitted_total", "counter"),
+        ("sockscope_export_queue_drops_total", "counter"),
+        ("sockscope_history_flows", "gauge"),
+        ("sockscope_history_capacity", "gauge"),
+        ("sockscope_subscribers", "gauge"),
+        ("sockscope_subscriber_delivered", "gauge"),
+        ("sockscope_subscriber_dropped", "gauge"),
+        ("sockscope_subscriber_queue_depth", "gauge"),
+        ("sockscope_subscriber_queue_capacity", "gauge"),
+        ("sockscope_subscriber_dropped_sum", "gauge"),
+        ("sockscope_dns_packets_total", "counter"),
+        ("sockscope_dns_answers_total", "counter"),
+        ("sockscope_dns_parse_errors_total", "counter"),
+        ("sockscope_dns_entries", "gauge"),
+    ];
+
+    #[test]
+    fn family_names_and_types_are_stable() {
+        let text = render(&snapshot(), &hub(MAX_SUBSCRIBER_SERIES as u64 + 1), true);
+        let typed: Vec<(&str, &str)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .collect();
+        assert_eq!(typed, FAMILIES);
+        let helped = text.lines().filter(|l| l.starts_with("# HELP ")).count();
+        assert_eq!(helped, FAMILIES.len());
     }
 }
