@@ -48,7 +48,6 @@ fn connection_builder() -> http1::Builder {
         .max_header_size(MAX_REQUEST_HEAD)
         .max_headers(MAX_REQUEST_HEADERS)
         .keep_alive(false)
-        .half_close(false)
         .title_case_headers(true);
     b
 }

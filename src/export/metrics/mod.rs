@@ -9,6 +9,7 @@
 //! are summed under `subscriber="other"`.
 //!
 //! [`StatusSnapshot`]: crate::export::status::StatusSnapshot
+//! [`HubStatus`]: crate::export::status::HubStatus
 
 mod exposition;
 mod http;
@@ -21,7 +22,7 @@ use tokio::net::TcpListener;
 
 use crate::export::hub::Hub;
 use crate::export::server::HealthHandle;
-use crate::export::status::{HubStatus, StatusSource};
+use crate::export::status::StatusSource;
 
 pub use exposition::render;
 pub use http::{serve, CONNECTION_TIMEOUT, SHUTDOWN_GRACE};
@@ -84,7 +85,7 @@ impl MetricsSource {
     /// Renders the current exposition; `None` when the hub has stopped.
     pub async fn render(&self) -> Option<String> {
         // Same order as GetStatus: hub first, then the pipeline snapshot.
-        let hub: HubStatus = self.hub.status().await.ok()?;
+        let hub = self.hub.status().await.ok()?;
         let snap = self.status.snapshot();
         Some(render(&snap, &hub, self.health.is_serving()))
     }
