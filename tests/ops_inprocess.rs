@@ -249,22 +249,12 @@ async fn metrics_endpoint_serves_the_status_over_http() {
     let status = Arc::new(Growing {
         n: AtomicU64::new(0),
     });
-    let listener = metrics::bind("127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(metrics::serve(
-        listener,
-        MetricsSource {
-            status: status.clone(),
-            hub: hub.clone(),
-            health,
-        },
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let (addr, stop_tx, server) = spawn_metrics(MetricsSource {
+        status: status.clone(),
+        hub: hub.clone(),
+        health,
+    })
+    .await;
     // The hub handles outputs asynchronously: wait until all four arrived.
     let deadline = tokio::time::Instant::now() + WAIT;
     while hub.status().await.expect("hub").flows_received < 4 {
@@ -316,12 +306,125 @@ async fn metrics_endpoint_serves_the_status_over_http() {
     let (head, _) = http_get(addr, "garbage\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
 
+    stop_metrics(stop_tx, server).await;
+    hub_task.abort();
+}
+
+/// Sends `request` (raw bytes) and reads what comes back until the server
+/// closes; a reset or a refused write counts as closed.
+async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let _ = c.write_all(request).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut buf))
+        .await
+        .expect("the server answers or closes in time");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_survives_malformed_and_oversized_requests() {
+    let (_tx, rx) = export::pipeline_channel(10);
+    let (hub, hub_task) = Hub::spawn(HubOptions::new(10, 10, "node"), rx);
+    let source = MetricsSource {
+        status: Arc::new(Growing {
+            n: AtomicU64::new(0),
+        }),
+        hub,
+        health: HealthHandle::new(),
+    };
+    let (addr, stop_tx, server) = spawn_metrics(source).await;
+    // A client that never finishes its head holds a connection only until
+    // the header read timeout; others are served meanwhile.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stalled
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("send");
+
+    let long_header = format!(
+        "GET /metrics HTTP/1.1\r\nX-Long: {}\r\n\r\n",
+        "a".repeat(metrics::MAX_REQUEST_HEAD + 1)
+    );
+    let many_headers = format!(
+        "GET /metrics HTTP/1.1\r\n{}\r\n",
+        (0..=metrics::MAX_REQUEST_HEADERS)
+            .map(|i| format!("X-H{i}: v\r\n"))
+            .collect::<String>()
+    );
+    let long_target = format!(
+        "GET /metrics?{} HTTP/1.1\r\n\r\n",
+        "q".repeat(2 * metrics::MAX_REQUEST_HEAD)
+    );
+    let cases: [(&str, &[u8]); 7] = [
+        ("long header", long_header.as_bytes()),
+        ("too many headers", many_headers.as_bytes()),
+        ("long target", long_target.as_bytes()),
+        ("binary", b"\x00\x01\x02\xff\xfe\r\n\r\n"),
+        ("bad version", b"GET /metrics HTTP/9.9\r\n\r\n"),
+        ("no version", b"GET /metrics\r\n\r\n"),
+        (
+            "bad header",
+            b"GET /metrics HTTP/1.1\r\nNo colon here\r\n\r\n",
+        ),
+    ];
+    for (what, request) in cases {
+        let response = exchange(addr, request).await;
+        let status = response.split(' ').nth(1).unwrap_or("");
+        assert!(
+            response.is_empty() || ["400", "414", "431"].contains(&status),
+            "{what}: {response:?}"
+        );
+        assert!(!response.contains("sockscope_"), "{what}: {response:?}");
+    }
+    // The server still answers a proper scrape.
+    let (head, body) = http_get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert_eq!(value(&body, "sockscope_serving"), 0.0);
+    // The stalled client is disconnected after the header read timeout.
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        metrics::REQUEST_TIMEOUT + WAIT,
+        stalled.read_to_end(&mut rest),
+    )
+    .await
+    .expect("stalled connection closed")
+    .ok();
+    assert!(!String::from_utf8_lossy(&rest).contains("sockscope_"));
+
+    stop_metrics(stop_tx, server).await;
+    hub_task.abort();
+}
+
+/// Binds a metrics listener on a free loopback port and serves `source`
+/// until the returned sender fires.
+async fn spawn_metrics(
+    source: MetricsSource,
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = metrics::bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(metrics::serve(listener, source, async move {
+        let _ = stop_rx.await;
+    }));
+    (addr, stop_tx, server)
+}
+
+async fn stop_metrics(
+    stop_tx: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
+) {
     let _ = stop_tx.send(());
     tokio::time::timeout(WAIT, server)
         .await
         .expect("metrics server stops")
         .expect("task");
-    hub_task.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
