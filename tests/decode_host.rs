@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use sockscope::decode::{ftrace::page_records, Decoder, DecoderKind, EventDesc};
 use sockscope::model::{EventKind, RawSample};
 
-const TRACEFS: &str = "/sys/kernel/tracing";
+mod common;
+
 /// ftrace ring-buffer page size on x86_64.
 const PAGE: usize = 4096;
 
@@ -52,12 +53,10 @@ fn read_cpu_records(dir: &Path) -> Vec<(u32, Vec<u8>)> {
 }
 
 #[test]
+#[ignore = "needs root and tracefs: tests/run-all runs it (cargo test -- --include-ignored)"]
 fn sched_tracepoints_decode_exec_fork_exit_of_a_child() {
-    assert!(
-        Path::new(TRACEFS).join("available_events").exists(),
-        "tracefs must be mounted at {TRACEFS}"
-    );
-    let dir = Path::new(TRACEFS)
+    common::require_privileges(false);
+    let dir = common::tracefs()
         .join("instances")
         .join(format!("sockscope_test_{}", std::process::id()));
     fs::create_dir(&dir).expect("create ftrace instance");

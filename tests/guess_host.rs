@@ -153,6 +153,7 @@ fn lo_has(addr: Ipv6Addr) -> bool {
 }
 
 #[test]
+#[ignore = "needs root and tracefs: tests/run-all runs it (cargo test -- --include-ignored)"]
 fn ula_addresses_are_added_to_lo_and_removed_on_drop() {
     let mut pool = V6Pool::new(V6Mode::Ula).expect("lo must exist");
     let a = pool
@@ -180,6 +181,7 @@ fn mapped_mode_touches_no_interface() {
 }
 
 #[test]
+#[ignore = "needs root and tracefs: tests/run-all runs it (cargo test -- --include-ignored)"]
 fn thread_ids_change_only_the_calling_thread() {
     let ids = ThreadIds {
         gid: [200_001, 200_002, 200_003, 200_004],

@@ -5,7 +5,6 @@
 //! at a time and filter on their own threads' ids in the kernel.
 
 use std::cell::{Cell, RefCell};
-use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -15,8 +14,8 @@ use sockscope::ring::recording::{RecordHeader, RecordedEvent, Recorder, Replay};
 use sockscope::ring::{online_cpus, RingItem, RingOptions, Rings, DEFAULT_POLL_TIMEOUT};
 use sockscope::sys;
 
-/// Where tracefs is (mounted if needed).
-const TRACEFS: &str = "/sys/kernel/tracing";
+mod common;
+
 /// Tracepoint fired by `getppid(2)`.
 const EVENT: &str = "syscalls/sys_enter_getppid";
 /// Ping-pong rounds per CPU in the ordering test.
@@ -38,17 +37,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// tracefs id of [`EVENT`]; mounts tracefs when it is not there.
 fn event_id() -> u64 {
-    let caps = sys::effective_capabilities().expect("reading capabilities");
-    assert!(
-        sys::has_capability(caps, sys::CAP_SYS_ADMIN)
-            || sys::has_capability(caps, sys::CAP_PERFMON),
-        "these tests need CAP_SYS_ADMIN or CAP_PERFMON (run as root)"
-    );
-    let root = Path::new(TRACEFS);
-    if !root.join("events").is_dir() {
-        sys::mount_fs("tracefs", root).expect("tracefs is not mounted and mounting it failed");
-    }
-    let path = root.join("events").join(EVENT).join("id");
+    common::require_privileges(true);
+    let path = common::tracefs().join("events").join(EVENT).join("id");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "{}: {e} (kernel without syscall tracepoints?)",
@@ -71,6 +61,7 @@ struct Seen {
 }
 
 #[test]
+#[ignore = "needs root and tracefs: tests/run-all runs it (cargo test -- --include-ignored)"]
 fn samples_from_pinned_threads_arrive_complete_and_in_order() {
     let _g = serial();
     let id = event_id();
@@ -138,7 +129,7 @@ fn samples_from_pinned_threads_arrive_complete_and_in_order() {
     let rec_path = dir.path().join("live.rec");
     let header = RecordHeader {
         clock: rings.clock().as_str().to_string(),
-        events: vec![RecordedEvent::from_tracefs(Path::new(TRACEFS), EVENT).expect("format")],
+        events: vec![RecordedEvent::from_tracefs(&common::tracefs(), EVENT).expect("format")],
     };
     let mut recorder = Recorder::create(&rec_path, &header).expect("create recording");
     let deadline = Instant::now() + DEADLINE;
@@ -222,6 +213,7 @@ fn samples_from_pinned_threads_arrive_complete_and_in_order() {
 }
 
 #[test]
+#[ignore = "needs root and tracefs: tests/run-all runs it (cargo test -- --include-ignored)"]
 fn a_full_one_page_ring_reports_lost_samples_and_keeps_reading() {
     let _g = serial();
     let id = event_id();

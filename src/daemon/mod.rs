@@ -65,7 +65,7 @@ use crate::enrich::{self, dns, dns::DnsCapture};
 use crate::exit::ExitCode;
 use crate::export::hub::pipeline_channel;
 use crate::model::Event;
-use crate::probe::{self, check::CheckStatus, ProbeGuard};
+use crate::probe::{self, check::CheckStatus, InstalledEvent, ProbeGuard};
 use crate::ring::clock::{SysClockSource, WallClock};
 use crate::ring::recording::{RecordHeader, RecordedEvent, Recorder};
 use crate::ring::{self, RingOptions, Rings};
@@ -179,14 +179,7 @@ fn run_with_probes(
     faults: FaultPlan,
 ) -> Result<(), DaemonError> {
     let events = guard.events();
-    let descs: Vec<EventDesc<'_>> = events
-        .iter()
-        .map(|e| EventDesc {
-            kind: e.decoder,
-            task_context: e.task_context,
-            format: &e.format,
-        })
-        .collect();
+    let descs: Vec<EventDesc<'_>> = events.iter().map(InstalledEvent::decoder_desc).collect();
     let decoder = Decoder::new(&descs)?;
     let cpus = ring::online_cpus()?;
     let ids: Vec<u64> = events.iter().map(|e| u64::from(e.id)).collect();

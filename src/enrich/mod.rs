@@ -96,8 +96,11 @@ mod tests {
             format!("someone:x:{uid}:{gid}::/:/bin/sh\n"),
         )
         .expect("passwd");
-        std::fs::write(dir.path().join("etc/group"), format!("somegroup:x:{gid}:\n"))
-            .expect("group");
+        std::fs::write(
+            dir.path().join("etc/group"),
+            format!("somegroup:x:{gid}:\n"),
+        )
+        .expect("group");
         let mut cfg = Config::default();
         cfg.socket.host_root = Some(dir.path().to_path_buf());
         let mut t = open_process_table(&cfg).expect("/proc must be readable");

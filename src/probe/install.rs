@@ -15,6 +15,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
+use crate::decode::EventDesc;
 use crate::schema::DecoderKind;
 
 use super::error::ProbeError;
@@ -49,6 +50,17 @@ pub struct InstalledEvent {
     pub filter: Option<&'static str>,
     /// Kernel function probed (None for tracepoints).
     pub function: Option<&'static str>,
+}
+
+impl InstalledEvent {
+    /// What the decoder needs of this event.
+    pub fn decoder_desc(&self) -> EventDesc<'_> {
+        EventDesc {
+            kind: self.decoder,
+            task_context: self.task_context,
+            format: &self.format,
+        }
+    }
 }
 
 /// Per group: the `kprobe_events` path and the `GROUP/NAME`s installed.
