@@ -408,6 +408,14 @@ fn check_session(kernel: &str, session: &str) -> Vec<String> {
             p.name
         );
     }
+    assert_eq!(
+        (d.samples, d.ring_lost),
+        (
+            num(&manifest["recording"]["samples"]),
+            num(&manifest["recording"]["lost_samples"])
+        ),
+        "{ctx}: the recording is not the one the manifest describes"
+    );
     let capture = capture_totals(&dir.join(format!("{session}.totals.txt")));
     assert!(!capture.is_empty(), "{ctx}: empty capture");
     let excluded: HashSet<u16> = manifest["excluded_ports"]
