@@ -24,7 +24,7 @@ use std::path::Path;
 use serde_json::Value;
 use sockscope::model::{Event, EventKind, PacketDir, RawSample, SockOp, Transport};
 use sockscope::probe::Attach;
-use sockscope::ring::record::Replay;
+use sockscope::ring::recording::Replay;
 use sockscope::ring::RingItem;
 
 #[path = "fixtures/replay.rs"]
