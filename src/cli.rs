@@ -68,6 +68,24 @@ pub enum Command {
     Status(StatusArgs),
     /// Check that the daemon could start on this machine.
     Check,
+    /// Run a recording (`socket.record_path`) through the decoder, the flow
+    /// engine and the export encoding at full speed, and print what came
+    /// out (for profiling the pipeline on any machine).
+    Replay(ReplayArgs),
+}
+
+/// `replay` options.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The recording.
+    pub file: PathBuf,
+    /// Replay it this many times, each through a fresh engine (1 to 1000).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::daemon::replay::MAX_REPEAT)))]
+    pub repeat: u32,
+    /// Write one ECS document per final flow to standard output (the
+    /// summary then goes to standard error).
+    #[arg(long)]
+    pub ecs: bool,
 }
 
 /// Output format of `watch`.
@@ -235,6 +253,38 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check => crate::daemon::check(&cfg),
         Command::Watch(args) => client_runtime(|| watch(&cfg, *args)),
         Command::Status(args) => client_runtime(|| status(&cfg, args)),
+        Command::Replay(args) => replay(&cfg, &args),
+    }
+}
+
+fn replay(cfg: &Config, a: &ReplayArgs) -> ExitCode {
+    use crate::daemon::replay::{self, ReplayOutput};
+    let output = if a.ecs {
+        ReplayOutput::Ecs
+    } else {
+        ReplayOutput::Summary
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = replay::replay(cfg, &a.file, a.repeat, output, &mut out);
+    let flushed = out.flush();
+    match (result, flushed) {
+        (Ok(report), Ok(())) => {
+            if a.ecs {
+                eprintln!("{report}");
+            } else {
+                println!("{report}");
+            }
+            ExitCode::Ok
+        }
+        (Err(e), _) => {
+            eprintln!("sockscope: replay: {e}");
+            ExitCode::from(&e)
+        }
+        (Ok(_), Err(e)) => {
+            eprintln!("sockscope: replay: writing flows: {e}");
+            ExitCode::Failure
+        }
     }
 }
 

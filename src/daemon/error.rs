@@ -54,6 +54,14 @@ pub enum DaemonError {
         /// What is wrong with it.
         what: String,
     },
+    /// A replayed recording has an event that is not one of our probes.
+    #[error("{path}: event {event} is not one of the daemon's probes")]
+    ReplayEvent {
+        /// The recording.
+        path: std::path::PathBuf,
+        /// The recorded event name.
+        event: String,
+    },
     /// A thread or the runtime could not be started.
     #[error("{what}: {source}")]
     Runtime {
@@ -80,6 +88,7 @@ impl From<&DaemonError> for ExitCode {
             DaemonError::Jsonl(_)
             | DaemonError::Process(_)
             | DaemonError::Record(_)
+            | DaemonError::ReplayEvent { .. }
             | DaemonError::Pipeline(_)
             | DaemonError::Runtime { .. } => ExitCode::Failure,
         }

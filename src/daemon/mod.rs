@@ -47,6 +47,7 @@ mod error;
 pub mod fault;
 mod grpc;
 mod reader;
+pub mod replay;
 mod status;
 
 use std::panic::AssertUnwindSafe;

@@ -135,6 +135,29 @@ impl ProcFs {
     }
 }
 
+/// [`ProcSource`] of a machine whose processes cannot be read: a replayed
+/// recording comes from another machine (or an earlier boot), so this one's
+/// `/proc` says nothing about its pids. Processes are known only from the
+/// recorded exec/fork/exit/creds events.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProcesses;
+
+impl ProcSource for NoProcesses {
+    fn pids(&self) -> Result<Vec<u32>, ProcError> {
+        Ok(Vec::new())
+    }
+
+    fn read(&self, pid: u32) -> Result<ProcSnapshot, ProcError> {
+        Err(ProcError::Io {
+            path: PathBuf::from(format!("recorded pid {pid}")),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "not on this machine (replayed recording)",
+            ),
+        })
+    }
+}
+
 impl ProcSource for ProcFs {
     fn pids(&self) -> Result<Vec<u32>, ProcError> {
         let iter = procfs::process::all_processes_with_root(&self.root).map_err(|source| {

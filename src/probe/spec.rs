@@ -37,6 +37,7 @@ use crate::schema::{DecoderKind, IpFamily, SampleField as F, UDP_DELIVER_WINDOW}
 
 use super::btf::{Field, Offsets};
 use super::error::ProbeError;
+use super::group::GROUP_PREFIX;
 
 /// Most fetch arguments one probe may have (kernels oops beyond ~128).
 pub const MAX_FETCHARGS: usize = 128;
@@ -49,7 +50,7 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
 /// How a probe attaches to the kernel.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attach {
     /// Entry kprobe on the first available function of the list.
     Kprobe(&'static [&'static str]),
@@ -199,32 +200,134 @@ fn udp_send_fields(o: &Offsets, v6: bool) -> String {
     v.join(" ")
 }
 
-fn kprobe(
-    name: &'static str,
-    funcs: &'static [&'static str],
-    fetchargs: String,
-    task_context: bool,
-    decoder: DecoderKind,
-) -> ProbeSpec {
-    ProbeSpec {
-        name,
-        attach: Attach::Kprobe(funcs),
-        fetchargs,
-        task_context,
-        decoder,
-        filter: None,
-        ipv6_only: false,
+/// What a probe fetches, said in terms of its kernel function's arguments;
+/// [`Fetch::args`] turns it into fetch arguments for a kernel's offsets,
+/// one per field its [`DecoderKind`] declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// A tracepoint: the kernel defines the fields.
+    Tracepoint,
+    /// `sock_init_data(sock, sk)`: sk, family, socket type, protocol name.
+    SockCreate,
+    /// The fields of the `struct sock *` this expression yields.
+    Sock(&'static str),
+    /// `inet_release(socket)`: `socket->sk` and its family.
+    SockOfSocket,
+    /// Only the `struct sock *` in this argument.
+    Sk(&'static str),
+    /// `udp(v6)_sendmsg(sk, msg)`: sk and the destination of `msg_name`.
+    UdpSend {
+        /// `sockaddr_in6` rather than `sockaddr_in`.
+        v6: bool,
+    },
+    /// A packet at the IP layer: `skb`, and its socket when given.
+    Packet {
+        /// The `struct sk_buff *` argument.
+        skb: &'static str,
+        /// The `struct sock *` argument, when the function has one.
+        sk: Option<&'static str>,
+    },
+    /// `__udp_enqueue_schedule_skb(sk, skb)`.
+    UdpDeliver,
+    /// `commit_creds(new)`.
+    Creds,
+}
+
+impl Fetch {
+    /// The fetch arguments for a kernel with these offsets.
+    pub fn args(self, o: &Offsets) -> String {
+        match self {
+            Fetch::Tracepoint => String::new(),
+            Fetch::SockCreate => {
+                let proto_name = deref(o.proto_name.offset, &deref(o.skc_prot.offset, "$arg2"));
+                [
+                    pointer(F::Sk, "$arg2"),
+                    member(F::Family, o.skc_family, "$arg2"),
+                    member(F::SockType, o.socket_type, "$arg1"),
+                    arg(F::Prot, &proto_name, "string"),
+                ]
+                .join(" ")
+            }
+            Fetch::Sock(sk) => sock_fields(o, sk),
+            Fetch::SockOfSocket => {
+                let sk = deref(o.socket_sk.offset, "$arg1");
+                [pointer(F::Sk, &sk), member(F::Family, o.skc_family, &sk)].join(" ")
+            }
+            Fetch::Sk(sk) => pointer(F::Sk, sk),
+            Fetch::UdpSend { v6 } => udp_send_fields(o, v6),
+            Fetch::Packet { skb, sk } => packet_fields(o, skb, sk),
+            Fetch::UdpDeliver => udp_delivery_fields(o),
+            Fetch::Creds => [
+                member(F::Uid, o.cred_uid, "$arg1"),
+                member(F::Gid, o.cred_gid, "$arg1"),
+                member(F::Euid, o.cred_euid, "$arg1"),
+                member(F::Egid, o.cred_egid, "$arg1"),
+            ]
+            .join(" "),
+        }
     }
 }
 
-fn tracepoint(name: &'static str, event: &'static str, decoder: DecoderKind) -> ProbeSpec {
-    ProbeSpec {
+/// One probe of the set, as declared: everything but the offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeDecl {
+    /// Event name inside our group (unique, short).
+    pub name: &'static str,
+    /// Where it attaches.
+    pub attach: Attach,
+    /// What it fetches.
+    pub fetch: Fetch,
+    /// Whether the sample's pid/tid is the task that caused the event.
+    pub task_context: bool,
+    /// How samples are decoded.
+    pub decoder: DecoderKind,
+    /// In-kernel filter for the perf events (PERF_EVENT_IOC_SET_FILTER).
+    pub filter: Option<&'static str>,
+    /// Only installed when IPv6 is monitored.
+    pub ipv6_only: bool,
+}
+
+impl ProbeDecl {
+    /// The spec for a kernel with these offsets.
+    pub fn spec(&self, o: &Offsets) -> ProbeSpec {
+        ProbeSpec {
+            name: self.name,
+            attach: self.attach,
+            fetchargs: self.fetch.args(o),
+            task_context: self.task_context,
+            decoder: self.decoder,
+            filter: self.filter,
+            ipv6_only: self.ipv6_only,
+        }
+    }
+
+    /// The declaration of a recorded or installed event: `group/name` of a
+    /// kprobe of ours (or its bare name), or `system/event` of a tracepoint.
+    pub fn of_event(event: &str) -> Option<&'static ProbeDecl> {
+        let (system, name) = event.split_once('/').unwrap_or(("", event));
+        PROBES.iter().find(|d| match d.attach {
+            Attach::Tracepoint {
+                system: s,
+                event: e,
+            } => s == system && e == name,
+            Attach::Kprobe(_) | Attach::Kretprobe(_) => {
+                d.name == name && (system.is_empty() || system.starts_with(GROUP_PREFIX))
+            }
+        })
+    }
+}
+
+/// An entry kprobe, in syscall context unless said otherwise.
+const fn kprobe(
+    name: &'static str,
+    funcs: &'static [&'static str],
+    fetch: Fetch,
+    decoder: DecoderKind,
+) -> ProbeDecl {
+    ProbeDecl {
         name,
-        attach: Attach::Tracepoint {
-            system: "sched",
-            event,
-        },
-        fetchargs: String::new(),
+        attach: Attach::Kprobe(funcs),
+        fetch,
         task_context: true,
         decoder,
         filter: None,
@@ -232,7 +335,35 @@ fn tracepoint(name: &'static str, event: &'static str, decoder: DecoderKind) -> 
     }
 }
 
-fn activity(transport: Transport, op: SockOp, family: Option<IpFamily>) -> DecoderKind {
+/// A probe on the packet path: no task context.
+const fn packet(
+    name: &'static str,
+    funcs: &'static [&'static str],
+    fetch: Fetch,
+    decoder: DecoderKind,
+) -> ProbeDecl {
+    ProbeDecl {
+        task_context: false,
+        ..kprobe(name, funcs, fetch, decoder)
+    }
+}
+
+const fn tracepoint(name: &'static str, event: &'static str, decoder: DecoderKind) -> ProbeDecl {
+    ProbeDecl {
+        name,
+        attach: Attach::Tracepoint {
+            system: "sched",
+            event,
+        },
+        fetch: Fetch::Tracepoint,
+        task_context: true,
+        decoder,
+        filter: None,
+        ipv6_only: false,
+    }
+}
+
+const fn activity(transport: Transport, op: SockOp, family: Option<IpFamily>) -> DecoderKind {
     DecoderKind::SockActivity {
         transport,
         op,
@@ -240,175 +371,153 @@ fn activity(transport: Transport, op: SockOp, family: Option<IpFamily>) -> Decod
     }
 }
 
+const fn ipv6_only(d: ProbeDecl) -> ProbeDecl {
+    ProbeDecl {
+        ipv6_only: true,
+        ..d
+    }
+}
+
+const fn filtered(d: ProbeDecl, filter: &'static str) -> ProbeDecl {
+    ProbeDecl {
+        filter: Some(filter),
+        ..d
+    }
+}
+
+/// The probe set (see the module documentation).
+pub const PROBES: &[ProbeDecl] = &[
+    filtered(
+        kprobe(
+            "sock_create",
+            &["sock_init_data", "sock_init_data_uid"],
+            Fetch::SockCreate,
+            DecoderKind::SockCreate,
+        ),
+        FAMILY_FILTER,
+    ),
+    kprobe(
+        "tcp_connect",
+        &["tcp_connect"],
+        Fetch::Sock("$arg1"),
+        DecoderKind::TcpConnect,
+    ),
+    ProbeDecl {
+        attach: Attach::Kretprobe(&["inet_csk_accept"]),
+        ..kprobe(
+            "tcp_accept",
+            &[],
+            Fetch::Sock("$retval"),
+            DecoderKind::TcpAccept,
+        )
+    },
+    filtered(
+        kprobe(
+            "sock_close",
+            &["inet_release"],
+            Fetch::SockOfSocket,
+            DecoderKind::SockClose,
+        ),
+        FAMILY_FILTER,
+    ),
+    kprobe(
+        "tcp_send",
+        &["tcp_sendmsg"],
+        Fetch::Sk("$arg1"),
+        activity(Transport::Tcp, SockOp::Send, None),
+    ),
+    kprobe(
+        "tcp_recv",
+        &["tcp_recvmsg"],
+        Fetch::Sk("$arg1"),
+        activity(Transport::Tcp, SockOp::Recv, None),
+    ),
+    kprobe(
+        "udp_send",
+        &["udp_sendmsg"],
+        Fetch::UdpSend { v6: false },
+        activity(Transport::Udp, SockOp::Send, Some(IpFamily::V4)),
+    ),
+    kprobe(
+        "udp_recv",
+        &["udp_recvmsg"],
+        Fetch::Sock("$arg1"),
+        DecoderKind::UdpRecv,
+    ),
+    ipv6_only(kprobe(
+        "udp6_send",
+        &["udpv6_sendmsg"],
+        Fetch::UdpSend { v6: true },
+        activity(Transport::Udp, SockOp::Send, Some(IpFamily::V6)),
+    )),
+    ipv6_only(kprobe(
+        "udp6_recv",
+        &["udpv6_recvmsg"],
+        Fetch::Sock("$arg1"),
+        DecoderKind::UdpRecv,
+    )),
+    packet(
+        "ip_out",
+        &["ip_output"],
+        Fetch::Packet {
+            skb: "$arg3",
+            sk: Some("$arg2"),
+        },
+        DecoderKind::Packet {
+            dir: PacketDir::Egress,
+            family: IpFamily::V4,
+        },
+    ),
+    ipv6_only(packet(
+        "ip6_out",
+        &["ip6_output"],
+        Fetch::Packet {
+            skb: "$arg3",
+            sk: Some("$arg2"),
+        },
+        DecoderKind::Packet {
+            dir: PacketDir::Egress,
+            family: IpFamily::V6,
+        },
+    )),
+    packet(
+        "ip_in",
+        &["ip_local_deliver"],
+        Fetch::Packet {
+            skb: "$arg1",
+            sk: None,
+        },
+        DecoderKind::TcpIngress {
+            family: IpFamily::V4,
+        },
+    ),
+    ipv6_only(packet(
+        "ip6_in",
+        &["ip6_input"],
+        Fetch::Packet {
+            skb: "$arg1",
+            sk: None,
+        },
+        DecoderKind::TcpIngress {
+            family: IpFamily::V6,
+        },
+    )),
+    packet(
+        "udp_in",
+        &["__udp_enqueue_schedule_skb"],
+        Fetch::UdpDeliver,
+        DecoderKind::UdpDeliver,
+    ),
+    kprobe("creds", &["commit_creds"], Fetch::Creds, DecoderKind::Creds),
+    tracepoint("exec", "sched_process_exec", DecoderKind::Exec),
+    tracepoint("fork", "sched_process_fork", DecoderKind::Fork),
+    tracepoint("exit", "sched_process_exit", DecoderKind::Exit),
+];
+
 /// The full probe set for a kernel with these offsets. IPv6-only probes are
 /// marked; [`resolve`] drops them when IPv6 is not monitored.
 pub fn probe_set(o: &Offsets) -> Vec<ProbeSpec> {
-    let sk_of_socket = deref(o.socket_sk.offset, "$arg1");
-    let proto_name = deref(o.proto_name.offset, &deref(o.skc_prot.offset, "$arg2"));
-    vec![
-        ProbeSpec {
-            filter: Some(FAMILY_FILTER),
-            ..kprobe(
-                "sock_create",
-                &["sock_init_data", "sock_init_data_uid"],
-                [
-                    pointer(F::Sk, "$arg2"),
-                    member(F::Family, o.skc_family, "$arg2"),
-                    member(F::SockType, o.socket_type, "$arg1"),
-                    arg(F::Prot, &proto_name, "string"),
-                ]
-                .join(" "),
-                true,
-                DecoderKind::SockCreate,
-            )
-        },
-        kprobe(
-            "tcp_connect",
-            &["tcp_connect"],
-            sock_fields(o, "$arg1"),
-            true,
-            DecoderKind::TcpConnect,
-        ),
-        ProbeSpec {
-            attach: Attach::Kretprobe(&["inet_csk_accept"]),
-            ..kprobe(
-                "tcp_accept",
-                &[],
-                sock_fields(o, "$retval"),
-                true,
-                DecoderKind::TcpAccept,
-            )
-        },
-        ProbeSpec {
-            filter: Some(FAMILY_FILTER),
-            ..kprobe(
-                "sock_close",
-                &["inet_release"],
-                [
-                    pointer(F::Sk, &sk_of_socket),
-                    member(F::Family, o.skc_family, &sk_of_socket),
-                ]
-                .join(" "),
-                true,
-                DecoderKind::SockClose,
-            )
-        },
-        kprobe(
-            "tcp_send",
-            &["tcp_sendmsg"],
-            pointer(F::Sk, "$arg1"),
-            true,
-            activity(Transport::Tcp, SockOp::Send, None),
-        ),
-        kprobe(
-            "tcp_recv",
-            &["tcp_recvmsg"],
-            pointer(F::Sk, "$arg1"),
-            true,
-            activity(Transport::Tcp, SockOp::Recv, None),
-        ),
-        kprobe(
-            "udp_send",
-            &["udp_sendmsg"],
-            udp_send_fields(o, false),
-            true,
-            activity(Transport::Udp, SockOp::Send, Some(IpFamily::V4)),
-        ),
-        kprobe(
-            "udp_recv",
-            &["udp_recvmsg"],
-            sock_fields(o, "$arg1"),
-            true,
-            DecoderKind::UdpRecv,
-        ),
-        ProbeSpec {
-            ipv6_only: true,
-            ..kprobe(
-                "udp6_send",
-                &["udpv6_sendmsg"],
-                udp_send_fields(o, true),
-                true,
-                activity(Transport::Udp, SockOp::Send, Some(IpFamily::V6)),
-            )
-        },
-        ProbeSpec {
-            ipv6_only: true,
-            ..kprobe(
-                "udp6_recv",
-                &["udpv6_recvmsg"],
-                sock_fields(o, "$arg1"),
-                true,
-                DecoderKind::UdpRecv,
-            )
-        },
-        kprobe(
-            "ip_out",
-            &["ip_output"],
-            packet_fields(o, "$arg3", Some("$arg2")),
-            false,
-            DecoderKind::Packet {
-                dir: PacketDir::Egress,
-                family: IpFamily::V4,
-            },
-        ),
-        ProbeSpec {
-            ipv6_only: true,
-            ..kprobe(
-                "ip6_out",
-                &["ip6_output"],
-                packet_fields(o, "$arg3", Some("$arg2")),
-                false,
-                DecoderKind::Packet {
-                    dir: PacketDir::Egress,
-                    family: IpFamily::V6,
-                },
-            )
-        },
-        kprobe(
-            "ip_in",
-            &["ip_local_deliver"],
-            packet_fields(o, "$arg1", None),
-            false,
-            DecoderKind::TcpIngress {
-                family: IpFamily::V4,
-            },
-        ),
-        ProbeSpec {
-            ipv6_only: true,
-            ..kprobe(
-                "ip6_in",
-                &["ip6_input"],
-                packet_fields(o, "$arg1", None),
-                false,
-                DecoderKind::TcpIngress {
-                    family: IpFamily::V6,
-                },
-            )
-        },
-        kprobe(
-            "udp_in",
-            &["__udp_enqueue_schedule_skb"],
-            udp_delivery_fields(o),
-            false,
-            DecoderKind::UdpDeliver,
-        ),
-        kprobe(
-            "creds",
-            &["commit_creds"],
-            [
-                member(F::Uid, o.cred_uid, "$arg1"),
-                member(F::Gid, o.cred_gid, "$arg1"),
-                member(F::Euid, o.cred_euid, "$arg1"),
-                member(F::Egid, o.cred_egid, "$arg1"),
-            ]
-            .join(" "),
-            true,
-            DecoderKind::Creds,
-        ),
-        tracepoint("exec", "sched_process_exec", DecoderKind::Exec),
-        tracepoint("fork", "sched_process_fork", DecoderKind::Fork),
-        tracepoint("exit", "sched_process_exit", DecoderKind::Exit),
-    ]
+    PROBES.iter().map(|d| d.spec(o)).collect()
 }
 
 /// Picks, for every spec, the first alternative function present in
@@ -544,6 +653,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn recorded_event_names_find_their_declaration() {
+        let name = |e: &str| ProbeDecl::of_event(e).map(|d| d.name);
+        assert_eq!(name("sockscope_1098/ip_out"), Some("ip_out"));
+        assert_eq!(name("sockscope_7_guess/tcp_accept"), Some("tcp_accept"));
+        assert_eq!(name("udp_in"), Some("udp_in"));
+        assert_eq!(name("sched/sched_process_exec"), Some("exec"));
+        assert_eq!(name("kprobes/ip_out"), None, "another tool's probe");
+        assert_eq!(name("sched/exec"), None);
+        assert_eq!(name("sockscope_1/no_such_probe"), None);
+        let mut names: Vec<&str> = PROBES.iter().map(|d| d.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), PROBES.len(), "probe names are unique");
     }
 
     #[test]

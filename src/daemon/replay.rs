@@ -1,0 +1,224 @@
+//! `sockscope replay FILE`: a recording made with `socket.record_path`
+//! run through the daemon's own decoder, flow engine and export encoding,
+//! at full speed, on any machine (no kprobes, no privileges).
+//!
+//! It is the way to profile the user-space pipeline natively: record in a
+//! VM (or on a production host), replay here under `perf record`. The
+//! stages are the production ones: the decoder is built from the recorded
+//! format files with each event's declared kind ([`ProbeDecl::of_event`]),
+//! the engine gets the daemon's [`engine_config`], runs its timers every
+//! [`TICK_PERIOD`] of recorded time, and every flow record is converted
+//! and protobuf-encoded once ([`EncodedFlow`]), as the fan-out does.
+//!
+//! What differs from a live daemon: processes come only from the recorded
+//! exec/fork/exit/creds events (this machine's `/proc` knows nothing of
+//! the recorded pids, see [`NoProcesses`]), there is no DNS capture, and
+//! wall times are kernel times (since the recorded machine's boot) from the
+//! Unix epoch.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use super::engine::engine_config;
+use super::error::DaemonError;
+use crate::config::Config;
+use crate::decode::{Decoder, EventDesc};
+use crate::enrich::process::{NoProcesses, ProcessTable, ProcessTableConfig};
+use crate::enrich::users::UserDb;
+use crate::export::ecs::{self, HostInfo};
+use crate::export::encoded::EncodedFlow;
+use crate::flow::{Engine, OffsetClock};
+use crate::model::{Event, KernelTime, Output};
+use crate::probe::spec::ProbeDecl;
+use crate::ring::recording::Replay;
+use crate::ring::RingItem;
+use crate::sys;
+
+/// Events handed to the engine at once (as the reader batches them).
+const REPLAY_BATCH: usize = 256;
+/// Recorded time between two runs of the engine's timers (the daemon's
+/// engine tick).
+const TICK_PERIOD: Duration = Duration::from_millis(200);
+/// Host name given to replayed flows.
+const REPLAY_HOST: &str = "replay";
+/// Most repetitions of one replay.
+pub const MAX_REPEAT: u32 = 1_000;
+
+/// What to do with the flows of a replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayOutput {
+    /// Count them only.
+    Summary,
+    /// Also write one ECS document per final flow.
+    Ecs,
+}
+
+/// Counters of a replay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Samples read from the file (all repetitions).
+    pub samples: u64,
+    /// Samples the recording says the kernel lost.
+    pub lost: u64,
+    /// Samples that failed to decode.
+    pub decode_errors: u64,
+    /// Events handed to the flow engine.
+    pub events: u64,
+    /// Final flow records.
+    pub final_flows: u64,
+    /// Interim flow records.
+    pub interim_flows: u64,
+    /// Loss notices the engine emitted.
+    pub loss_notices: u64,
+    /// Bytes of encoded flow records.
+    pub encoded_bytes: u64,
+    /// Wall time of the replay.
+    pub wall: Duration,
+    /// CPU time of this process during the replay.
+    pub cpu: Duration,
+}
+
+impl std::fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let per_cpu_s = if self.cpu.is_zero() {
+            0.0
+        } else {
+            self.samples as f64 / self.cpu.as_secs_f64()
+        };
+        write!(
+            f,
+            "samples {} (lost in the kernel {}, decode errors {}), events {}, \
+             flows {} final + {} interim ({} encoded bytes), loss notices {}; \
+             wall {:.3} s, cpu {:.3} s: {:.2} M samples per CPU-second",
+            self.samples,
+            self.lost,
+            self.decode_errors,
+            self.events,
+            self.final_flows,
+            self.interim_flows,
+            self.encoded_bytes,
+            self.loss_notices,
+            self.wall.as_secs_f64(),
+            self.cpu.as_secs_f64(),
+            per_cpu_s / 1e6
+        )
+    }
+}
+
+fn cpu_now() -> Result<Duration, DaemonError> {
+    Ok(Duration::from_nanos(sys::clock_gettime_ns(
+        libc::CLOCK_PROCESS_CPUTIME_ID,
+    )?))
+}
+
+/// Replays `path` `repeat` times (each through a fresh engine), writing ECS
+/// documents of the final flows to `out` when asked.
+pub fn replay(
+    cfg: &Config,
+    path: &Path,
+    repeat: u32,
+    output: ReplayOutput,
+    out: &mut dyn Write,
+) -> Result<ReplayReport, DaemonError> {
+    let mut report = ReplayReport::default();
+    let host = HostInfo {
+        name: REPLAY_HOST.to_string(),
+        architecture: None,
+        kernel: None,
+    };
+    let (wall0, cpu0) = (Instant::now(), cpu_now()?);
+    for _ in 0..repeat.clamp(1, MAX_REPEAT) {
+        let mut file = Replay::open(path)?;
+        let header = file.header().clone();
+        let mut descs = Vec::with_capacity(header.events.len());
+        for e in &header.events {
+            let decl = ProbeDecl::of_event(&e.name).ok_or_else(|| DaemonError::ReplayEvent {
+                path: path.to_path_buf(),
+                event: e.name.clone(),
+            })?;
+            descs.push(EventDesc {
+                kind: decl.decoder,
+                task_context: decl.task_context,
+                format: &e.format,
+            });
+        }
+        let decoder = Decoder::new(&descs)?;
+        let procs = ProcessTable::new(
+            Box::new(NoProcesses),
+            UserDb::empty(),
+            ProcessTableConfig {
+                max_processes: cfg.limits.max_processes,
+                exit_grace: cfg.socket.flow_termination_timeout,
+            },
+        );
+        let mut engine = Engine::new(engine_config(cfg), OffsetClock { base: UNIX_EPOCH }, procs);
+        let mut batch: Vec<Event> = Vec::with_capacity(REPLAY_BATCH);
+        let mut outputs: Vec<Output> = Vec::new();
+        let mut next_tick: Option<KernelTime> = None;
+        let mut write_err: Option<std::io::Error> = None;
+        let mut drain = |outputs: &mut Vec<Output>, report: &mut ReplayReport| {
+            for o in outputs.drain(..) {
+                match o {
+                    Output::Flow(rec) => {
+                        if rec.is_final {
+                            report.final_flows += 1;
+                        } else {
+                            report.interim_flows += 1;
+                        }
+                        if output == ReplayOutput::Ecs && rec.is_final && write_err.is_none() {
+                            let doc = ecs::flow_document(&rec, &host);
+                            if let Err(e) = writeln!(out, "{doc}") {
+                                write_err = Some(e);
+                            }
+                        }
+                        let encoded = EncodedFlow::new(Arc::clone(&rec), REPLAY_HOST);
+                        report.encoded_bytes += encoded.bytes.len() as u64;
+                    }
+                    Output::Loss(_) => report.loss_notices += 1,
+                }
+            }
+        };
+        let result = file.for_each(|item| match item {
+            RingItem::Sample(s) => {
+                report.samples += 1;
+                match decoder.decode(&s) {
+                    Ok(Some(ev)) => batch.push(ev),
+                    Ok(None) => {}
+                    Err(_) => report.decode_errors += 1,
+                }
+                if batch.len() >= REPLAY_BATCH {
+                    report.events += batch.len() as u64;
+                    engine.handle_batch(&batch, &mut outputs);
+                    batch.clear();
+                }
+                let due = *next_tick.get_or_insert(s.time + TICK_PERIOD.as_nanos() as u64);
+                if s.time >= due {
+                    report.events += batch.len() as u64;
+                    engine.handle_batch(&batch, &mut outputs);
+                    batch.clear();
+                    engine.tick(s.time, &mut outputs);
+                    next_tick = Some(s.time + TICK_PERIOD.as_nanos() as u64);
+                }
+                drain(&mut outputs, &mut report);
+            }
+            RingItem::Lost { count, .. } => report.lost += count,
+        });
+        report.events += batch.len() as u64;
+        engine.handle_batch(&batch, &mut outputs);
+        engine.flush(&mut outputs);
+        drain(&mut outputs, &mut report);
+        if let Some(e) = write_err {
+            return Err(DaemonError::Runtime {
+                what: "writing replayed flows",
+                source: e,
+            });
+        }
+        // A cut recording still replays what it holds; the cut is an error.
+        result?;
+    }
+    report.wall = wall0.elapsed();
+    report.cpu = cpu_now()?.saturating_sub(cpu0);
+    Ok(report)
+}
