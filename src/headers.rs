@@ -185,6 +185,14 @@ pub fn ports(b: &[u8], offset: usize) -> Result<(u16, u16), HeaderError> {
     }
 }
 
+/// Offset of the flags byte in a TCP header.
+const TCP_FLAGS_AT: usize = 13;
+
+/// The flags byte of the TCP header at `offset`, when present in `b`.
+pub fn tcp_flags(b: &[u8], offset: usize) -> Option<u8> {
+    b.get(offset.checked_add(TCP_FLAGS_AT)?).copied()
+}
+
 /// A UDP header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UdpHeader {

@@ -124,7 +124,15 @@ pub struct Packet {
     pub dst: SocketAddr,
     /// IP packet length: IP header(s) + transport header + payload.
     pub ip_len: u32,
+    /// The TCP flags byte ([`TCP_SYN`], [`TCP_ACK`], …) when the packet is
+    /// TCP and its header was within the fetched bytes.
+    pub tcp_flags: Option<u8>,
 }
+
+/// TCP flag: synchronize (opens a connection).
+pub const TCP_SYN: u8 = 0x02;
+/// TCP flag: the acknowledgment field is significant.
+pub const TCP_ACK: u8 = 0x10;
 
 /// What a syscall-context socket operation was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -107,6 +107,7 @@ fn delivered_datagrams_carry_their_socket_and_headers() {
             src: "10.0.2.2:50050".parse().unwrap(),
             dst: "10.0.2.15:9181".parse().unwrap(),
             ip_len: 228,
+            tcp_flags: None,
         }))
     );
     let v6 = decode(&dec, 0, &udp_in(0xffff_9c39_ffbc_ca80, 100, &V6_HDR));
@@ -119,6 +120,7 @@ fn delivered_datagrams_carry_their_socket_and_headers() {
             src: "[::1]:38777".parse().unwrap(),
             dst: "[::1]:9182".parse().unwrap(),
             ip_len: 148,
+            tcp_flags: None,
         }))
     );
 }

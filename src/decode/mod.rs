@@ -339,7 +339,7 @@ impl Decoder {
                     // Counted at delivery, where its header is readable.
                     return Ok(None);
                 }
-                let Some((transport, src, dst)) = parse_ip(h, family, s.event)? else {
+                let Some((transport, src, dst, tcp_flags)) = parse_ip(h, family, s.event)? else {
                     return Ok(None);
                 };
                 EventKind::Packet(Packet {
@@ -349,6 +349,7 @@ impl Decoder {
                     src,
                     dst,
                     ip_len,
+                    tcp_flags,
                 })
             }
             Layout::UdpDeliver { sk, len, hdr } => {
@@ -362,6 +363,7 @@ impl Decoder {
                     src,
                     dst,
                     ip_len,
+                    tcp_flags: None,
                 })
             }
             Layout::Close { sk, family } => {

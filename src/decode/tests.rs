@@ -90,3 +90,27 @@ fn ip_protocol_reads_the_next_header() {
     assert_eq!(ip_protocol(&V6_LOOPBACK_5_10, IpFamily::V4), None);
     assert_eq!(ip_protocol(&[], IpFamily::V4), None);
 }
+
+#[test]
+fn tcp_flags_come_from_the_fetched_header() {
+    use super::sample::parse_ip;
+    use crate::model::Transport;
+    // IPv4 (IHL 5) + TCP header with SYN|ACK; then with IHL 15 the flags
+    // byte (60 + 13) lies beyond a 64-byte fetch.
+    let mut h = vec![0u8; 64];
+    h[0] = 0x45;
+    h[9] = 6;
+    h[20..24].copy_from_slice(&[0x1f, 0x90, 0xa0, 0x28]);
+    h[33] = 0x12;
+    let (t, src, _, flags) = parse_ip(&h, IpFamily::V4, 1).unwrap().unwrap();
+    assert_eq!((t, src.port(), flags), (Transport::Tcp, 8080, Some(0x12)));
+    h[0] = 0x4f;
+    h[60..64].copy_from_slice(&[0x1f, 0x90, 0xa0, 0x28]);
+    let (_, _, _, flags) = parse_ip(&h, IpFamily::V4, 1).unwrap().unwrap();
+    assert_eq!(flags, None);
+    // UDP carries none.
+    h[0] = 0x45;
+    h[9] = 17;
+    let (_, _, _, flags) = parse_ip(&h, IpFamily::V4, 1).unwrap().unwrap();
+    assert_eq!(flags, None);
+}

@@ -10,6 +10,13 @@
 //! unclaimed for `flow_termination_timeout` becomes the flow of the socket
 //! its packets carried when that socket is unknown or carries data, and is
 //! dropped otherwise.
+//!
+//! The handshake gives a connection's direction on its own: a SYN without
+//! ACK opens it (sent: we initiated; received: the peer did), a SYN-ACK
+//! answers it. An embryo remembers what it saw ([`Opening`]), so a flow
+//! whose connect or accept event is missing (an `accept` already blocked
+//! when the probes were installed, a dropped probe hit, a ring loss) still
+//! gets its direction, and is complete when the opening SYN was counted.
 
 use std::cmp::Reverse;
 
@@ -18,8 +25,45 @@ use super::slab::NIL;
 use super::table::NewFlow;
 use super::{Clock, Engine};
 use crate::model::{
-    FlowDirection, KernelTime, Output, Packet, PacketDir, SockAddr, Task, Transport,
+    FlowDirection, KernelTime, Output, Packet, PacketDir, SockAddr, Task, Transport, TCP_ACK,
+    TCP_SYN,
 };
+
+/// What the handshake packets of an embryo said about the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Opening {
+    /// No SYN seen.
+    Unseen,
+    /// Only the SYN-ACK: the direction is known, the start was not seen.
+    Answered(FlowDirection),
+    /// The opening SYN: direction known, start seen.
+    Opened(FlowDirection),
+}
+
+impl Opening {
+    /// What `p` adds to what was seen.
+    fn with(self, p: &Packet) -> Opening {
+        let Some(flags) = p.tcp_flags else {
+            return self;
+        };
+        if flags & TCP_SYN == 0 {
+            return self;
+        }
+        // Sending the SYN means we initiated; sending the SYN-ACK means
+        // the peer did.
+        let ours = (p.dir == PacketDir::Egress) == (flags & TCP_ACK == 0);
+        let dir = if ours {
+            FlowDirection::Egress
+        } else {
+            FlowDirection::Ingress
+        };
+        match (self, flags & TCP_ACK == 0) {
+            (_, true) => Opening::Opened(dir),
+            (Opening::Opened(_), false) => self,
+            (_, false) => Opening::Answered(dir),
+        }
+    }
+}
 
 /// Packets of a TCP tuple no socket claimed yet, and the socket they
 /// carried, if any.
@@ -34,6 +78,7 @@ pub(super) struct Embryo {
     pub(super) first: KernelTime,
     pub(super) last: KernelTime,
     pub(super) hint: Option<SockAddr>,
+    pub(super) opening: Opening,
 }
 
 impl<C: Clock> Engine<C> {
@@ -196,6 +241,7 @@ impl<C: Clock> Engine<C> {
                     first: t,
                     last: t,
                     hint: None,
+                    opening: Opening::Unseen,
                 });
                 self.embryo_index.insert(tuple, e);
                 self.embryo_due
@@ -215,6 +261,7 @@ impl<C: Clock> Engine<C> {
                 }
             }
             em.last = em.last.max(t);
+            em.opening = em.opening.with(p);
             if hint.is_some() {
                 em.hint = hint;
             }
@@ -263,6 +310,20 @@ impl<C: Clock> Engine<C> {
                 fl.first = fl.first.min(em.first);
                 fl.last = fl.last.max(em.last);
                 self.stats.embryonic_claimed += 1;
+                if fl.direction == FlowDirection::Unknown {
+                    let seen = match em.opening {
+                        Opening::Opened(d) => Some((d, true)),
+                        Opening::Answered(d) => Some((d, false)),
+                        Opening::Unseen => None,
+                    };
+                    if let Some((d, complete)) = seen {
+                        fl.direction = d;
+                        fl.complete |= complete;
+                        if let Some(so) = self.sockets.get_mut(s) {
+                            so.tcp_dir = d;
+                        }
+                    }
+                }
             }
         }
         Some(f)

@@ -16,6 +16,7 @@ use PacketDir::{Egress as Out, Ingress as In};
 use Transport::{Tcp, Udp};
 
 mod expiry;
+mod handshake;
 mod naming;
 mod records;
 mod table;
@@ -180,18 +181,38 @@ impl H {
         (src, dst): (&str, &str),
         len: u32,
     ) {
-        self.ev(
-            t,
-            None,
-            EventKind::Packet(Packet {
-                sock,
-                dir,
-                transport: tr,
-                src: sa(src),
-                dst: sa(dst),
-                ip_len: len,
-            }),
-        );
+        let p = Packet {
+            sock,
+            dir,
+            transport: tr,
+            src: sa(src),
+            dst: sa(dst),
+            ip_len: len,
+            tcp_flags: None,
+        };
+        self.ev(t, None, EventKind::Packet(p));
+    }
+
+    /// A TCP segment with these flags, `len` IP bytes from `src` to `dst`.
+    fn seg(
+        &mut self,
+        t: KernelTime,
+        sock: Option<SockAddr>,
+        dir: PacketDir,
+        (src, dst): (&str, &str),
+        len: u32,
+        flags: u8,
+    ) {
+        let p = Packet {
+            sock,
+            dir,
+            transport: Tcp,
+            src: sa(src),
+            dst: sa(dst),
+            ip_len: len,
+            tcp_flags: Some(flags),
+        };
+        self.ev(t, None, EventKind::Packet(p));
     }
 
     fn close(&mut self, t: KernelTime, pid: Option<u32>, sock: SockAddr) {

@@ -79,6 +79,7 @@ fn attribution_ignores_packet_tasks_and_keeps_first_owner_per_flow() {
             src: sa("10.0.0.2:53"),
             dst: sa("10.0.0.1:999"),
             ip_len: 90,
+            tcp_flags: None,
         }),
     );
     // Another process sends on the socket (e.g. after fd passing).

@@ -211,6 +211,7 @@ fn mixed_events(n: usize) -> Vec<Event> {
                         src,
                         dst,
                         ip_len: 40 + (k as u32),
+                        tcp_flags: None,
                     }),
                 )
             }
