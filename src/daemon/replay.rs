@@ -31,6 +31,7 @@ use crate::export::ecs::{self, HostInfo};
 use crate::export::encoded::EncodedFlow;
 use crate::flow::{Engine, OffsetClock};
 use crate::model::{Event, KernelTime, Output};
+use crate::probe::group::group_pid;
 use crate::probe::spec::ProbeDecl;
 use crate::ring::recording::Replay;
 use crate::ring::RingItem;
@@ -43,6 +44,9 @@ const REPLAY_BATCH: usize = 256;
 const TICK_PERIOD: Duration = Duration::from_millis(200);
 /// Host name given to replayed flows.
 const REPLAY_HOST: &str = "replay";
+/// Own pid of a recording without a probe group: no process has it (pids
+/// stay below 2^22).
+const NO_PID: u32 = u32::MAX;
 /// Most repetitions of one replay.
 pub const MAX_REPEAT: u32 = 1_000;
 
@@ -153,7 +157,16 @@ pub fn replay(
                 exit_grace: cfg.socket.flow_termination_timeout,
             },
         );
-        let mut engine = Engine::new(engine_config(cfg), OffsetClock { base: UNIX_EPOCH }, procs);
+        // The recorded daemon's own flows are left out as they were live:
+        // its pid is in its probe group's name, never this process's pid
+        // (a recorded process may well have had it).
+        let mut engine_cfg = engine_config(cfg);
+        engine_cfg.own_pid = header
+            .events
+            .iter()
+            .find_map(|e| e.name.split_once('/').and_then(|(g, _)| group_pid(g)))
+            .unwrap_or(NO_PID);
+        let mut engine = Engine::new(engine_cfg, OffsetClock { base: UNIX_EPOCH }, procs);
         let mut batch: Vec<Event> = Vec::with_capacity(REPLAY_BATCH);
         let mut outputs: Vec<Output> = Vec::new();
         let mut next_tick: Option<KernelTime> = None;
