@@ -324,6 +324,8 @@ class Bench:
                 res["delivered"] = (sum(int(x.get("delivered", 0)) for x in after.get("subscribers", []))
                                     - sum(int(x.get("delivered", 0)) for x in before.get("subscribers", [])))
                 res["subscriber_drops"] = sum(int(x.get("drops", 0)) for x in after.get("subscribers", []))
+                res["ring_samples"] = (sum(int(x.get("samples", 0)) for x in after.get("cpus", []))
+                                       - sum(int(x.get("samples", 0)) for x in before.get("cpus", [])))
             rec["workloads"][w] = res
         rec["idle_ms_per_s"] = self.idle(pids) if pids else {}
         rec["peak_rss_kib"] = self.peak_rss_kib(pids)
@@ -377,7 +379,7 @@ def summarize(rounds: list[dict], p: Params) -> dict:
                     rss.setdefault(role, []).append(v)
             sock = m.startswith("sockscope")
             out[w][m] = {
-                "wall_ratio": median(ratios), "wall_ms": median(walls), "workload_cpu_ratio": median(work_cpu),
+                "wall_ratio": median(ratios), "wall_ratio_range": [min(ratios), max(ratios)], "wall_ms": median(walls), "workload_cpu_ratio": median(work_cpu),
                 "monitor_cpu_ms_per_unit": median(net) if roles else None,
                 "monitor_cpu_ms_per_unit_raw": median(raw) if roles else None,
                 "per_role_ms_per_unit": {r: median(v) for r, v in roles.items()},
@@ -418,6 +420,32 @@ def table(suite: str, release: str, summary: dict, p: Params) -> str:
                 f"{_fmt(roles.get('subscriber'), '.0f'):>7}", f"{_fmt(idle, '.1f'):>9}",
                 f"{_fmt(rss and rss / 1024, '.1f', ' MiB'):>9}",
                 f"{_fmt(e['tracked_sockets_at_end'], '.0f'):>7}", f"{_fmt(e['delivered'], '.0f'):>7}"]))
+    return "\n".join(rows)
+
+
+def markdown(results: dict, p: Params) -> str:
+    """All kernels of a results file as one Markdown table (for README.md)."""
+    rows = ["| kernel | workload | monitor | wall time (min–max) | workload CPU | monitor CPU | daemon | "
+            "subscriber | peak RSS |", "|---|---|---|---|---|---|---|---|---|"]
+    labels = {"churn": f"{p.churn} TCP connections", "bulk": f"{p.bulk_mib} MiB over TCP",
+              "udp": f"{p.udp} UDP datagrams"}
+    for suite in kernels.SUITES:
+        res = results.get(suite)
+        if not res or "summary" not in res:
+            continue
+        release = res["uname"].split("-")[0]
+        for w in WORKLOADS:
+            s = res["summary"][w]
+            for m in MONITORS[1:]:
+                e = s[m]
+                roles = e["per_role_ms_per_unit"]
+                lo, hi = e["wall_ratio_range"]
+                rss = e["peak_rss_kib"].get("daemon", e["peak_rss_kib"].get("softflowd"))
+                rows.append(" | ".join([
+                    f"| {suite} {release}", labels[w], m, f"×{e['wall_ratio']:.2f} ({lo:.2f}–{hi:.2f})",
+                    f"×{e['workload_cpu_ratio']:.2f}", f"{e['monitor_cpu_ms_per_unit']:.0f} ms/{s['unit']}",
+                    _fmt(roles.get("daemon", roles.get("softflowd")), ".0f"),
+                    _fmt(roles.get("subscriber"), ".0f"), _fmt(rss and rss / 1024, ".1f", " MiB")]) + " |")
     return "\n".join(rows)
 
 
@@ -464,7 +492,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--udp-size", type=int, default=64, help="UDP payload bytes")
     ap.add_argument("--settle", type=float, default=6, help="seconds measured after each workload ends")
     ap.add_argument("--out", type=Path, default=None, help="JSON output (default target/vm-bed/bench-overhead.json)")
+    ap.add_argument("--report", action="store_true",
+                    help="boot nothing: print the tables of the JSON output again (with --markdown: one Markdown table)")
+    ap.add_argument("--markdown", action="store_true", help="with --report: Markdown for README.md")
     a = ap.parse_args(argv)
+    out = a.out or bed.logs_root() / "bench-overhead.json"
+    if a.report:
+        results = json.loads(out.read_text())
+        done = [results[x] for x in (a.suites or kernels.SUITES) if "rounds" in results.get(x, {})]
+        for res in done:
+            rp = Params(**res["params"])
+            res["summary"] = summarize([r for r in res["rounds"] if len(r["slots"]) == len(MONITORS)], rp)
+            if not a.markdown:
+                print(table(res["suite"], res["uname"], res["summary"], rp) + "\n")
+        if a.markdown and done:
+            print(markdown({r["suite"]: r for r in done}, Params(**done[0]["params"])))
+        return 0
     if a.rounds < 3 or a.bulk_mib < 20 or a.udp < 10000 or a.churn < 1:
         ap.error("at least 3 rounds, 20 MiB bulk, 10000 datagrams")
     suites = a.suites or list(kernels.SUITES)
@@ -476,7 +519,6 @@ def main(argv: list[str] | None = None) -> int:
         print("no daemon binary: cargo build --release (or set SOCKSCOPE_BIN)", file=sys.stderr)
         return 2
     files = guest_files()
-    out = a.out or bed.logs_root() / "bench-overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {}
     failed = 0
