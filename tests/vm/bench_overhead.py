@@ -95,6 +95,7 @@ class Params:
     udp: int
     udp_size: int
     settle: float
+    workloads: tuple[str, ...] = WORKLOADS
 
     def argv(self, workload: str) -> str:
         return {"churn": f"churn {self.churn}", "bulk": f"bulk {self.bulk_mib}",
@@ -314,7 +315,7 @@ class Bench:
         pids = self.start(monitor)
         rec: dict = {"monitor": monitor, "pids": pids, "workloads": {}, "start_s": time.monotonic() - t0}
         time.sleep(STARTUP_QUIET_S)
-        for w in WORKLOADS:
+        for w in self.p.workloads:
             before = self.status() if monitor.startswith("sockscope") else {}
             res = self.run_workload(w, pids)
             if monitor.startswith("sockscope"):
@@ -346,6 +347,13 @@ def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def params_of(res: dict) -> Params:
+    """The parameters of one kernel's results."""
+    kw = dict(res["params"])
+    kw["workloads"] = tuple(kw.get("workloads", WORKLOADS))
+    return Params(**kw)
+
+
 def summarize(rounds: list[dict], p: Params) -> dict:
     """Medians per workload and monitor over the rounds.
 
@@ -354,7 +362,7 @@ def summarize(rounds: list[dict], p: Params) -> dict:
     cost it. The raw figure is kept beside it.
     """
     out: dict = {}
-    for w in WORKLOADS:
+    for w in p.workloads:
         factor, unit = p.per_unit(w)
         out[w] = {"unit": unit}
         for m in MONITORS:
@@ -405,7 +413,7 @@ def table(suite: str, release: str, summary: dict, p: Params) -> str:
             f"{'idle ms/s':>9} {'peak RSS':>9} {'sockets':>7} {'records':>7}"]
     labels = {"churn": f"churn {p.churn} conn", "bulk": f"bulk {p.bulk_mib} MiB",
               "udp": f"udp {p.udp} x {p.udp_size} B"}
-    for w in WORKLOADS:
+    for w in p.workloads:
         s = summary[w]
         for i, m in enumerate(MONITORS):
             e = s[m]
@@ -434,7 +442,7 @@ def markdown(results: dict, p: Params) -> str:
         if not res or "summary" not in res:
             continue
         release = res["uname"].split("-")[0]
-        for w in WORKLOADS:
+        for w in p.workloads:
             s = res["summary"][w]
             for m in MONITORS[1:]:
                 e = s[m]
@@ -460,7 +468,7 @@ def run_suite(suite: str, p: Params, files: dict[str, Path], save) -> dict:
         result["uname"] = vm.run("uname -r", check=True).out.strip()
         b = Bench(vm, p)
         # Warm-up (not measured): page cache, first-touch costs of the tools.
-        for w in WORKLOADS:
+        for w in p.workloads:
             b.run_workload(w, {})
         for r in range(p.rounds):
             order = [MONITORS[(i + r) % len(MONITORS)] for i in range(len(MONITORS))]
@@ -491,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--udp", type=int, default=20000, help="UDP datagrams (at least 10000)")
     ap.add_argument("--udp-size", type=int, default=64, help="UDP payload bytes")
     ap.add_argument("--settle", type=float, default=6, help="seconds measured after each workload ends")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help=f"comma-separated subset of {','.join(WORKLOADS)}")
     ap.add_argument("--out", type=Path, default=None, help="JSON output (default target/vm-bed/bench-overhead.json)")
     ap.add_argument("--report", action="store_true",
                     help="boot nothing: print the tables of the JSON output again (with --markdown: one Markdown table)")
@@ -499,14 +509,21 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or bed.logs_root() / "bench-overhead.json"
     if a.report:
         results = json.loads(out.read_text())
-        done = [results[x] for x in (a.suites or kernels.SUITES) if "rounds" in results.get(x, {})]
+        done = []
+        for x in a.suites or kernels.SUITES:
+            res = results.get(x, {})
+            complete = [r for r in res.get("rounds", []) if len(r["slots"]) == len(MONITORS)]
+            if not complete:
+                continue
+            rp = params_of(res)
+            res["summary"] = summarize(complete, rp)
+            done.append(res)
         for res in done:
-            rp = Params(**res["params"])
-            res["summary"] = summarize([r for r in res["rounds"] if len(r["slots"]) == len(MONITORS)], rp)
+            rp = params_of(res)
             if not a.markdown:
                 print(table(res["suite"], res["uname"], res["summary"], rp) + "\n")
         if a.markdown and done:
-            print(markdown({r["suite"]: r for r in done}, Params(**done[0]["params"])))
+            print(markdown({r["suite"]: r for r in done}, params_of(done[0])))
         return 0
     if a.rounds < 3 or a.bulk_mib < 20 or a.udp < 10000 or a.churn < 1:
         ap.error("at least 3 rounds, 20 MiB bulk, 10000 datagrams")
@@ -514,7 +531,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [x for x in suites if x not in kernels.SUITES]
     if unknown:
         ap.error(f"unknown suite {', '.join(unknown)}; choose from {', '.join(kernels.SUITES)}")
-    p = Params(a.rounds, a.churn, a.bulk_mib, a.udp, a.udp_size, a.settle)
+    workloads = tuple(w for w in WORKLOADS if w in a.workloads.split(","))
+    if not workloads or set(a.workloads.split(",")) - set(WORKLOADS):
+        ap.error(f"--workloads: a comma-separated subset of {','.join(WORKLOADS)}")
+    p = Params(a.rounds, a.churn, a.bulk_mib, a.udp, a.udp_size, a.settle, workloads)
     if bed.daemon_binary() is None:
         print("no daemon binary: cargo build --release (or set SOCKSCOPE_BIN)", file=sys.stderr)
         return 2
