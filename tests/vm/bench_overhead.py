@@ -46,7 +46,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
+import os
 import statistics
 import subprocess
 import sys
@@ -339,6 +339,7 @@ class Bench:
         t1 = time.monotonic()
         self.stop(monitor)
         rec["stop_s"] = time.monotonic() - t1
+        rec["host_loadavg"] = os.getloadavg()  # the host is often shared: context for the spread
         rec["slot_s"] = time.monotonic() - t0
         return rec
 
