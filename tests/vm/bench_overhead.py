@@ -432,6 +432,11 @@ def table(suite: str, release: str, summary: dict, p: Params) -> str:
     return "\n".join(rows)
 
 
+def _ms(v: float | None) -> str:
+    """Milliseconds; a net figure below zero (idle subtraction within noise) shows as ≈0."""
+    return "-" if v is None else "≈0" if v < 0.5 else f"{v:.0f}"
+
+
 def markdown(results: dict, p: Params) -> str:
     """All kernels of a results file as one Markdown table (for README.md)."""
     rows = ["| kernel | workload | monitor | wall time (min–max) | workload CPU | monitor CPU | daemon | "
@@ -442,7 +447,7 @@ def markdown(results: dict, p: Params) -> str:
         res = results.get(suite)
         if not res or "summary" not in res:
             continue
-        release = res["uname"].split("-")[0]
+        release = res["uname"].replace("-cloud-amd64", "")
         for w in p.workloads:
             s = res["summary"][w]
             for m in MONITORS[1:]:
@@ -452,9 +457,9 @@ def markdown(results: dict, p: Params) -> str:
                 rss = e["peak_rss_kib"].get("daemon", e["peak_rss_kib"].get("softflowd"))
                 rows.append(" | ".join([
                     f"| {suite} {release}", labels[w], m, f"×{e['wall_ratio']:.2f} ({lo:.2f}–{hi:.2f})",
-                    f"×{e['workload_cpu_ratio']:.2f}", f"{e['monitor_cpu_ms_per_unit']:.0f} ms/{s['unit']}",
-                    _fmt(roles.get("daemon", roles.get("softflowd")), ".0f"),
-                    _fmt(roles.get("subscriber"), ".0f"), _fmt(rss and rss / 1024, ".1f", " MiB")]) + " |")
+                    f"×{e['workload_cpu_ratio']:.2f}", _ms(e["monitor_cpu_ms_per_unit"]) + f" ms/{s['unit']}",
+                    _ms(roles.get("daemon", roles.get("softflowd"))), _ms(roles.get("subscriber")),
+                    _fmt(rss and rss / 1024, ".1f", " MiB")]) + " |")
     return "\n".join(rows)
 
 
