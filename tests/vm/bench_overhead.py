@@ -28,12 +28,15 @@ is the whole window, workload plus settle, minus the monitor's idle rate
 (measured for 5 s after its last workload) times the window; the raw
 figure and the idle rate are kept too.
 
-Reported per workload: the median over rounds of the wall-time ratio
-against no monitor in the same round, and the median monitor CPU per 1k
-connections / per 100 MiB / per 10k datagrams. Per monitor: peak RSS
-(VmHWM) and, for sockscope, tracked sockets and records delivered from
-``sockscope status --json``. One table per kernel on stdout; everything in
-``target/vm-bed/bench-overhead.json`` (``SOCKSCOPE_VM_LOGS`` moves it).
+Reported per workload: the median over rounds of the wall-time ratio and
+of the workload-CPU ratio against no monitor in the same round, and the
+median monitor CPU per 1k connections / per 100 MiB / per 10k datagrams.
+Per monitor: peak RSS (VmHWM) and, for sockscope, tracked sockets as the
+workload ends, ring samples and records delivered, from ``sockscope status
+--json``. One table per kernel on stdout; every round in
+``target/vm-bed/bench-overhead.json`` (``SOCKSCOPE_VM_LOGS`` moves it,
+``--out`` names another file); ``--report [--markdown]`` prints the tables
+again from that file without booting anything.
 
 Under TCG both vCPUs share one host thread, so every guest CPU cycle a
 monitor spends slows the workload as well: absolute times mean nothing,
@@ -157,6 +160,8 @@ def guest_busy_ticks(cpu_line: str) -> int:
 
 
 class Bench:
+    """Monitors and measurements in one booted guest."""
+
     def __init__(self, vm: bed.VM, p: Params):
         self.vm = vm
         self.p = p
