@@ -1,0 +1,49 @@
+"""A server already blocked in ``accept()`` when the daemon starts.
+
+The return probe on ``inet_csk_accept`` is installed while the server
+sleeps inside that call, so its return is never reported: the accepted
+socket's flow gets its direction and ``complete`` from the handshake the
+packet probes counted (an inbound SYN to the listener), not from the
+accept event. Judged like every flow scenario: against the capture, within
+the kernel-measured packet-probe misses (:class:`flowlib.Scenario`), with
+the right process and user.
+"""
+
+from __future__ import annotations
+
+import flowlib
+from flowlib import CLIENT_USER, SERVER_USER, FlowStream
+
+#: Guest port of the scenario.
+TCP_PORT = 9110
+#: Bytes the client sends.
+CLIENT_BYTES = 3000
+#: x86_64 system calls a server blocked in accept sleeps in (accept, accept4).
+SYS_ACCEPTS = (43, 288)
+
+
+def test_server_blocked_in_accept_before_the_daemon_started(vm):
+    flowlib.install_guest_tools(vm)
+    server = flowlib.spawn_server(vm, SERVER_USER, f"tcp-serve 127.0.0.1 {TCP_PORT} 1")
+    flowlib.wait_until(lambda: flowlib.syscall_of(vm, server) in SYS_ACCEPTS, flowlib.READY_WAIT_S,
+                       f"server {server.pid} to block in accept")
+    flowlib.start_daemon(vm, "btf")
+    # Still inside the same accept call: the daemon never sees it begin.
+    assert flowlib.syscall_of(vm, server) in SYS_ACCEPTS, "the server left accept before the probes"
+    stream = FlowStream(vm)
+    pb = stream.pb
+    try:
+        with flowlib.scenario(vm, f"tcp port {TCP_PORT}") as sc:
+            client, locals_ = flowlib.run_client(vm, CLIENT_USER,
+                                                 f"tcp-client 127.0.0.1 {TCP_PORT} 1 {CLIENT_BYTES}")
+            assert server.wait(flowlib.WORKLOAD_WAIT_S) == 0, server.log()
+            assert len(locals_) == 1, client.log()
+        local = locals_[0]
+        srv = ("127.0.0.1", TCP_PORT)
+        got = stream.wait_finals(pb.TRANSPORT_TCP, [(local, srv), (srv, local)])
+        sc.expect(got[(srv, local)], "tcp", direction=pb.DIRECTION_INGRESS, pid=server.pid, user=SERVER_USER)
+        sc.expect(got[(local, srv)], "tcp", direction=pb.DIRECTION_EGRESS, pid=client.pid, user=CLIENT_USER)
+        sc.verdict(stream)
+    finally:
+        stream.close()
+    assert vm.stop_daemon("TERM") == 0
