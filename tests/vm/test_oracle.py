@@ -108,3 +108,22 @@ def test_selected_suites_rejects_unknown(monkeypatch):
         kernels.selected_suites()
     monkeypatch.delenv("SOCKSCOPE_KERNELS")
     assert kernels.selected_suites() == list(kernels.SUITES)
+
+
+def test_archive_from_one_line_and_deb822_sources(tmp_path, monkeypatch):
+    one = tmp_path / "sources.list"
+    one.write_text("# comment\ndeb [arch=amd64 signed-by=/k.gpg] http://mirror.test/debian bookworm main contrib\n"
+                   "deb-src http://mirror.test/debian bookworm main\n"
+                   "deb http://security.test/debian-security bookworm-security main\n")
+    d822 = tmp_path / "extra.sources"
+    d822.write_text("Types: deb\nURIs: http://other.test/debian/\nSuites: trixie trixie-updates\n"
+                    "Components: main\n\nTypes: deb\nURIs: http://third.test/repo\nSuites: nodistro\n"
+                    "Components: main\n\nEnabled: no\nTypes: deb\nURIs: http://off.test/debian\n"
+                    "Suites: sid\nComponents: main\n")
+    monkeypatch.setattr(kernels, "source_files", lambda: [one, d822])
+    assert kernels.archive_uris() == ["http://mirror.test/debian", "http://other.test/debian"]
+    empty = tmp_path / "empty.list"
+    empty.write_text("# nothing enabled\n")
+    monkeypatch.setattr(kernels, "source_files", lambda: [empty])
+    with pytest.raises(kernels.ArchiveTrustError, match="no Debian archive"):
+        kernels.archive_uris()
