@@ -158,6 +158,11 @@ def pytest_terminal_summary(terminalreporter):
                       + (f"  [{info['error']}]" if info.get("error") else ""))
         if scenarios:
             tr.write_line(f"     {accounting_line(acc)}")
+            for sc in scenarios:
+                if sc["flows_short"]:
+                    tr.write_line(f"       allowance used by {sc['test']}: {sc['flows_short']} flows, "
+                                  f"{sc['packets_short']} packets, {sc['bytes_short']} bytes "
+                                  f"(misses {sc['misses_total']})")
         missing = facts.get("filter_functions_missing")
         if missing is not None:
             tr.write_line(f"     not in available_filter_functions: {', '.join(missing) or 'none'}")

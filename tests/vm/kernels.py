@@ -11,12 +11,15 @@ signed by keys newer than it, with the keyring of a newer
 ``debian-archive-keyring`` package downloaded through a suite the installed
 keyring does verify (so the newer keys are trusted through a verified
 Release, Packages and package hash).  When no such chain exists the fetch
-fails; nothing is ever used unverified.  ``fetch(suite)`` resolves ``linux-image-cloud-amd64/<suite>`` to the
+fails; nothing is ever used unverified.
+
+``fetch(suite)`` resolves ``linux-image-cloud-amd64/<suite>`` to the
 concrete image package (and, for split packages, ``linux-binary-*`` and
 ``linux-modules-*``), downloads them with ``apt-get download``, unpacks them
 with ``dpkg-deb -x`` and returns a :class:`Kernel`.  Unpacked kernels are
 keyed by suite and package version; when the archive cannot be reached the
-last unpacked kernel of the suite is reused.
+last unpacked kernel of the suite is reused (never when it is reachable but
+unverified, or when no archive is configured).
 """
 
 from __future__ import annotations
