@@ -442,7 +442,7 @@ class Scenario:
                             + "; short records:\n  " + "\n  ".join(shorts[:10]))
         misses = sum(self.misses.values())
         self.result.update(flows=len(self.expected), flows_short=short_flows, packets_short=short_packets,
-                           bytes_short=short_bytes, judged=True, ok=not problems)
+                           bytes_short=short_bytes, short_by_probe=dict(used), judged=True, ok=not problems)
         print(f"[accounting] {self.result['test']}: {len(self.expected)} flows judged; packet-probe misses "
               f"{misses} ({', '.join(f'{k} {v}' for k, v in self.misses.items() if v) or 'none'}); "
               f"{short_flows} flows short of the capture by {short_packets} packets / {short_bytes} bytes"
