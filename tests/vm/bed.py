@@ -103,6 +103,17 @@ def daemon_binary() -> Path | None:
     return p if p.exists() else None
 
 
+def capture_stats(log: str) -> dict[str, int] | None:
+    """tcpdump's exit statistics ("N packets captured", "... dropped by kernel"), or None."""
+    stats = {}
+    for key in ("captured", "received by filter", "dropped by kernel"):
+        m = re.search(rf"^(\d+) packets? {key}$", log, re.M)
+        if m is None:
+            return None
+        stats[key] = int(m.group(1))
+    return stats
+
+
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1."""
     with socket.socket() as s:
@@ -306,6 +317,9 @@ class VM:
         self.guest_uptime_at_ready: float | None = None  # guest's own clock when /init was ready
         self.daemon: Spawned | None = None
         self._captures = 0
+        #: One entry per judged flow scenario (flowlib.Scenario.verdict):
+        #: flows judged, packet-probe misses measured, allowance used.
+        self.accounting: list[dict] = []
 
     # ---- lifecycle
     def start(self) -> "VM":
@@ -476,10 +490,13 @@ class VM:
 
         Captures on all interfaces (Linux cooked headers carry the direction
         the oracle needs); ``bpf`` narrows it.  The control channel's own
-        traffic is always excluded.
+        traffic is always excluded.  An incomplete capture fails: tcpdump's
+        exit statistics must show no packet dropped by the kernel, and the
+        pcap must hold exactly the packets tcpdump says it captured.
         """
         self._captures += 1
-        pcap = f"/tmp/bed/capture.{self._captures}.pcap"
+        n = self._captures
+        pcap = f"/tmp/bed/capture.{n}.pcap"
         proc = self.spawn(f"exec tcpdump -Z root -n -U --immediate-mode -s {CAPTURE_SNAPLEN} -i any -w {pcap} '({bpf}) and not port {GUEST_CONTROL_PORT}'")
         deadline = time.monotonic() + 30
         while "listening on" not in proc.log():
@@ -491,9 +508,22 @@ class VM:
             yield cap
         finally:
             time.sleep(0.5)  # let in-flight packets reach the capture
-            proc.stop("INT")
+            rc = proc.stop("INT")
             cap.pcap = self.fetch(pcap)
-            (self.logdir / f"capture.{self._captures}.pcap").write_bytes(cap.pcap)
+            (self.logdir / f"capture.{n}.pcap").write_bytes(cap.pcap)
+        stats = capture_stats(proc.log())
+        where = f"{self.suite}: capture {n} ({bpf}; {self.logdir / f'capture.{n}.pcap'})"
+        if stats is None:
+            raise BedError(f"{where}: tcpdump exited {rc} without its packet statistics, so the capture "
+                           f"cannot be shown complete:\n{proc.log()}")
+        if stats["dropped by kernel"]:
+            raise BedError(f"{where}: the oracle is incomplete: tcpdump reports {stats['dropped by kernel']} "
+                           f"packets dropped by kernel ({stats['captured']} captured); the flows cannot be "
+                           f"checked against it")
+        records = oracle.count_records(cap.pcap)
+        if records != stats["captured"]:
+            raise BedError(f"{where}: the pcap holds {records} packets, tcpdump says it captured "
+                           f"{stats['captured']}")
         cap.packets = oracle.parse_pcap(cap.pcap)
         cap.totals = oracle.Totals(cap.packets)
 

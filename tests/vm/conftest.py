@@ -5,7 +5,9 @@ over ``SOCKSCOPE_KERNELS``; test ids carry the suite, so ``-k bookworm``
 selects one).  Between tests a daemon left running is stopped.  A failing
 test gets the guest console tail and daemon log attached to its report, and
 the run ends with a per-kernel summary (also written to
-``<logs>/summary.json``).
+``<logs>/summary.json``), including how the flow records compared with the
+packet captures: flows judged, packet-probe misses the kernel counted
+during those scenarios, and how many flows needed that allowance.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def vm_session(request):
                        for p in getattr(getattr(item, "module", None), "GUEST_FORWARDS", ())})
     try:
         v = bed.VM(suite, extra_forwards=forwards)
+        info["accounting"] = v.accounting  # filled by flowlib.Scenario.verdict
         info["release"] = v.kernel.release
         v.start()
     except Exception as e:  # recorded for the summary, then re-raised: never a skip
@@ -109,6 +112,27 @@ def pytest_runtest_makereport(item, call):
             rep.sections.append((f"VM {suite}", f"kernel {suite} failed to boot; logs in {bed.logs_root() / suite}"))
 
 
+def accounting_totals(scenarios: list[dict]) -> dict:
+    """Sum of the judged flow scenarios of one kernel (see flowlib.Scenario.verdict)."""
+    misses: dict[str, int] = defaultdict(int)
+    for sc in scenarios:
+        for probe, n in sc["misses"].items():
+            misses[probe] += n
+    return {"scenarios": len(scenarios), "flows": sum(sc["flows"] for sc in scenarios),
+            "packet_probe_misses": sum(misses.values()), "misses_by_probe": dict(misses),
+            "flows_short": sum(sc["flows_short"] for sc in scenarios),
+            "packets_short": sum(sc["packets_short"] for sc in scenarios),
+            "bytes_short": sum(sc["bytes_short"] for sc in scenarios)}
+
+
+def accounting_line(acc: dict) -> str:
+    """One summary line from :func:`accounting_totals`."""
+    by = ", ".join(f"{k} {v}" for k, v in sorted(acc["misses_by_probe"].items()) if v)
+    return (f"flows vs capture: {acc['flows']} flows in {acc['scenarios']} scenarios; packet-probe misses "
+            f"measured {acc['packet_probe_misses']}{f' ({by})' if by else ''}; {acc['flows_short']} flows "
+            f"needed the allowance ({acc['packets_short']} packets, {acc['bytes_short']} bytes)")
+
+
 def pytest_terminal_summary(terminalreporter):
     if not _OUTCOMES and not _KERNEL_INFO:
         return
@@ -118,11 +142,13 @@ def pytest_terminal_summary(terminalreporter):
     for suite in kernels.SUITES:
         if suite not in _OUTCOMES and suite not in _KERNEL_INFO:
             continue
-        info = _KERNEL_INFO.get(suite, {})
+        info = dict(_KERNEL_INFO.get(suite, {}))
+        scenarios = info.pop("accounting", [])
+        acc = {**accounting_totals(scenarios), "per_scenario": scenarios}
         oc = dict(_OUTCOMES.get(suite, {}))
         facts_file = bed.logs_root() / suite / "facts.json"
         facts = json.loads(facts_file.read_text()) if facts_file.exists() else {}
-        summary[suite] = {**info, "outcomes": oc, "facts": facts}
+        summary[suite] = {**info, "outcomes": oc, "accounting": acc, "facts": facts}
         status = "FAIL" if oc.get("failed") or oc.get("error") or info.get("error") else "ok"
         boot = f"{info['boot_s']:.1f}s" if "boot_s" in info else "-"
         if info.get("guest_uptime_at_ready_s") is not None:
@@ -130,6 +156,13 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"{status:4} {suite:9} {info.get('release', '?'):28} boot {boot}  "
                       + ", ".join(f"{n} {k}" for k, n in sorted(oc.items()))
                       + (f"  [{info['error']}]" if info.get("error") else ""))
+        if scenarios:
+            tr.write_line(f"     {accounting_line(acc)}")
+            for sc in scenarios:
+                if sc["flows_short"]:
+                    tr.write_line(f"       allowance used by {sc['test']}: {sc['flows_short']} flows, "
+                                  f"{sc['packets_short']} packets, {sc['bytes_short']} bytes "
+                                  f"(misses {sc['misses_total']})")
         missing = facts.get("filter_functions_missing")
         if missing is not None:
             tr.write_line(f"     not in available_filter_functions: {', '.join(missing) or 'none'}")

@@ -5,16 +5,22 @@
   run as.
 * :class:`FlowStream` follows ``StreamFlows`` in a background thread and
   collects every envelope.
-* :func:`check_flow` compares one final record against the packet capture
-  and what the workload deterministically did.
+* :func:`scenario` runs a workload under the packet capture and measures,
+  in the guest, the misses the kernel counted for the daemon's packet
+  probes over the same window; :meth:`Scenario.expect` queues final records
+  and :meth:`Scenario.verdict` judges them all at once against the capture,
+  with those misses as the only allowance (see :class:`Scenario`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import subprocess
 import threading
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import grpc
@@ -38,9 +44,6 @@ DAEMON_ARGS = ["-E", "socket.flow_inactive_timeout=2s", "-E", "socket.flow_updat
 SYS_RECVFROM = 45
 #: x86_64 syscall numbers of nanosleep and clock_nanosleep.
 SYS_SLEEPS = (35, 230)
-#: How long a failing flow check waits for probe-miss notices (the daemon
-#: polls kprobe_profile every 2 s).
-MISS_NOTICE_WAIT_S = 6
 #: Offset sources the flow scenarios run with: BTF, and runtime guessing
 #: (what a kernel without BTF gets).
 OFFSETS_MODES = ("btf", "guess")
@@ -184,10 +187,6 @@ class FlowStream:
             counters = f"status unavailable: {e.code()}"
         return f"loss notices: {self.losses()}; {counters}"
 
-    def reported_misses(self) -> int:
-        """Probe misses told in-band so far (KRETPROBE_MISS loss notices)."""
-        return sum(x.count for x in self.losses() if x.source == self.pb.LOSS_SOURCE_KRETPROBE_MISS)
-
     def losses(self) -> list:
         with self.lock:
             return [r.loss for r in self.items if r.WhichOneof("event") == "loss"]
@@ -236,41 +235,242 @@ def _key(local: tuple[str, int], remote: tuple[str, int]) -> tuple:
     return (str(ipaddress.ip_address(local[0])), local[1], str(ipaddress.ip_address(remote[0])), remote[1])
 
 
-def short_by_reported_misses(f, totals: oracle.Totals, proto: str, missed: int) -> bool:
-    """The record is short of the capture, never over it, by at most ``missed`` packets.
+# --------------------------------------------------------------------------- kernel-measured misses
 
-    A kprobe hit while another kprobe handler runs on the same CPU (a
-    softirq taking a packet in the middle of a handler) is dropped by the
-    kernel and counted in kprobe_profile; the daemon reports those as
-    KRETPROBE_MISS losses. A record may then lack that many packets.
+#: Guest tracefs files that list the kprobes and their hit/miss counters.
+KPROBE_EVENTS = "/sys/kernel/tracing/kprobe_events"
+KPROBE_PROFILE = "/sys/kernel/tracing/kprobe_profile"
+#: Reads of the two files tried before giving up on a consistent pair (a
+#: probe added or removed between the reads, e.g. by another instance).
+PROFILE_READ_ATTEMPTS = 5
+#: The daemon's probes whose hits are packets in flow counters (one hit,
+#: one packet on one side of one flow): egress IPv4/IPv6 at ip_output /
+#: ip6_output, TCP ingress at ip_local_deliver / ip6_input, UDP ingress at
+#: delivery to the socket.
+PACKET_PROBES = ("ip_out", "ip6_out", "ip_in", "ip6_in", "udp_in")
+
+
+def probe_group(vm) -> str:
+    """The kprobe group of the running daemon (``sockscope_<pid>``)."""
+    assert vm.daemon is not None and vm.daemon.alive(), "the daemon is not running: its probes cannot be read"
+    return f"sockscope_{vm.daemon.pid}"
+
+
+def parse_profile(events: str, profile: str, group: str) -> dict[str, int] | None:
+    """``nmissed`` of each probe of ``group``, from one read of kprobe_events and kprobe_profile.
+
+    kprobe_profile lists every kprobe by its bare event name, in the order of
+    kprobe_events (checked on 5.10 and 7.2), one line ``name nhit nmissed``;
+    the two texts are paired line by line. ``None`` when they do not pair up.
     """
-    want = totals.flow(proto, (f.local.ip, f.local.port), (f.remote.ip, f.remote.port))
-    dl, dr = want.local.packets - f.local.packets, want.remote.packets - f.remote.packets
-    return (dl >= 0 and dr >= 0 and 0 < dl + dr <= missed
-            and f.local.bytes <= want.local.bytes and f.remote.bytes <= want.remote.bytes)
+    probes = []
+    for line in events.splitlines():
+        head = line.split(maxsplit=1)[0] if line.strip() else ""
+        _, _, gn = head.partition(":")
+        g, _, n = gn.partition("/")
+        if n:
+            probes.append((g, n))
+    rows = [line.split() for line in profile.splitlines() if line.strip()]
+    if len(rows) != len(probes) or any(len(r) != 3 or not r[2].isdigit() for r in rows):
+        return None
+    out = {}
+    for (g, n), (name, _hits, missed) in zip(probes, rows):
+        if name.rsplit("/", 1)[-1] != n:
+            return None
+        if g == group:
+            out[n] = int(missed)
+    return out
 
 
-def problems_allowing_misses(f, totals: oracle.Totals, proto: str, stream: "FlowStream | None",
-                             **want) -> list[str]:
-    """flow_problems with the probe misses ``stream`` was told of; when the record is wrong,
-    waits a little for a miss notice still on its way (the daemon polls misses)."""
-    if stream is None:
-        return flow_problems(f, totals, proto, **want)
-    problems = flow_problems(f, totals, proto, missed=stream.reported_misses(), **want)
-    deadline = time.monotonic() + MISS_NOTICE_WAIT_S
-    while problems and time.monotonic() < deadline:
-        time.sleep(0.5)
-        problems = flow_problems(f, totals, proto, missed=stream.reported_misses(), **want)
-    return problems
+def read_probe_misses(vm, group: str) -> dict[str, int]:
+    """The kernel's miss counter of every probe of ``group``, read in the guest."""
+    sep = "--sockscope-profile--"
+    last = ""
+    for _ in range(PROFILE_READ_ATTEMPTS):
+        r = vm.run(f"cat {KPROBE_EVENTS}; echo {sep}; cat {KPROBE_PROFILE}", check=True)
+        events, _, profile = r.out.partition(sep + "\n")
+        got = parse_profile(events, profile, group)
+        if got is not None:
+            missing = [p for p in ("ip_out", "ip_in", "udp_in") if p not in got]
+            assert not missing, f"the daemon's group {group} has no packet probes {missing}:\n{events}"
+            return got
+        last = r.out
+    raise AssertionError(f"{KPROBE_EVENTS} and {KPROBE_PROFILE} never paired up:\n{last}")
+
+
+def packet_probe(proto: str, ip: str, local_side: bool) -> str:
+    """The probe that counts one side of a flow: the local (sent) or the remote (received) side."""
+    v6 = ipaddress.ip_address(ip).version == 6
+    if local_side:
+        return "ip6_out" if v6 else "ip_out"
+    if proto == "udp":
+        return "udp_in"
+    return "ip6_in" if v6 else "ip_in"
+
+
+def explainable(shortfall_bytes: int, shortfall_packets: int, sizes: list[int]) -> bool:
+    """Whether some ``shortfall_packets`` of the captured packet ``sizes`` add up to exactly
+    ``shortfall_bytes`` (the byte shortfall of a side missing that many packets)."""
+    if shortfall_packets == 0:
+        return shortfall_bytes == 0
+    if shortfall_packets > len(sizes) or shortfall_bytes <= 0:
+        return False
+    limit = (1 << (shortfall_bytes + 1)) - 1
+    # reach[c]: bit s set when some c of the packets seen so far sum to s.
+    reach = [1] + [0] * shortfall_packets
+    for size, n in Counter(sizes).items():
+        for _ in range(min(n, shortfall_packets)):
+            for c in range(shortfall_packets, 0, -1):
+                reach[c] |= (reach[c - 1] << size) & limit
+    return bool(reach[shortfall_packets] >> shortfall_bytes & 1)
+
+
+class Scenario:
+    """One workload under the packet capture, and the kernel's packet-probe misses over it.
+
+    Made by :func:`scenario`. The allowance is fixed before any record is
+    judged: for each packet probe, the misses the kernel counted for the
+    daemon's group in ``kprobe_profile``, read in the guest right before
+    the capture starts and right after it stops (the daemon running both
+    times). A kprobe hit while another kprobe handler runs on that CPU (a
+    softirq in the middle of a handler) is dropped and counted there, and
+    nothing else the daemon reports enters the allowance.
+
+    :meth:`verdict` judges all expected records once, on their final
+    values. A record side (local = sent, counted at ``ip_out``/``ip6_out``;
+    remote = received, counted at ``ip_in``/``ip6_in`` for TCP, ``udp_in``
+    for UDP) equals the capture, or is short of it by ``k`` packets and by
+    bytes that exactly ``k`` of that side's captured packets add up to; it
+    is never over the capture in packets or bytes. The shortfalls of all
+    sides counted by one probe together are at most that probe's misses.
+    With no misses every record equals the capture.
+    """
+
+    def __init__(self, vm, group: str, before: dict[str, int]):
+        self.vm = vm
+        self.group = group
+        self.before = before
+        self.capture = None
+        self.misses: dict[str, int] | None = None
+        self.expected: list[tuple] = []
+        self.result: dict | None = None
+
+    @property
+    def totals(self) -> oracle.Totals:
+        return self.capture.totals
+
+    @property
+    def packets(self) -> list:
+        return self.capture.packets
+
+    def _close(self, capture, after: dict[str, int]) -> None:
+        self.capture = capture
+        gone = [p for p in self.before if p not in after]
+        assert not gone, f"probes {gone} of {self.group} disappeared during the scenario"
+        self.misses = {p: after.get(p, 0) - self.before.get(p, 0) for p in PACKET_PROBES if p in after}
+        assert all(n >= 0 for n in self.misses.values()), f"miss counters went down: {self.before} -> {after}"
+        # Recorded now, so a scenario that fails before its verdict still
+        # shows its misses in the run's summary; verdict() fills in the rest.
+        self.result = {"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "flows": 0,
+                       "misses": dict(self.misses), "misses_total": sum(self.misses.values()),
+                       "flows_short": 0, "packets_short": 0, "bytes_short": 0, "judged": False}
+        self.vm.accounting.append(self.result)
+
+    def expect(self, records: list, proto: str, **want) -> None:
+        """Queue one flow's final records (exactly one expected) for :meth:`verdict`.
+
+        ``want`` (direction, pid, user, name) are flowtool attributes checked
+        by :func:`flow_problems`; without them only the counters are judged.
+        """
+        assert self.misses is not None and not self.result["judged"], "records expected outside the scenario"
+        self.expected.append((list(records), proto, want))
+
+    def _sizes(self, proto: str, src: tuple[str, int], dst: tuple[str, int], sent: bool) -> list[int]:
+        src, dst = oracle._norm(src), oracle._norm(dst)
+        return [p.ip_len for p in self.capture.packets
+                if p.proto == proto and p.src == src and p.dst == dst and (p.loopback or p.outgoing == sent)]
+
+    def verdict(self, stream: "FlowStream | None" = None) -> dict:
+        """Judge every expected record once; fails listing the problems (with ``stream``'s
+        loss notices and counters as context), prints the allowance used."""
+        assert self.misses is not None, "verdict before the scenario ended"
+        assert not self.result["judged"], "one verdict per scenario"
+        problems: list[str] = []
+        used: dict[str, int] = defaultdict(int)
+        short_flows, short_packets, short_bytes = 0, 0, 0
+        shorts: list[str] = []
+        for records, proto, want in self.expected:
+            if len(records) != 1:
+                problems.append(f"{len(records)} final records for one flow: {records}")
+                continue
+            f = records[0]
+            name = f"{proto} {f.local.ip}:{f.local.port} -> {f.remote.ip}:{f.remote.port}"
+            p = flow_problems(f, self.totals, proto, **want) if want else []
+            truth = self.totals.flow(proto, (f.local.ip, f.local.port), (f.remote.ip, f.remote.port))
+            if truth.local.packets + truth.remote.packets == 0:
+                p.append("the capture has no packet of this flow")
+            short = False
+            for side, got_p, got_b, want_c, src, dst in (
+                    ("local", f.local.packets, f.local.bytes, truth.local,
+                     (f.local.ip, f.local.port), (f.remote.ip, f.remote.port)),
+                    ("remote", f.remote.packets, f.remote.bytes, truth.remote,
+                     (f.remote.ip, f.remote.port), (f.local.ip, f.local.port))):
+                dp, db = want_c.packets - got_p, want_c.bytes - got_b
+                if dp == 0 and db == 0:
+                    continue
+                where = f"{side} side {got_p} packets/{got_b} bytes, capture {want_c.packets}/{want_c.bytes}"
+                if dp < 0 or db < 0:
+                    p.append(f"{where}: over the capture")
+                    continue
+                sizes = self._sizes(proto, src, dst, sent=(side == "local"))
+                if not explainable(db, dp, sizes):
+                    p.append(f"{where}: no {dp} captured packets of this side add up to the {db} bytes missing")
+                    continue
+                probe = packet_probe(proto, src[0] if side == "local" else dst[0], side == "local")
+                shorts.append(f"{name}: {where} (counted at {probe})")
+                used[probe] += dp
+                short_packets += dp
+                short_bytes += db
+                short = True
+            short_flows += short
+            if p:
+                problems.append(f"{name}: {p}\n{f}")
+        over = {pr: (n, self.misses.get(pr, 0)) for pr, n in used.items() if n > self.misses.get(pr, 0)}
+        if over:
+            problems.append("packets missing beyond the kernel-counted misses of their probes "
+                            + ", ".join(f"{pr}: {n} missing, {m} missed" for pr, (n, m) in sorted(over.items()))
+                            + "; short records:\n  " + "\n  ".join(shorts[:10]))
+        misses = sum(self.misses.values())
+        self.result.update(flows=len(self.expected), flows_short=short_flows, packets_short=short_packets,
+                           bytes_short=short_bytes, short_by_probe=dict(used), judged=True, ok=not problems)
+        print(f"[accounting] {self.result['test']}: {len(self.expected)} flows judged; packet-probe misses "
+              f"{misses} ({', '.join(f'{k} {v}' for k, v in self.misses.items() if v) or 'none'}); "
+              f"{short_flows} flows short of the capture by {short_packets} packets / {short_bytes} bytes"
+              + (" within that allowance" if not over else ", beyond that allowance"))
+        if problems:
+            context = f"\ndaemon's view: {stream.health()}" if stream is not None else ""
+            raise AssertionError(f"{len(problems)} problems in {len(self.expected)} flows (packet-probe misses "
+                                 f"measured in the kernel: {self.misses}):\n" + "\n".join(problems[:10]) + context)
+        return self.result
+
+
+@contextlib.contextmanager
+def scenario(vm, bpf: str):
+    """Run the ``with`` body under ``vm.capture(bpf)`` and measure the daemon's packet-probe
+    misses over it; yields a :class:`Scenario` (its capture is filled in on exit)."""
+    group = probe_group(vm)
+    sc = Scenario(vm, group, read_probe_misses(vm, group))
+    with vm.capture(bpf) as cap:
+        yield sc
+    # The capture has stopped; the daemon's probes must still be there.
+    probe_group(vm)
+    sc._close(cap, read_probe_misses(vm, group))
 
 
 def flow_problems(f, totals: oracle.Totals, proto: str, *, direction: int, pid: int,
-                  user: tuple[str, int, int], name: str = "flowtool", missed: int = 0) -> list[str]:
-    """Everything wrong with one final record; empty when it is right.
-
-    ``missed``: probe misses the daemon reported in-band; the counters may
-    be short of the capture by that many packets (see short_by_reported_misses).
-    """
+                  user: tuple[str, int, int], name: str = "flowtool") -> list[str]:
+    """Everything wrong with one final record's attributes (the counters are
+    judged by :meth:`Scenario.verdict`); empty when it is right."""
     p = []
     if not f.final:
         p.append("not final")
@@ -284,24 +484,4 @@ def flow_problems(f, totals: oracle.Totals, proto: str, *, direction: int, pid: 
         p.append(f"user {f.user.id}/{f.user.name!r} (cred uid {f.credentials.uid}), want {user[1]}/{user[0]!r}")
     if not f.network.community_id.startswith("1:"):
         p.append(f"community_id {f.network.community_id!r}")
-    truth = totals.flow(proto, (f.local.ip, f.local.port), (f.remote.ip, f.remote.port))
-    if truth.local.packets + truth.remote.packets == 0:
-        p.append("the capture has no packet of this flow")
-    try:
-        oracle.assert_flow_matches(totals, proto, (f.local.ip, f.local.port), (f.remote.ip, f.remote.port),
-                                   local_packets=f.local.packets, local_bytes=f.local.bytes,
-                                   remote_packets=f.remote.packets, remote_bytes=f.remote.bytes)
-    except AssertionError as e:
-        if not short_by_reported_misses(f, totals, proto, missed):
-            p.append(str(e) + (f" (probe misses reported: {missed})" if missed else ""))
     return p
-
-
-def check_flow(records: list, totals: oracle.Totals, proto: str, stream: "FlowStream | None" = None,
-               **want) -> None:
-    """Exactly one final record, and it matches the capture and the workload."""
-    health = f"\n{stream.health()}" if stream is not None else ""
-    assert len(records) == 1, f"{len(records)} final records for one flow: {records}{health}"
-    problems = problems_allowing_misses(records[0], totals, proto, stream, **want)
-    assert not problems, f"{proto} flow {records[0].local.ip}:{records[0].local.port} -> " \
-                         f"{records[0].remote.ip}:{records[0].remote.port}: {problems}\n{records[0]}{health}"

@@ -48,6 +48,8 @@ class PacketRecord:
     dst: tuple[str, int]
     ip_len: int
     tcp_flags: int
+    #: UDP payload as captured (up to the IP length; cut by the snap length).
+    udp_payload: bytes = dataclasses.field(default=b"", repr=False)
 
 
 def _ip(packet: bytes, ts: float, outgoing: bool, loopback: bool, ifindex: int | None) -> PacketRecord | None:
@@ -79,8 +81,9 @@ def _ip(packet: bytes, ts: float, outgoing: bool, loopback: bool, ifindex: int |
         return None
     sport, dport = struct.unpack_from("!HH", packet, l4)
     flags = packet[l4 + 13] if proto == IPPROTO_TCP and len(packet) > l4 + 13 else 0
+    payload = packet[l4 + 8:total] if proto == IPPROTO_UDP else b""
     return PacketRecord(ts, outgoing, loopback, ifindex, "tcp" if proto == IPPROTO_TCP else "udp",
-                        (src, sport), (dst, dport), total, flags)
+                        (src, sport), (dst, dport), total, flags, payload)
 
 
 def parse_pcap(data: bytes) -> list[PacketRecord]:
@@ -125,6 +128,59 @@ def parse_pcap(data: bytes) -> list[PacketRecord]:
         if rec is not None:
             out.append(rec)
     return out
+
+
+def count_records(data: bytes) -> int:
+    """Complete packet records in a classic pcap file, whatever they hold (a
+    cut-off last record is not counted)."""
+    if len(data) < PCAP_HEADER_LEN:
+        raise PcapError(f"pcap too short ({len(data)} bytes)")
+    end = {b"\xd4\xc3\xb2\xa1": "<", b"\xa1\xb2\xc3\xd4": ">",
+           b"\x4d\x3c\xb2\xa1": "<", b"\xa1\xb2\x3c\x4d": ">"}.get(data[:4])
+    if end is None:
+        raise PcapError(f"not a classic pcap (magic {data[:4].hex()})")
+    n, off = 0, PCAP_HEADER_LEN
+    while off + PCAP_RECORD_LEN <= len(data):
+        incl = struct.unpack_from(end + "I", data, off + 8)[0]
+        off += PCAP_RECORD_LEN + incl
+        if off > len(data):
+            break
+        n += 1
+    return n
+
+
+def dns_answers(payload: bytes) -> int | None:
+    """A and AAAA records (class IN) in the answer section of a DNS response
+    message; None when it is not a response or is cut short."""
+    if len(payload) < 12 or not payload[2] & 0x80:
+        return None
+    qdcount, ancount = struct.unpack_from("!HH", payload, 4)
+
+    def skip_name(off: int) -> int:
+        while off < len(payload):
+            n = payload[off]
+            if n & 0xC0 == 0xC0:
+                return off + 2
+            if n == 0:
+                return off + 1
+            off += 1 + n
+        raise IndexError("name runs past the message")
+
+    try:
+        off = 12
+        for _ in range(qdcount):
+            off = skip_name(off) + 4
+        found = 0
+        for _ in range(ancount):
+            off = skip_name(off)
+            rtype, rclass, _ttl, rdlen = struct.unpack_from("!HHIH", payload, off)
+            off += 10 + rdlen
+            if off > len(payload):
+                return None
+            found += rtype in (1, 28) and rclass == 1
+        return found
+    except (IndexError, struct.error):
+        return None
 
 
 def _norm(ep: tuple[str, int]) -> tuple[str, int]:

@@ -1,8 +1,7 @@
-"""Daemon smoke scenario, ready for when `sockscope serve` is wired.
-
-Rename to test_daemon_smoke.py to enable: boot, daemon up, a host gRPC
-client subscribes, a guest HTTP transfer over loopback becomes a flow whose
-counters match the packet capture.
+"""Daemon smoke scenario: boot, daemon up, a host gRPC client subscribes,
+and a guest HTTP transfer over loopback becomes a flow whose counters equal
+the packet capture (short only by packet-probe hits the kernel counted as
+missed during the transfer, see :class:`flowlib.Scenario`).
 """
 
 from __future__ import annotations
@@ -11,8 +10,8 @@ import time
 
 import grpc
 
+import flowlib
 import grpc_client
-import oracle
 
 HTTP_PORT = 8080
 #: Short timeouts so the flow is final quickly.
@@ -28,11 +27,11 @@ def test_kprobe_flow_reaches_host_client(vm):
     with grpc.insecure_channel(f"127.0.0.1:{vm.grpc_port}") as ch:
         stream = rpc.FlowServiceStub(ch).StreamFlows(pb.StreamFlowsRequest(follow=True), timeout=FLOW_WAIT_S)
         time.sleep(1)  # let the subscription register
-        with vm.capture(f"tcp port {HTTP_PORT}") as cap:
+        with flowlib.scenario(vm, f"tcp port {HTTP_PORT}") as sc:
             # The shell prints its pid, then becomes wget (same pid).
             wget = vm.run(f"sh -c 'echo $$; exec wget -q -O /dev/null http://127.0.0.1:{HTTP_PORT}/index.html'",
                           check=True)
-        client = next(k for k in cap.totals.sent if k[0] == "tcp" and k[2] == ("127.0.0.1", HTTP_PORT))
+        client = next(k for k in sc.totals.sent if k[0] == "tcp" and k[2] == ("127.0.0.1", HTTP_PORT))
         flow = None
         for resp in stream:
             f = resp.flow
@@ -46,8 +45,6 @@ def test_kprobe_flow_reaches_host_client(vm):
     # re-executes itself through /proc/self/exe, and a process that has
     # already exited cannot be looked up in /proc any more.)
     assert flow.process.pid == int(wget.out.split()[0]), flow.process
-    oracle.assert_flow_matches(cap.totals, "tcp", (flow.local.ip, flow.local.port),
-                               (flow.remote.ip, flow.remote.port),
-                               local_packets=flow.local.packets, local_bytes=flow.local.bytes,
-                               remote_packets=flow.remote.packets, remote_bytes=flow.remote.bytes)
+    sc.expect([flow], "tcp")
+    sc.verdict()
     assert vm.stop_daemon("TERM") == 0

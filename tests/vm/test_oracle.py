@@ -108,3 +108,148 @@ def test_selected_suites_rejects_unknown(monkeypatch):
         kernels.selected_suites()
     monkeypatch.delenv("SOCKSCOPE_KERNELS")
     assert kernels.selected_suites() == list(kernels.SUITES)
+
+
+def test_count_records_counts_every_complete_record():
+    frames = [_sll2(_ipv4("1.1.1.1", "2.2.2.2", 6, 1, 2, 0), 4), b"\x00" * 30, _sll2(b"\x45", 0)]
+    data = _pcap(oracle.LINKTYPE_LINUX_SLL2, frames)
+    assert oracle.count_records(data) == 3
+    assert oracle.count_records(data[:-1]) == 2  # a cut-off last record is not a packet
+    with pytest.raises(oracle.PcapError):
+        oracle.count_records(b"\x0a\x0d\x0d\x0a" + b"\0" * 40)
+
+
+def _dns_response(answers: list[tuple[int, bytes]], qr: bool = True) -> bytes:
+    name = b"\x04web4\x09sockscope\x04test\x00"
+    msg = struct.pack("!HHHHHH", 7, 0x8180 if qr else 0x0100, 1, len(answers), 0, 0) + name + b"\x00\x01\x00\x01"
+    for rtype, rdata in answers:
+        msg += b"\xc0\x0c" + struct.pack("!HHIH", rtype, 1, 0, len(rdata)) + rdata
+    return msg
+
+
+def test_dns_answers_counts_a_and_aaaa_only():
+    resp = _dns_response([(1, b"\x0a\x00\x02\x0f"), (5, b"\x00"), (28, b"\0" * 16)])
+    assert oracle.dns_answers(resp) == 2
+    assert oracle.dns_answers(_dns_response([])) == 0
+    assert oracle.dns_answers(resp[:-3]) is None  # cut short
+    assert oracle.dns_answers(_dns_response([], qr=False)) is None  # a query
+    # The payload reaches the oracle through the capture.
+    ip = bytearray(_ipv4("127.0.0.1", "127.0.0.1", 17, 53, 40000, len(resp)))
+    ip[28:] = resp
+    recs = oracle.parse_pcap(_pcap(oracle.LINKTYPE_LINUX_SLL2, [_sll2(bytes(ip), 0, hatype=oracle.ARPHRD_LOOPBACK)],
+                                   snaplen=256))
+    assert oracle.dns_answers(recs[0].udp_payload) == 2
+
+
+def test_capture_stats_from_tcpdump_exit_lines():
+    import bed
+    log = ("tcpdump: listening on any, link-type LINUX_SLL2\n1 packet captured\n"
+           "12 packets received by filter\n3 packets dropped by kernel\n")
+    assert bed.capture_stats(log) == {"captured": 1, "received by filter": 12, "dropped by kernel": 3}
+    assert bed.capture_stats("tcpdump: listening on any\n") is None
+
+
+def test_profile_pairs_bare_names_with_events_and_keeps_one_group():
+    import flowlib
+    events = ("p:sockscope_195/ip_out ip_output sk=$arg2:x64\n"
+              "p:other_1/ip_out ip_output\n"
+              "r256:sockscope_195/tcp_accept inet_csk_accept sk=$retval:x64\n")
+    profile = "  ip_out   113   2\n  ip_out   9   7\n  tcp_accept   15   74\n"
+    assert flowlib.parse_profile(events, profile, "sockscope_195") == {"ip_out": 2, "tcp_accept": 74}
+    assert flowlib.parse_profile(events, "  ip_out 1 0\n", "sockscope_195") is None  # read between changes
+    assert flowlib.parse_profile(events, profile.replace("tcp_accept", "creds"), "sockscope_195") is None
+
+
+def test_shortfall_bytes_must_be_some_missing_packets():
+    import flowlib
+    sizes = [60, 52, 1500, 1500, 52, 52]
+    assert flowlib.explainable(0, 0, sizes)
+    assert flowlib.explainable(1552, 2, sizes)
+    assert flowlib.explainable(3000, 2, sizes)
+    assert not flowlib.explainable(1500, 2, sizes)  # two packets cannot weigh one
+    assert not flowlib.explainable(4500, 3, sizes)  # only two of 1500
+    assert not flowlib.explainable(10, 0, sizes)
+    assert not flowlib.explainable(0, 1, sizes)
+    assert flowlib.explainable(156, 3, sizes) and not flowlib.explainable(157, 3, sizes)
+
+
+def test_packet_probe_of_each_flow_side():
+    import flowlib
+    assert flowlib.packet_probe("tcp", "127.0.0.1", True) == "ip_out"
+    assert flowlib.packet_probe("udp", "::1", True) == "ip6_out"
+    assert flowlib.packet_probe("tcp", "::1", False) == "ip6_in"
+    assert flowlib.packet_probe("tcp", "10.0.2.15", False) == "ip_in"
+    assert flowlib.packet_probe("udp", "fd00:5c0:5c0::15", False) == "udp_in"
+
+
+def test_archive_from_one_line_and_deb822_sources(tmp_path, monkeypatch):
+    one = tmp_path / "sources.list"
+    one.write_text("# comment\ndeb [arch=amd64 signed-by=/k.gpg] http://mirror.test/debian bookworm main contrib\n"
+                   "deb-src http://mirror.test/debian bookworm main\n"
+                   "deb http://security.test/debian-security bookworm-security main\n")
+    d822 = tmp_path / "extra.sources"
+    d822.write_text("Types: deb\nURIs: http://other.test/debian/\nSuites: trixie trixie-updates\n"
+                    "Components: main\n\nTypes: deb\nURIs: http://third.test/repo\nSuites: nodistro\n"
+                    "Components: main\n\nEnabled: no\nTypes: deb\nURIs: http://off.test/debian\n"
+                    "Suites: sid\nComponents: main\n")
+    monkeypatch.setattr(kernels, "source_files", lambda: [one, d822])
+    assert kernels.archive_uris() == ["http://mirror.test/debian", "http://other.test/debian"]
+    empty = tmp_path / "empty.list"
+    empty.write_text("# nothing enabled\n")
+    monkeypatch.setattr(kernels, "source_files", lambda: [empty])
+    with pytest.raises(kernels.ArchiveTrustError, match="no Debian archive"):
+        kernels.archive_uris()
+
+
+def _verdict(records: list, misses: dict[str, int]):
+    """Scenario.verdict over a synthetic loopback capture: client 40000 -> server 80,
+    three packets each way (60, 52, 1052 bytes out; 60, 52, 552 bytes back)."""
+    import types
+
+    import flowlib
+    cli, srv = ("127.0.0.1", 40000), ("127.0.0.1", 80)
+    pkts = [oracle.PacketRecord(0, False, True, 1, "tcp", cli, srv, n, 0) for n in (60, 52, 1052)]
+    pkts += [oracle.PacketRecord(0, False, True, 1, "tcp", srv, cli, n, 0) for n in (60, 52, 552)]
+    vm = types.SimpleNamespace(accounting=[])
+    sc = flowlib.Scenario(vm, "sockscope_1", {p: 0 for p in flowlib.PACKET_PROBES})
+    sc._close(types.SimpleNamespace(packets=pkts, totals=oracle.Totals(pkts)),
+              {p: misses.get(p, 0) for p in flowlib.PACKET_PROBES})
+    for (lp, lb, rp, rb), (local, remote) in records:
+        side = types.SimpleNamespace
+        rec = side(local=side(ip=local[0], port=local[1], packets=lp, bytes=lb),
+                   remote=side(ip=remote[0], port=remote[1], packets=rp, bytes=rb))
+        sc.expect([rec], "tcp")
+    return sc.verdict(), vm.accounting
+
+
+CLIENT_SIDE = (("127.0.0.1", 40000), ("127.0.0.1", 80))
+SERVER_SIDE = (("127.0.0.1", 80), ("127.0.0.1", 40000))
+
+
+def test_verdict_exact_without_misses():
+    result, acc = _verdict([((3, 1164, 3, 664), CLIENT_SIDE), ((3, 664, 3, 1164), SERVER_SIDE)], {})
+    assert result["flows"] == 2 and result["flows_short"] == 0 and acc == [result]
+    with pytest.raises(AssertionError, match="local side 2 packets/1112 bytes"):
+        _verdict([((2, 1112, 3, 664), CLIENT_SIDE)], {})  # short, no misses
+    with pytest.raises(AssertionError, match="over the capture"):
+        _verdict([((3, 1164, 3, 665), CLIENT_SIDE)], {"ip_in": 5})  # over is never allowed
+    with pytest.raises(AssertionError, match="over the capture"):
+        _verdict([((4, 1216, 3, 664), CLIENT_SIDE)], {"ip_out": 5})
+
+
+def test_verdict_allowance_is_the_probes_kernel_misses():
+    # One client packet of 52 bytes missing: ip_out missed once.
+    result, _ = _verdict([((2, 1112, 3, 664), CLIENT_SIDE)], {"ip_out": 1})
+    assert (result["flows_short"], result["packets_short"], result["bytes_short"]) == (1, 1, 52)
+    # The same shortfall against misses of another probe is not allowed.
+    with pytest.raises(AssertionError, match="ip_out: 1 missing, 0 missed"):
+        _verdict([((2, 1112, 3, 664), CLIENT_SIDE)], {"ip_in": 3})
+    # Bytes no captured packet of that side weighs.
+    with pytest.raises(AssertionError, match="add up to the 53 bytes"):
+        _verdict([((2, 1111, 3, 664), CLIENT_SIDE)], {"ip_out": 1})
+    # One budget for the scenario: two flows short by one each need two misses.
+    flows = [((2, 1112, 3, 664), CLIENT_SIDE), ((2, 604, 3, 1164), SERVER_SIDE)]
+    with pytest.raises(AssertionError, match="ip_out: 2 missing, 1 missed"):
+        _verdict(flows, {"ip_out": 1})
+    result, _ = _verdict(flows, {"ip_out": 2})
+    assert (result["flows_short"], result["packets_short"]) == (2, 2)
