@@ -707,7 +707,9 @@ async fn slow_subscriber_gets_drops_in_band_then_resource_exhausted() {
     // Phase 2: it stops reading and keeps dropping → closed.
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut id = 100;
-    let status = loop {
+    // Phase-2 flows offered while the hub still listed it.
+    let mut offered_before_close = 0;
+    loop {
         assert!(
             tokio::time::Instant::now() < deadline,
             "slow subscriber never closed"
@@ -724,13 +726,34 @@ async fn slow_subscriber_gets_drops_in_band_then_resource_exhausted() {
         while fast_rx.try_recv().is_ok() {}
         let st = hub.status().await.expect("status");
         if st.subscribers.len() == 1 {
-            // Closed: the next item of the slow stream is the error.
-            let r = tokio::time::timeout(WAIT, slow.next())
-                .await
-                .expect("timeout");
-            break r.expect("item").expect_err("expected an error status");
+            break;
+        }
+        offered_before_close = id - 100;
+    }
+    // Closed: what was dropped or still queued arrives as SUBSCRIBER_QUEUE
+    // notices, then the error.
+    let mut told = 0;
+    let status = loop {
+        let r = tokio::time::timeout(WAIT, slow.next())
+            .await
+            .expect("timeout")
+            .expect("stream ended without a status");
+        match r {
+            Ok(w) => match w.payload {
+                Some(sockscope::export::encoded::Payload::Loss(l)) => {
+                    assert_eq!(l.source, proto::LossSource::SubscriberQueue as i32);
+                    told += l.count;
+                }
+                other => panic!("after the close: {other:?}"),
+            },
+            Err(status) => break status,
         }
     };
+    assert!(
+        (offered_before_close..=id - 100).contains(&told),
+        "told {told} of {offered_before_close}..={} offered",
+        id - 100
+    );
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     assert!(
         status.message().contains("too slow"),
@@ -797,6 +820,126 @@ async fn slow_grpc_client_is_closed_with_resource_exhausted() {
         }
     };
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+}
+
+/// What one stream received before it ended.
+#[derive(Debug, Default)]
+struct Received {
+    flows: u64,
+    told: u64,
+    /// Flows per response, largest seen.
+    most_packed: usize,
+}
+
+/// Reads a stream to its end, `pause` after each response, checking that
+/// sequence numbers count envelopes.
+async fn receive(
+    mut st: tonic::Streaming<proto::StreamFlowsResponse>,
+    pause: Duration,
+) -> Received {
+    let mut got = Received::default();
+    let mut sequence = 0;
+    loop {
+        let r = tokio::time::timeout(WAIT, st.next())
+            .await
+            .unwrap_or_else(|_| panic!("timed out; so far {got:?}"));
+        let Some(r) = r else { return got };
+        let r = r.expect("stream error");
+        sequence += 1;
+        assert_eq!(r.sequence, sequence, "sequence counts envelopes");
+        match r.event {
+            Some(Event::Flow(_)) => got.flows += 1,
+            Some(Event::Loss(l)) => got.told += l.count,
+            None => {}
+        }
+        got.flows += r.flows.len() as u64;
+        got.most_packed = got.most_packed.max(r.flows.len());
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_offered_flow_is_delivered_or_told() {
+    const FLOWS: u64 = 4000;
+    const BURST: u64 = 100;
+    const SMALL_WINDOW: u32 = 16 * 1024;
+    let TestServer {
+        tcp,
+        tx,
+        _stop,
+        _dir,
+        ..
+    } = start_with(|o| {
+        o.hub.queue_size = 1024;
+        // Only the accounting is under test, not the closing policy.
+        o.hub.slow_seconds = 0;
+    })
+    .await;
+    let ch = client::connect(&ServerAddr::Tcp(tcp.to_string()))
+        .await
+        .expect("connect");
+    // The slow reader's HTTP/2 window holds a few dozen flows, not
+    // megabytes, so its own queue overflows.
+    let small_window = tonic::transport::Endpoint::from_shared(format!("http://{tcp}"))
+        .expect("endpoint")
+        .initial_stream_window_size(SMALL_WINDOW)
+        .initial_connection_window_size(SMALL_WINDOW)
+        .connect()
+        .await
+        .expect("connect");
+    let open = |ch: &Channel, max_flows_per_response| {
+        let mut c = client::flow_client(ch.clone());
+        async move {
+            c.stream_flows(proto::StreamFlowsRequest {
+                follow: true,
+                max_flows_per_response,
+                ..Default::default()
+            })
+            .await
+            .expect("follow")
+            .into_inner()
+        }
+    };
+    // One flow per response (the original shape), reading far slower than
+    // the flows come; and a packing reader that keeps up.
+    let slow = tokio::spawn(receive(
+        open(&small_window, 0).await,
+        Duration::from_millis(2),
+    ));
+    let fast = tokio::spawn(receive(
+        open(&ch, client::FLOWS_PER_RESPONSE).await,
+        Duration::ZERO,
+    ));
+    wait_subscribers(&ch, 2).await;
+    for id in 1..=FLOWS {
+        assert!(
+            tx.send(record(Rec {
+                id,
+                ..Rec::default()
+            })),
+            "pipeline channel refused flow {id}"
+        );
+        if id % BURST == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // The pipeline ends: both streams end after their last notices.
+    drop(tx);
+    let slow = slow.await.expect("slow reader");
+    let fast = fast.await.expect("fast reader");
+    assert!(slow.told > 0, "the slow reader lost nothing: {slow:?}");
+    assert_eq!(slow.flows + slow.told, FLOWS, "slow reader: {slow:?}");
+    assert_eq!((fast.flows, fast.told), (FLOWS, 0), "fast reader: {fast:?}");
+    assert_eq!(
+        slow.most_packed, 0,
+        "packed flows for a client that did not ask"
+    );
+    assert!(
+        (1..=client::FLOWS_PER_RESPONSE as usize).contains(&fast.most_packed),
+        "fast reader: {fast:?}"
+    );
 }
 
 #[tokio::test]

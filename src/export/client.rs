@@ -8,6 +8,8 @@ use prost_reflect::{DynamicMessage, SerializeOptions};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::export::proto::flow_service_client::FlowServiceClient;
+use crate::export::proto::stream_flows_response::Event;
+use crate::export::proto::StreamFlowsResponse;
 
 /// Authority sent on Unix-socket connections.
 pub const UNIX_AUTHORITY: &str = "localhost";
@@ -124,6 +126,28 @@ pub async fn connect_unix(path: &Path, authority: &str) -> Result<Channel, Clien
 /// A flow service client on a connected channel.
 pub fn flow_client(ch: Channel) -> FlowServiceClient<Channel> {
     FlowServiceClient::new(ch)
+}
+
+/// `max_flows_per_response` the bundled clients ask for (the server bounds
+/// it to its own maximum).
+pub const FLOWS_PER_RESPONSE: u32 = 64;
+
+/// Splits a response into responses of the one-flow shape: one per flow of
+/// `flows` (each with the envelope's node name, time and sequence), or the
+/// response itself when it has no packed flows.
+pub fn unpack(mut resp: StreamFlowsResponse) -> impl Iterator<Item = StreamFlowsResponse> {
+    let flows = std::mem::take(&mut resp.flows);
+    let (node_name, time, sequence) = (resp.node_name.clone(), resp.time, resp.sequence);
+    let whole = (resp.event.is_some() || flows.is_empty()).then_some(resp);
+    whole
+        .into_iter()
+        .chain(flows.into_iter().map(move |f| StreamFlowsResponse {
+            event: Some(Event::Flow(f)),
+            flows: Vec::new(),
+            node_name: node_name.clone(),
+            time,
+            sequence,
+        }))
 }
 
 /// Renders a message as proto3 JSON (lowerCamelCase names, 64-bit integers
