@@ -163,6 +163,15 @@ struct Received {
     responses: u64,
 }
 
+impl Received {
+    /// Counts one response with `flows` flows and a notice of `told`.
+    fn add(&mut self, flows: u64, told: u64) {
+        self.responses += 1;
+        self.flows += flows;
+        self.told += told;
+    }
+}
+
 /// Waits (bounded) for every subscriber's stream to end.
 async fn join_all(tasks: Vec<JoinHandle<Received>>) -> Vec<Received> {
     let mut got = Vec::new();
@@ -224,13 +233,12 @@ fn hub_only(records: Arc<Vec<Arc<FlowRecord>>>, rate: u64) {
             tasks.push(tokio::spawn(async move {
                 let mut got = Received::default();
                 while let Some(Ok(w)) = s.next().await {
-                    got.responses += 1;
-                    match w.payload {
-                        Some(Payload::Flow(_)) => got.flows += 1,
-                        Some(Payload::Loss(l)) => got.told += l.count,
-                        None => {}
-                    }
-                    got.flows += w.flows.len() as u64;
+                    let (single, told) = match w.payload {
+                        Some(Payload::Flow(_)) => (1, 0),
+                        Some(Payload::Loss(l)) => (0, l.count),
+                        None => (0, 0),
+                    };
+                    got.add(single + w.flows.len() as u64, told);
                 }
                 got
             }));
@@ -303,13 +311,12 @@ fn grpc(records: Arc<Vec<Arc<FlowRecord>>>, rate: u64, max_flows_per_response: u
                 loop {
                     match s.next().await {
                         Some(Ok(r)) => {
-                            got.responses += 1;
-                            match r.event {
-                                Some(Event::Flow(_)) => got.flows += 1,
-                                Some(Event::Loss(n)) => got.told += n.count,
-                                None => {}
-                            }
-                            got.flows += r.flows.len() as u64;
+                            let (single, told) = match r.event {
+                                Some(Event::Flow(_)) => (1, 0),
+                                Some(Event::Loss(n)) => (0, n.count),
+                                None => (0, 0),
+                            };
+                            got.add(single + r.flows.len() as u64, told);
                         }
                         Some(Err(e)) => panic!("stream ended with {e}"),
                         None => return got,
