@@ -249,6 +249,9 @@ impl Hub {
 /// Key of coalesced loss notices: protobuf source and CPU.
 type LossKey = (i32, Option<u32>);
 
+/// Key of a stream's own queue drops.
+const SUBSCRIBER_QUEUE_KEY: LossKey = (proto::LossSource::SubscriberQueue as i32, None);
+
 #[derive(Debug, Clone, Copy)]
 struct CoalescedLoss {
     count: u64,
@@ -407,8 +410,8 @@ impl Subscription {
         self.rx = None;
         let now = SystemTime::now();
         if flows > 0 {
-            let key = (proto::LossSource::SubscriberQueue as i32, None);
-            self.mailbox.put(key, CoalescedLoss::at(flows, now));
+            self.mailbox
+                .put(SUBSCRIBER_QUEUE_KEY, CoalescedLoss::at(flows, now));
         }
         for l in notices {
             let t = |ts: &Option<prost_types::Timestamp>| {
@@ -512,6 +515,9 @@ struct Sub {
     tx: mpsc::Sender<Payload>,
     close: Option<oneshot::Sender<Status>>,
     mailbox: Arc<LossMailbox>,
+    /// Queue drops since the last flush, kept apart from `pending` so a
+    /// drop costs no map look-up.
+    queue_loss: Option<CoalescedLoss>,
     drops: u64,
     delivered: u64,
     pending: HashMap<LossKey, CoalescedLoss>,
@@ -528,9 +534,17 @@ impl Sub {
         merge_loss(&mut self.pending, key, CoalescedLoss { count, first, last });
     }
 
+    /// Moves the queue drops counted since the last call into `pending`.
+    fn take_queue_loss(&mut self) {
+        if let Some(l) = self.queue_loss.take() {
+            merge_loss(&mut self.pending, SUBSCRIBER_QUEUE_KEY, l);
+        }
+    }
+
     /// Sends pending notices whose key is not rate-limited: in the queue
     /// when it has room (in order with the flows), else in the mailbox.
     fn flush_losses(&mut self, now: Instant) {
+        self.take_queue_loss();
         if self.pending.is_empty() {
             return;
         }
@@ -560,6 +574,7 @@ impl Sub {
     /// Hands every pending notice to the stream, rate limit or not; called
     /// when the hub lets go of the subscriber.
     fn finish(&mut self) {
+        self.take_queue_loss();
         for (key, p) in self.pending.drain() {
             self.mailbox.put(key, p);
         }
@@ -573,12 +588,13 @@ impl Sub {
                 self.drops += 1;
                 self.period_dropped += 1;
                 let now = SystemTime::now();
-                self.add_loss(
-                    (proto::LossSource::SubscriberQueue as i32, None),
-                    1,
-                    now,
-                    now,
-                );
+                match &mut self.queue_loss {
+                    Some(l) => {
+                        l.count += 1;
+                        l.last = now;
+                    }
+                    None => self.queue_loss = Some(CoalescedLoss::at(1, now)),
+                }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
@@ -789,6 +805,7 @@ impl Owner {
                 tx,
                 close: Some(close_tx),
                 mailbox: mailbox.clone(),
+                queue_loss: None,
                 drops: 0,
                 delivered: 0,
                 pending: HashMap::new(),
@@ -811,7 +828,9 @@ impl Owner {
             stash: None,
             closing: None,
             max_flows: req.max_flows_per_response.clamp(1, MAX_FLOWS_PER_RESPONSE),
-            node_name: self.node_name.clone(),
+            // A copy of its own: every envelope clones it, and a count
+            // shared by all streams would bounce between threads.
+            node_name: Arc::from(&*self.node_name),
             sequence: 0,
             done: false,
         }
