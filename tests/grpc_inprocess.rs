@@ -943,6 +943,71 @@ async fn every_offered_flow_is_delivered_or_told() {
 }
 
 #[tokio::test]
+async fn flows_are_packed_up_to_the_bound_and_notices_keep_their_place() {
+    use sockscope::export::encoded::Payload;
+    use sockscope::export::hub::MAX_FLOWS_PER_RESPONSE;
+    let (tx, rx) = export::pipeline_channel(10_000);
+    let (hub, _task) = Hub::spawn(HubOptions::new(10, 1000, "n"), rx);
+    let mut sub = hub
+        .subscribe(SubscribeRequest {
+            follow: true,
+            // More than the server packs.
+            max_flows_per_response: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe");
+    let flows = |from: u64| {
+        for id in from..from + 100 {
+            assert!(tx.send(record(Rec {
+                id,
+                ..Rec::default()
+            })));
+        }
+    };
+    flows(1);
+    let now = SystemTime::now();
+    assert!(tx.send(Output::Loss(Loss {
+        source: LossSource::KernelRing,
+        cpu: Some(1),
+        count: 7,
+        first: now,
+        last: now,
+    })));
+    flows(101);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while hub.status().await.expect("status").subscribers[0].queue_depth < 201 {
+        assert!(tokio::time::Instant::now() < deadline, "flows never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(tx);
+    let mut shapes = Vec::new();
+    let mut ids = Vec::new();
+    while let Some(w) = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("timeout")
+    {
+        let w = w.expect("status");
+        assert_eq!(
+            w.sequence,
+            shapes.len() as u64 + 1,
+            "sequence counts envelopes"
+        );
+        match w.payload {
+            Some(Payload::Loss(l)) => shapes.push(format!("loss {}", l.count)),
+            Some(Payload::Flow(_)) => panic!("a single flow for a packing stream"),
+            None => shapes.push(w.flows.len().to_string()),
+        }
+        ids.extend(w.flows.iter().map(|f| f.record.id));
+    }
+    let m = MAX_FLOWS_PER_RESPONSE;
+    let want = [m.to_string(), (100 - m).to_string(), "loss 7".into()];
+    assert_eq!(shapes[..3], want, "{shapes:?}");
+    assert_eq!(shapes[3..], want[..2], "{shapes:?}");
+    assert_eq!(ids, (1..=200).collect::<Vec<_>>());
+}
+
+#[tokio::test]
 async fn disconnected_subscriber_is_removed() {
     let s = start().await;
     let ch = channel(&s).await;

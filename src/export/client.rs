@@ -170,3 +170,52 @@ pub fn proto_json<M: prost::Message>(
         .serialize_with_options(serde_json::value::Serializer, &SerializeOptions::new())
         .map_err(|e| err(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::proto::{Flow, LossNotice};
+
+    fn flow(id: u64) -> Flow {
+        Flow {
+            id,
+            ..Flow::default()
+        }
+    }
+
+    #[test]
+    fn unpack_gives_the_one_flow_shape() {
+        let time = Some(prost_types::Timestamp {
+            seconds: 3,
+            nanos: 0,
+        });
+        let packed = StreamFlowsResponse {
+            event: None,
+            flows: vec![flow(1), flow(2)],
+            node_name: "n".into(),
+            time,
+            sequence: 9,
+        };
+        let got: Vec<_> = unpack(packed).collect();
+        let want: Vec<_> = [1, 2]
+            .map(|id| StreamFlowsResponse {
+                event: Some(Event::Flow(flow(id))),
+                flows: Vec::new(),
+                node_name: "n".into(),
+                time,
+                sequence: 9,
+            })
+            .into();
+        assert_eq!(got, want);
+        for single in [
+            want[0].clone(),
+            StreamFlowsResponse {
+                event: Some(Event::Loss(LossNotice::default())),
+                ..StreamFlowsResponse::default()
+            },
+            StreamFlowsResponse::default(),
+        ] {
+            assert_eq!(unpack(single.clone()).collect::<Vec<_>>(), vec![single]);
+        }
+    }
+}
