@@ -1007,6 +1007,50 @@ async fn flows_are_packed_up_to_the_bound_and_notices_keep_their_place() {
     assert_eq!(ids, (1..=200).collect::<Vec<_>>());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_one_json_object_per_flow_of_packed_responses() {
+    let s = start().await;
+    let ch = channel(&s).await;
+    for id in 1..=150 {
+        send(
+            &s,
+            record(Rec {
+                id,
+                ..Rec::default()
+            }),
+        );
+    }
+    wait_history(&ch, 100).await;
+    let server = s.tcp.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sockscope"))
+            .args([
+                "watch", "--server", &server, "--number", "100", "--format", "json",
+            ])
+            .output()
+            .expect("run sockscope watch")
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{out:?}");
+    let mut envelopes = std::collections::BTreeSet::new();
+    let ids: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON object per line");
+            assert!(v.get("flows").is_none(), "packed line {l}");
+            envelopes.insert(v["sequence"].to_string());
+            v["flow"]["id"]
+                .as_str()
+                .and_then(|id| id.parse().ok())
+                .unwrap_or_else(|| panic!("no flow id in {l}"))
+        })
+        .collect();
+    assert_eq!(ids, (51..=150).collect::<Vec<_>>());
+    // It asked for packing: the flows came in a few envelopes.
+    assert!(envelopes.len() < ids.len() / 10, "{envelopes:?}");
+}
+
 #[tokio::test]
 async fn disconnected_subscriber_is_removed() {
     let s = start().await;
