@@ -165,6 +165,19 @@ fn send(s: &TestServer, out: Output) {
     assert!(s.tx.send(out), "pipeline channel refused an output");
 }
 
+/// Sends one default flow per id.
+fn send_ids(s: &TestServer, ids: std::ops::RangeInclusive<u64>) {
+    for id in ids {
+        send(
+            s,
+            record(Rec {
+                id,
+                ..Rec::default()
+            }),
+        );
+    }
+}
+
 /// Collects flows ids (and loss notices) until `n` flows arrived.
 async fn collect_ids(
     stream: &mut tonic::Streaming<proto::StreamFlowsResponse>,
@@ -1011,15 +1024,7 @@ async fn flows_are_packed_up_to_the_bound_and_notices_keep_their_place() {
 async fn watch_prints_one_json_object_per_flow_of_packed_responses() {
     let s = start().await;
     let ch = channel(&s).await;
-    for id in 1..=150 {
-        send(
-            &s,
-            record(Rec {
-                id,
-                ..Rec::default()
-            }),
-        );
-    }
+    send_ids(&s, 1..=150);
     wait_history(&ch, 100).await;
     let server = s.tcp.to_string();
     let out = tokio::task::spawn_blocking(move || {
@@ -1089,15 +1094,7 @@ async fn fifty_concurrent_subscribers_each_get_everything() {
         );
     }
     wait_subscribers(&ch, 50).await;
-    for id in 1..=100 {
-        send(
-            &s,
-            record(Rec {
-                id,
-                ..Rec::default()
-            }),
-        );
-    }
+    send_ids(&s, 1..=100);
     let tasks: Vec<_> = streams
         .into_iter()
         .map(|mut st| tokio::spawn(async move { collect_ids(&mut st, 100).await }))
