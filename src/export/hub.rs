@@ -327,11 +327,9 @@ impl LossMailbox {
 
     /// Whether the oldest waiting notice has waited a notice interval.
     fn is_due(&self, now: Instant) -> bool {
-        self.is_waiting()
-            && self
-                .lock()
-                .since
-                .is_some_and(|t| now.duration_since(t) >= LOSS_NOTICE_INTERVAL)
+        self.lock()
+            .since
+            .is_some_and(|t| now.duration_since(t) >= LOSS_NOTICE_INTERVAL)
     }
 
     /// Takes one waiting notice.
@@ -455,6 +453,11 @@ impl Subscription {
 
     /// After the last record: waiting notices, then the closing status.
     fn finish(&mut self) -> Poll<Option<Result<WireResponse, Status>>> {
+        // The hub sends the status before it lets go of the queue, so a
+        // status not seen yet is there now.
+        if let Some(status) = self.close.take().and_then(|mut c| c.try_recv().ok()) {
+            self.closing = Some(status);
+        }
         if let Some(n) = self.mailbox.take() {
             return self.loss(n);
         }
@@ -481,7 +484,7 @@ impl tokio_stream::Stream for Subscription {
                 Poll::Pending => {}
             }
         }
-        if this.mailbox.is_due(Instant::now()) {
+        if this.mailbox.is_waiting() && this.mailbox.is_due(Instant::now()) {
             if let Some(n) = this.mailbox.take() {
                 return this.loss(n);
             }
