@@ -1,25 +1,31 @@
 //! Fan-out cost: 100k flows/s pushed through the pipeline channel to 10
 //! subscribers, (a) consumed in-process from the hub and (b) streamed over
-//! loopback gRPC. Reports CPU time per 1,000 flows delivered, per thread
-//! group (from /proc/self/task/*/stat), plus criterion micro-benchmarks of
-//! the per-record work (convert+encode, filter evaluation).
+//! loopback gRPC, one flow per response (clients that do not ask for more)
+//! and packed (as `sockscope watch` asks). The producer's end of the
+//! pipeline is dropped after the run, so every stream ends by itself after
+//! its last loss notices; the counts are taken then. Reports what was
+//! delivered and what was told in loss notices (their sum must be what was
+//! offered), and CPU time per 1,000 flows delivered, per thread group (from
+//! /proc/self/task/*/stat), plus criterion micro-benchmarks of the
+//! per-record work (convert+encode, filter evaluation).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{black_box, Criterion};
 use sockscope::config::Config;
 use sockscope::export::client::{self, ServerAddr};
-use sockscope::export::encoded::EncodedFlow;
+use sockscope::export::encoded::{EncodedFlow, Payload};
 use sockscope::export::filter::FilterSet;
 use sockscope::export::hub::{Hub, HubOptions, SubscribeRequest};
 use sockscope::export::proto;
+use sockscope::export::proto::stream_flows_response::Event;
 use sockscope::export::status::EmptyStatus;
 use sockscope::export::{self as export, HealthHandle, PipelineSender, ServerOptions};
 use sockscope::model::{
     Creds, Endpoint, FlowDirection, FlowRecord, Output, ProcessInfo, Transport,
 };
+use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 
 /// Offered rates: the target and a lower one for comparison.
@@ -36,6 +42,10 @@ const DISTINCT: usize = 1024;
 const QUEUE: usize = 4096;
 /// Pipeline channel capacity.
 const PIPELINE: usize = 16_384;
+/// Longest wait for the streams to end after the run.
+const DRAIN: Duration = Duration::from_secs(30);
+/// `max_flows_per_response` of the packed gRPC variant.
+const PACKED: u32 = client::FLOWS_PER_RESPONSE;
 
 fn record(i: usize) -> Arc<FlowRecord> {
     let now = SystemTime::now();
@@ -142,13 +152,56 @@ fn produce(
         .expect("producer thread")
 }
 
-fn report(name: &str, rate: u64, sent: u64, delivered: u64, groups: &[(&str, f64)]) {
+/// What one subscriber received by the end of its stream.
+#[derive(Debug, Default, Clone, Copy)]
+struct Received {
+    /// Flows delivered.
+    flows: u64,
+    /// Flows counted in loss notices.
+    told: u64,
+    /// Responses.
+    responses: u64,
+}
+
+impl Received {
+    /// Counts one response with `flows` flows and a notice of `told`.
+    fn add(&mut self, flows: u64, told: u64) {
+        self.responses += 1;
+        self.flows += flows;
+        self.told += told;
+    }
+}
+
+/// Waits (bounded) for every subscriber's stream to end.
+async fn join_all(tasks: Vec<JoinHandle<Received>>) -> Vec<Received> {
+    let mut got = Vec::new();
+    for t in tasks {
+        match tokio::time::timeout(DRAIN, t).await {
+            Ok(Ok(r)) => got.push(r),
+            Ok(Err(e)) => panic!("subscriber task: {e}"),
+            Err(_) => panic!("a stream did not end within {DRAIN:?} of the run"),
+        }
+    }
+    got
+}
+
+fn report(name: &str, rate: u64, sent: u64, subs: &[Received], groups: &[(&str, f64)]) {
+    let delivered: u64 = subs.iter().map(|r| r.flows).sum();
+    let told: u64 = subs.iter().map(|r| r.told).sum();
+    let responses: u64 = subs.iter().map(|r| r.responses).sum();
+    let offered = sent * subs.len() as u64;
     let per_k = |cpu: f64| cpu * 1e6 / (delivered as f64 / 1000.0);
     println!(
-        "{name}: offered {sent} flows in {:?} ({} /s) to {SUBSCRIBERS} subscribers, delivered {delivered} ({:.1}%)",
+        "{name}: offered {sent} flows in {:?} ({} /s) to {} subscribers, delivered {delivered} ({:.1}%)",
         RUN,
         rate,
-        100.0 * delivered as f64 / (sent as f64 * SUBSCRIBERS as f64)
+        subs.len(),
+        100.0 * delivered as f64 / offered as f64
+    );
+    println!(
+        "  told in loss notices {told}, neither {}; {responses} responses ({:.1} flows each)",
+        offered as i64 - delivered as i64 - told as i64,
+        delivered as f64 / responses.max(1) as f64
     );
     for (g, cpu) in groups {
         println!(
@@ -165,10 +218,10 @@ fn hub_only(records: Arc<Vec<Arc<FlowRecord>>>, rate: u64) {
         .enable_all()
         .build()
         .expect("runtime");
-    let delivered = Arc::new(AtomicU64::new(0));
     let (tx, rx) = export::pipeline_channel(PIPELINE);
-    rt.block_on(async {
+    let tasks = rt.block_on(async {
         let (hub, _t) = Hub::spawn(HubOptions::new(16_384, QUEUE, "bench"), rx);
+        let mut tasks = Vec::new();
         for _ in 0..SUBSCRIBERS {
             let mut s = hub
                 .subscribe(SubscribeRequest {
@@ -177,28 +230,35 @@ fn hub_only(records: Arc<Vec<Arc<FlowRecord>>>, rate: u64) {
                 })
                 .await
                 .expect("subscribe");
-            let d = delivered.clone();
-            tokio::spawn(async move {
-                while let Some(Ok(_)) = s.next().await {
-                    d.fetch_add(1, Ordering::Relaxed);
+            tasks.push(tokio::spawn(async move {
+                let mut got = Received::default();
+                while let Some(Ok(w)) = s.next().await {
+                    let (single, told) = match w.payload {
+                        Some(Payload::Flow(_)) => (1, 0),
+                        Some(Payload::Loss(l)) => (0, l.count),
+                        None => (0, 0),
+                    };
+                    got.add(single + w.flows.len() as u64, told);
                 }
-            });
+                got
+            }));
         }
+        tasks
     });
     let before = cpu_secs("hubrt");
     let sent = produce(tx, records, rate).join().expect("producer");
-    std::thread::sleep(Duration::from_millis(300));
+    let subs = rt.block_on(join_all(tasks));
     let cpu = cpu_secs("hubrt") - before;
     report(
         "hub (in-process consumers)",
         rate,
         sent,
-        delivered.load(Ordering::Relaxed),
+        &subs,
         &[("hub+cons", cpu)],
     );
 }
 
-fn grpc(records: Arc<Vec<Arc<FlowRecord>>>, rate: u64) {
+fn grpc(records: Arc<Vec<Arc<FlowRecord>>>, rate: u64, max_flows_per_response: u32) {
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("server")
@@ -230,10 +290,8 @@ fn grpc(records: Arc<Vec<Arc<FlowRecord>>>, rate: u64) {
         ));
         addr
     });
-    let delivered = Arc::new(AtomicU64::new(0));
-    let losses = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    client_rt.block_on(async {
+    let tasks = client_rt.block_on(async {
+        let mut tasks = Vec::new();
         for _ in 0..SUBSCRIBERS {
             let ch = client::connect(&ServerAddr::Tcp(addr.to_string()))
                 .await
@@ -242,46 +300,48 @@ fn grpc(records: Arc<Vec<Arc<FlowRecord>>>, rate: u64) {
             let mut s = c
                 .stream_flows(proto::StreamFlowsRequest {
                     follow: true,
+                    max_flows_per_response,
                     ..Default::default()
                 })
                 .await
                 .expect("stream")
                 .into_inner();
-            let (d, l, stop) = (delivered.clone(), losses.clone(), stop.clone());
-            tokio::spawn(async move {
-                while let Some(Ok(r)) = s.next().await {
-                    match r.event {
-                        Some(proto::stream_flows_response::Event::Flow(_)) => {
-                            d.fetch_add(1, Ordering::Relaxed);
+            tasks.push(tokio::spawn(async move {
+                let mut got = Received::default();
+                loop {
+                    match s.next().await {
+                        Some(Ok(r)) => {
+                            let (single, told) = match r.event {
+                                Some(Event::Flow(_)) => (1, 0),
+                                Some(Event::Loss(n)) => (0, n.count),
+                                None => (0, 0),
+                            };
+                            got.add(single + r.flows.len() as u64, told);
                         }
-                        Some(proto::stream_flows_response::Event::Loss(n)) => {
-                            l.fetch_add(n.count, Ordering::Relaxed);
-                        }
-                        None => {}
-                    }
-                    if stop.load(Ordering::Relaxed) {
-                        return;
+                        Some(Err(e)) => panic!("stream ended with {e}"),
+                        None => return got,
                     }
                 }
-            });
+            }));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+        tasks
     });
     let (s0, c0) = (cpu_secs("server"), cpu_secs("client"));
     let sent = produce(tx, records, rate).join().expect("producer");
-    std::thread::sleep(Duration::from_millis(500));
+    let subs = client_rt.block_on(join_all(tasks));
     let (s1, c1) = (cpu_secs("server"), cpu_secs("client"));
-    stop.store(true, Ordering::Relaxed);
+    let name = if max_flows_per_response > 1 {
+        format!("gRPC over loopback TCP, up to {max_flows_per_response} flows per response")
+    } else {
+        "gRPC over loopback TCP, one flow per response".to_string()
+    };
     report(
-        "gRPC over loopback TCP",
+        &name,
         rate,
         sent,
-        delivered.load(Ordering::Relaxed),
+        &subs,
         &[("server", s1 - s0), ("clients", c1 - c0)],
-    );
-    println!(
-        "  in-band loss notices reported {} records",
-        losses.load(Ordering::Relaxed)
     );
 }
 
@@ -306,7 +366,8 @@ fn main() {
     let records: Arc<Vec<Arc<FlowRecord>>> = Arc::new((0..DISTINCT).map(record).collect());
     for rate in RATES {
         hub_only(records.clone(), rate);
-        grpc(records.clone(), rate);
+        grpc(records.clone(), rate, 0);
+        grpc(records.clone(), rate, PACKED);
     }
     let mut c = Criterion::default()
         .configure_from_args()

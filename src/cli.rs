@@ -388,6 +388,7 @@ pub fn watch_request(a: &WatchArgs) -> proto::StreamFlowsRequest {
         include_updates: a.updates,
         allow: if empty { vec![] } else { vec![filter] },
         deny: vec![],
+        max_flows_per_response: client::FLOWS_PER_RESPONSE,
     }
 }
 
@@ -499,49 +500,58 @@ async fn watch(cfg: &Config, a: WatchArgs) -> ExitCode {
                 return status_exit(&s);
             }
         };
-        let line = match (a.format, &resp.event) {
-            (WatchFormat::Json, _) => {
-                match client::proto_json(&resp, "sockscope.v1.StreamFlowsResponse") {
-                    Ok(v) => v.to_string(),
-                    Err(e) => {
-                        eprintln!("sockscope: {e}");
-                        continue;
-                    }
-                }
-            }
-            (_, Some(proto::stream_flows_response::Event::Loss(l))) => {
-                eprintln!("sockscope: {}", loss_line(l));
+        for resp in client::unpack(resp) {
+            let Some(line) = watch_line(a.format, &resp) else {
                 continue;
+            };
+            if writeln!(out, "{line}").is_err() {
+                return ExitCode::Ok;
             }
-            (WatchFormat::Ecs, Some(proto::stream_flows_response::Event::Flow(f))) => {
-                match convert::flow_from_proto(f) {
-                    Ok((rec, host)) => {
-                        let host = HostInfo {
-                            name: if host.is_empty() {
-                                resp.node_name.clone()
-                            } else {
-                                host
-                            },
-                            ..HostInfo::default()
-                        };
-                        ecs::flow_document(&rec, &host).to_string()
-                    }
-                    Err(e) => {
-                        eprintln!("sockscope: skipping record: {e}");
-                        continue;
-                    }
-                }
-            }
-            (WatchFormat::Table, Some(proto::stream_flows_response::Event::Flow(f))) => {
-                table_line(f)
-            }
-            (_, None) => continue,
-        };
-        if writeln!(out, "{line}").is_err() {
-            return ExitCode::Ok;
         }
     }
     ExitCode::Ok
+}
+
+/// The output line of one (unpacked) response in `format`; loss notices go
+/// to standard error instead.
+fn watch_line(format: WatchFormat, resp: &proto::StreamFlowsResponse) -> Option<String> {
+    let line = match (format, &resp.event) {
+        (WatchFormat::Json, _) => {
+            match client::proto_json(resp, "sockscope.v1.StreamFlowsResponse") {
+                Ok(v) => v.to_string(),
+                Err(e) => {
+                    eprintln!("sockscope: {e}");
+                    return None;
+                }
+            }
+        }
+        (_, Some(proto::stream_flows_response::Event::Loss(l))) => {
+            eprintln!("sockscope: {}", loss_line(l));
+            return None;
+        }
+        (WatchFormat::Ecs, Some(proto::stream_flows_response::Event::Flow(f))) => {
+            match convert::flow_from_proto(f) {
+                Ok((rec, host)) => {
+                    let host = HostInfo {
+                        name: if host.is_empty() {
+                            resp.node_name.clone()
+                        } else {
+                            host
+                        },
+                        ..HostInfo::default()
+                    };
+                    ecs::flow_document(&rec, &host).to_string()
+                }
+                Err(e) => {
+                    eprintln!("sockscope: skipping record: {e}");
+                    return None;
+                }
+            }
+        }
+        (WatchFormat::Table, Some(proto::stream_flows_response::Event::Flow(f))) => table_line(f),
+        (_, None) => return None,
+    };
+    Some(line)
 }
 
 /// Human-readable rendering of a status response.

@@ -165,6 +165,19 @@ fn send(s: &TestServer, out: Output) {
     assert!(s.tx.send(out), "pipeline channel refused an output");
 }
 
+/// Sends one default flow per id.
+fn send_ids(s: &TestServer, ids: std::ops::RangeInclusive<u64>) {
+    for id in ids {
+        send(
+            s,
+            record(Rec {
+                id,
+                ..Rec::default()
+            }),
+        );
+    }
+}
+
 /// Collects flows ids (and loss notices) until `n` flows arrived.
 async fn collect_ids(
     stream: &mut tonic::Streaming<proto::StreamFlowsResponse>,
@@ -707,7 +720,9 @@ async fn slow_subscriber_gets_drops_in_band_then_resource_exhausted() {
     // Phase 2: it stops reading and keeps dropping → closed.
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut id = 100;
-    let status = loop {
+    // Phase-2 flows offered while the hub still listed it.
+    let mut offered_before_close = 0;
+    loop {
         assert!(
             tokio::time::Instant::now() < deadline,
             "slow subscriber never closed"
@@ -724,13 +739,34 @@ async fn slow_subscriber_gets_drops_in_band_then_resource_exhausted() {
         while fast_rx.try_recv().is_ok() {}
         let st = hub.status().await.expect("status");
         if st.subscribers.len() == 1 {
-            // Closed: the next item of the slow stream is the error.
-            let r = tokio::time::timeout(WAIT, slow.next())
-                .await
-                .expect("timeout");
-            break r.expect("item").expect_err("expected an error status");
+            break;
+        }
+        offered_before_close = id - 100;
+    }
+    // Closed: what was dropped or still queued arrives as SUBSCRIBER_QUEUE
+    // notices, then the error.
+    let mut told = 0;
+    let status = loop {
+        let r = tokio::time::timeout(WAIT, slow.next())
+            .await
+            .expect("timeout")
+            .expect("stream ended without a status");
+        match r {
+            Ok(w) => match w.payload {
+                Some(sockscope::export::encoded::Payload::Loss(l)) => {
+                    assert_eq!(l.source, proto::LossSource::SubscriberQueue as i32);
+                    told += l.count;
+                }
+                other => panic!("after the close: {other:?}"),
+            },
+            Err(status) => break status,
         }
     };
+    assert!(
+        (offered_before_close..=id - 100).contains(&told),
+        "told {told} of {offered_before_close}..={} offered",
+        id - 100
+    );
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     assert!(
         status.message().contains("too slow"),
@@ -799,6 +835,227 @@ async fn slow_grpc_client_is_closed_with_resource_exhausted() {
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
 }
 
+/// What one stream received before it ended.
+#[derive(Debug, Default)]
+struct Received {
+    flows: u64,
+    told: u64,
+    /// Flows per response, largest seen.
+    most_packed: usize,
+}
+
+/// Reads a stream to its end, `pause` after each response, checking that
+/// sequence numbers count envelopes.
+async fn receive(
+    mut st: tonic::Streaming<proto::StreamFlowsResponse>,
+    pause: Duration,
+) -> Received {
+    let mut got = Received::default();
+    let mut sequence = 0;
+    loop {
+        let r = tokio::time::timeout(WAIT, st.next())
+            .await
+            .unwrap_or_else(|_| panic!("timed out; so far {got:?}"));
+        let Some(r) = r else { return got };
+        let r = r.expect("stream error");
+        sequence += 1;
+        assert_eq!(r.sequence, sequence, "sequence counts envelopes");
+        match r.event {
+            Some(Event::Flow(_)) => got.flows += 1,
+            Some(Event::Loss(l)) => got.told += l.count,
+            None => {}
+        }
+        got.flows += r.flows.len() as u64;
+        got.most_packed = got.most_packed.max(r.flows.len());
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_offered_flow_is_delivered_or_told() {
+    const FLOWS: u64 = 4000;
+    const BURST: u64 = 100;
+    const SMALL_WINDOW: u32 = 16 * 1024;
+    let TestServer {
+        tcp,
+        tx,
+        _stop,
+        _dir,
+        ..
+    } = start_with(|o| {
+        o.hub.queue_size = 1024;
+        // Only the accounting is under test, not the closing policy.
+        o.hub.slow_seconds = 0;
+    })
+    .await;
+    let ch = client::connect(&ServerAddr::Tcp(tcp.to_string()))
+        .await
+        .expect("connect");
+    // The slow reader's HTTP/2 window holds a few dozen flows, not
+    // megabytes, so its own queue overflows.
+    let small_window = tonic::transport::Endpoint::from_shared(format!("http://{tcp}"))
+        .expect("endpoint")
+        .initial_stream_window_size(SMALL_WINDOW)
+        .initial_connection_window_size(SMALL_WINDOW)
+        .connect()
+        .await
+        .expect("connect");
+    let open = |ch: &Channel, max_flows_per_response| {
+        let mut c = client::flow_client(ch.clone());
+        async move {
+            c.stream_flows(proto::StreamFlowsRequest {
+                follow: true,
+                max_flows_per_response,
+                ..Default::default()
+            })
+            .await
+            .expect("follow")
+            .into_inner()
+        }
+    };
+    // One flow per response (the original shape), reading far slower than
+    // the flows come; and a packing reader that keeps up.
+    let slow = tokio::spawn(receive(
+        open(&small_window, 0).await,
+        Duration::from_millis(2),
+    ));
+    let fast = tokio::spawn(receive(
+        open(&ch, client::FLOWS_PER_RESPONSE).await,
+        Duration::ZERO,
+    ));
+    wait_subscribers(&ch, 2).await;
+    for id in 1..=FLOWS {
+        assert!(
+            tx.send(record(Rec {
+                id,
+                ..Rec::default()
+            })),
+            "pipeline channel refused flow {id}"
+        );
+        if id % BURST == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // The pipeline ends: both streams end after their last notices.
+    drop(tx);
+    let slow = slow.await.expect("slow reader");
+    let fast = fast.await.expect("fast reader");
+    assert!(slow.told > 0, "the slow reader lost nothing: {slow:?}");
+    assert_eq!(slow.flows + slow.told, FLOWS, "slow reader: {slow:?}");
+    assert_eq!((fast.flows, fast.told), (FLOWS, 0), "fast reader: {fast:?}");
+    assert_eq!(
+        slow.most_packed, 0,
+        "packed flows for a client that did not ask"
+    );
+    assert!(
+        (1..=client::FLOWS_PER_RESPONSE as usize).contains(&fast.most_packed),
+        "fast reader: {fast:?}"
+    );
+}
+
+#[tokio::test]
+async fn flows_are_packed_up_to_the_bound_and_notices_keep_their_place() {
+    use sockscope::export::encoded::Payload;
+    use sockscope::export::hub::MAX_FLOWS_PER_RESPONSE;
+    let (tx, rx) = export::pipeline_channel(10_000);
+    let (hub, _task) = Hub::spawn(HubOptions::new(10, 1000, "n"), rx);
+    let mut sub = hub
+        .subscribe(SubscribeRequest {
+            follow: true,
+            // More than the server packs.
+            max_flows_per_response: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe");
+    let flows = |from: u64| {
+        for id in from..from + 100 {
+            assert!(tx.send(record(Rec {
+                id,
+                ..Rec::default()
+            })));
+        }
+    };
+    flows(1);
+    let now = SystemTime::now();
+    assert!(tx.send(Output::Loss(Loss {
+        source: LossSource::KernelRing,
+        cpu: Some(1),
+        count: 7,
+        first: now,
+        last: now,
+    })));
+    flows(101);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while hub.status().await.expect("status").subscribers[0].queue_depth < 201 {
+        assert!(tokio::time::Instant::now() < deadline, "flows never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(tx);
+    let mut shapes = Vec::new();
+    let mut ids = Vec::new();
+    while let Some(w) = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("timeout")
+    {
+        let w = w.expect("status");
+        assert_eq!(
+            w.sequence,
+            shapes.len() as u64 + 1,
+            "sequence counts envelopes"
+        );
+        match w.payload {
+            Some(Payload::Loss(l)) => shapes.push(format!("loss {}", l.count)),
+            Some(Payload::Flow(_)) => panic!("a single flow for a packing stream"),
+            None => shapes.push(w.flows.len().to_string()),
+        }
+        ids.extend(w.flows.iter().map(|f| f.record.id));
+    }
+    let m = MAX_FLOWS_PER_RESPONSE;
+    let want = [m.to_string(), (100 - m).to_string(), "loss 7".into()];
+    assert_eq!(shapes[..3], want, "{shapes:?}");
+    assert_eq!(shapes[3..], want[..2], "{shapes:?}");
+    assert_eq!(ids, (1..=200).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_one_json_object_per_flow_of_packed_responses() {
+    let s = start().await;
+    let ch = channel(&s).await;
+    send_ids(&s, 1..=150);
+    wait_history(&ch, 100).await;
+    let server = s.tcp.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sockscope"))
+            .args([
+                "watch", "--server", &server, "--number", "100", "--format", "json",
+            ])
+            .output()
+            .expect("run sockscope watch")
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{out:?}");
+    let mut envelopes = std::collections::BTreeSet::new();
+    let ids: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON object per line");
+            assert!(v.get("flows").is_none(), "packed line {l}");
+            envelopes.insert(v["sequence"].to_string());
+            v["flow"]["id"]
+                .as_str()
+                .and_then(|id| id.parse().ok())
+                .unwrap_or_else(|| panic!("no flow id in {l}"))
+        })
+        .collect();
+    assert_eq!(ids, (51..=150).collect::<Vec<_>>());
+    // It asked for packing: the flows came in a few envelopes.
+    assert!(envelopes.len() < ids.len() / 10, "{envelopes:?}");
+}
+
 #[tokio::test]
 async fn disconnected_subscriber_is_removed() {
     let s = start().await;
@@ -837,15 +1094,7 @@ async fn fifty_concurrent_subscribers_each_get_everything() {
         );
     }
     wait_subscribers(&ch, 50).await;
-    for id in 1..=100 {
-        send(
-            &s,
-            record(Rec {
-                id,
-                ..Rec::default()
-            }),
-        );
-    }
+    send_ids(&s, 1..=100);
     let tasks: Vec<_> = streams
         .into_iter()
         .map(|mut st| tokio::spawn(async move { collect_ids(&mut st, 100).await }))

@@ -8,6 +8,8 @@ use prost_reflect::{DynamicMessage, SerializeOptions};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::export::proto::flow_service_client::FlowServiceClient;
+use crate::export::proto::stream_flows_response::Event;
+use crate::export::proto::StreamFlowsResponse;
 
 /// Authority sent on Unix-socket connections.
 pub const UNIX_AUTHORITY: &str = "localhost";
@@ -126,6 +128,28 @@ pub fn flow_client(ch: Channel) -> FlowServiceClient<Channel> {
     FlowServiceClient::new(ch)
 }
 
+/// `max_flows_per_response` the bundled clients ask for (the server bounds
+/// it to its own maximum).
+pub const FLOWS_PER_RESPONSE: u32 = 64;
+
+/// Splits a response into responses of the one-flow shape: one per flow of
+/// `flows` (each with the envelope's node name, time and sequence), or the
+/// response itself when it has no packed flows.
+pub fn unpack(mut resp: StreamFlowsResponse) -> impl Iterator<Item = StreamFlowsResponse> {
+    let flows = std::mem::take(&mut resp.flows);
+    let (node_name, time, sequence) = (resp.node_name.clone(), resp.time, resp.sequence);
+    let whole = (resp.event.is_some() || flows.is_empty()).then_some(resp);
+    whole
+        .into_iter()
+        .chain(flows.into_iter().map(move |f| StreamFlowsResponse {
+            event: Some(Event::Flow(f)),
+            flows: Vec::new(),
+            node_name: node_name.clone(),
+            time,
+            sequence,
+        }))
+}
+
 /// Renders a message as proto3 JSON (lowerCamelCase names, 64-bit integers
 /// as strings, default values omitted), `full_name` being its protobuf name
 /// (e.g. `sockscope.v1.StreamFlowsResponse`).
@@ -145,4 +169,53 @@ pub fn proto_json<M: prost::Message>(
     dynamic
         .serialize_with_options(serde_json::value::Serializer, &SerializeOptions::new())
         .map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::proto::{Flow, LossNotice};
+
+    fn flow(id: u64) -> Flow {
+        Flow {
+            id,
+            ..Flow::default()
+        }
+    }
+
+    #[test]
+    fn unpack_gives_the_one_flow_shape() {
+        let time = Some(prost_types::Timestamp {
+            seconds: 3,
+            nanos: 0,
+        });
+        let packed = StreamFlowsResponse {
+            event: None,
+            flows: vec![flow(1), flow(2)],
+            node_name: "n".into(),
+            time,
+            sequence: 9,
+        };
+        let got: Vec<_> = unpack(packed).collect();
+        let want: Vec<_> = [1, 2]
+            .map(|id| StreamFlowsResponse {
+                event: Some(Event::Flow(flow(id))),
+                flows: Vec::new(),
+                node_name: "n".into(),
+                time,
+                sequence: 9,
+            })
+            .into();
+        assert_eq!(got, want);
+        for single in [
+            want[0].clone(),
+            StreamFlowsResponse {
+                event: Some(Event::Loss(LossNotice::default())),
+                ..StreamFlowsResponse::default()
+            },
+            StreamFlowsResponse::default(),
+        ] {
+            assert_eq!(unpack(single.clone()).collect::<Vec<_>>(), vec![single]);
+        }
+    }
 }

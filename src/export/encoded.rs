@@ -18,6 +18,8 @@ use crate::model::FlowRecord;
 const TAG_FLOW: u32 = 1;
 /// Field number of `StreamFlowsResponse.loss`.
 const TAG_LOSS: u32 = 2;
+/// Field number of `StreamFlowsResponse.flows`.
+const TAG_FLOWS: u32 = 3;
 /// Field number of `StreamFlowsResponse.node_name`.
 const TAG_NODE_NAME: u32 = 1000;
 /// Field number of `StreamFlowsResponse.time`.
@@ -52,12 +54,27 @@ pub enum Payload {
     Loss(proto::LossNotice),
 }
 
+/// Encodes one pre-encoded flow as the length-delimited field `tag`.
+fn encode_flow(tag: u32, f: &EncodedFlow, buf: &mut impl BufMut) {
+    encoding::encode_key(tag, WireType::LengthDelimited, buf);
+    encoding::encode_varint(f.bytes.len() as u64, buf);
+    buf.put_slice(&f.bytes);
+}
+
+/// Length of [`encode_flow`]'s output.
+fn flow_len(tag: u32, f: &EncodedFlow) -> usize {
+    encoding::key_len(tag) + encoding::encoded_len_varint(f.bytes.len() as u64) + f.bytes.len()
+}
+
 /// A `StreamFlowsResponse` as the server sends it. Encode-only: decoding it
 /// skips every field (clients decode `proto::StreamFlowsResponse`).
 #[derive(Debug, Clone, Default)]
 pub struct WireResponse {
-    /// The payload.
+    /// The payload (`flow` or `loss`).
     pub payload: Option<Payload>,
+    /// Packed flows (`flows`), for streams that asked for them; empty
+    /// otherwise.
+    pub flows: Vec<Arc<EncodedFlow>>,
     /// Node name.
     pub node_name: Arc<str>,
     /// Send time.
@@ -69,13 +86,12 @@ pub struct WireResponse {
 impl Message for WireResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         match &self.payload {
-            Some(Payload::Flow(f)) => {
-                encoding::encode_key(TAG_FLOW, WireType::LengthDelimited, buf);
-                encoding::encode_varint(f.bytes.len() as u64, buf);
-                buf.put_slice(&f.bytes);
-            }
+            Some(Payload::Flow(f)) => encode_flow(TAG_FLOW, f, buf),
             Some(Payload::Loss(l)) => encoding::message::encode(TAG_LOSS, l, buf),
             None => {}
+        }
+        for f in &self.flows {
+            encode_flow(TAG_FLOWS, f, buf);
         }
         if !self.node_name.is_empty() {
             encoding::encode_key(TAG_NODE_NAME, WireType::LengthDelimited, buf);
@@ -102,14 +118,11 @@ impl Message for WireResponse {
 
     fn encoded_len(&self) -> usize {
         let payload = match &self.payload {
-            Some(Payload::Flow(f)) => {
-                encoding::key_len(TAG_FLOW)
-                    + encoding::encoded_len_varint(f.bytes.len() as u64)
-                    + f.bytes.len()
-            }
+            Some(Payload::Flow(f)) => flow_len(TAG_FLOW, f),
             Some(Payload::Loss(l)) => encoding::message::encoded_len(TAG_LOSS, l),
             None => 0,
         };
+        let flows: usize = self.flows.iter().map(|f| flow_len(TAG_FLOWS, f)).sum();
         let node = if self.node_name.is_empty() {
             0
         } else {
@@ -126,7 +139,7 @@ impl Message for WireResponse {
         } else {
             encoding::uint64::encoded_len(TAG_SEQUENCE, &self.sequence)
         };
-        payload + node + time + seq
+        payload + flows + node + time + seq
     }
 
     fn clear(&mut self) {
@@ -179,7 +192,8 @@ mod tests {
             nanos: 7,
         });
         let wire = WireResponse {
-            payload: Some(Payload::Flow(enc)),
+            payload: Some(Payload::Flow(enc.clone())),
+            flows: Vec::new(),
             node_name: Arc::from("node-a"),
             time,
             sequence: 300,
@@ -188,6 +202,7 @@ mod tests {
             event: Some(proto::stream_flows_response::Event::Flow(convert::flow(
                 &rec, "host",
             ))),
+            flows: Vec::new(),
             node_name: "node-a".into(),
             time,
             sequence: 300,
@@ -207,6 +222,7 @@ mod tests {
         };
         let wire = WireResponse {
             payload: Some(Payload::Loss(loss)),
+            flows: Vec::new(),
             node_name: Arc::from(""),
             time: None,
             sequence: 0,
@@ -214,6 +230,25 @@ mod tests {
         let generated = proto::StreamFlowsResponse {
             event: Some(proto::stream_flows_response::Event::Loss(loss)),
             ..Default::default()
+        };
+        assert_eq!(wire.encode_to_vec(), generated.encode_to_vec());
+        assert_eq!(wire.encoded_len(), generated.encoded_len());
+
+        // Packed: the same bytes in the repeated field, once per flow.
+        let wire = WireResponse {
+            payload: None,
+            flows: vec![enc.clone(), enc],
+            node_name: Arc::from("node-a"),
+            time,
+            sequence: 301,
+        };
+        let one = convert::flow(&rec, "host");
+        let generated = proto::StreamFlowsResponse {
+            event: None,
+            flows: vec![one.clone(), one],
+            node_name: "node-a".into(),
+            time,
+            sequence: 301,
         };
         assert_eq!(wire.encode_to_vec(), generated.encode_to_vec());
         assert_eq!(wire.encoded_len(), generated.encoded_len());

@@ -9,12 +9,22 @@
 //! [`LOSS_NOTICE_INTERVAL`] per stream. A subscriber that keeps dropping for
 //! [`HubOptions::slow_seconds`] with a drop ratio of at least
 //! [`HubOptions::slow_drop_ratio`] is closed with `RESOURCE_EXHAUSTED`.
+//!
+//! Every record offered to a stream is either delivered or counted in a
+//! notice the stream delivers before it ends. A notice never waits for room
+//! in the subscriber's queue: when the queue is full it goes to the stream's
+//! [`LossMailbox`], which the stream reads as soon as its queue is empty, once
+//! the notice is [`LOSS_NOTICE_INTERVAL`] old, and always before it ends.
+//! When a stream ends (pipeline closed, `until` passed, closed as too slow)
+//! its pending notices are handed over regardless of the rate limit, and a
+//! stream closed as too slow reports the records still queued for it as
+//! `SUBSCRIBER_QUEUE` loss before its status.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -50,6 +60,11 @@ pub const DEFAULT_PIPELINE_QUEUE_SIZE: usize = 8192;
 const PIPELINE_BATCH: usize = 256;
 /// Capacity of the hub's command channel (subscribe, status).
 const COMMAND_QUEUE_SIZE: usize = 256;
+/// Most flows packed into one response, whatever a client asks for.
+pub const MAX_FLOWS_PER_RESPONSE: usize = 64;
+/// Most bytes of encoded flows packed into one response (a single larger
+/// flow still goes out, alone).
+pub const MAX_PACKED_FLOW_BYTES: usize = 64 * 1024;
 
 /// Options of the fan-out hub.
 #[derive(Debug, Clone)]
@@ -149,6 +164,10 @@ pub struct SubscribeRequest {
     pub filters: FilterSet,
     /// Peer description for the status.
     pub peer: String,
+    /// Most flows per response; 0 or 1: one flow per response in the
+    /// `flow` field (the original shape), more: flows packed into `flows`,
+    /// bounded by [`MAX_FLOWS_PER_RESPONSE`] and [`MAX_PACKED_FLOW_BYTES`].
+    pub max_flows_per_response: usize,
 }
 
 enum Command {
@@ -227,26 +246,223 @@ impl Hub {
     }
 }
 
+/// Key of coalesced loss notices: protobuf source and CPU.
+type LossKey = (i32, Option<u32>);
+
+/// Key of a stream's own queue drops.
+const SUBSCRIBER_QUEUE_KEY: LossKey = (proto::LossSource::SubscriberQueue as i32, None);
+
+#[derive(Debug, Clone, Copy)]
+struct CoalescedLoss {
+    count: u64,
+    first: SystemTime,
+    last: SystemTime,
+}
+
+impl CoalescedLoss {
+    /// A loss of `count` records at `at`.
+    fn at(count: u64, at: SystemTime) -> CoalescedLoss {
+        CoalescedLoss {
+            count,
+            first: at,
+            last: at,
+        }
+    }
+
+    /// The notice of this loss under `key`.
+    fn notice(&self, key: LossKey) -> proto::LossNotice {
+        proto::LossNotice {
+            source: key.0,
+            cpu: key.1,
+            count: self.count,
+            first: Some(convert::timestamp(self.first)),
+            last: Some(convert::timestamp(self.last)),
+        }
+    }
+}
+
+/// Adds `loss` to the entry of `key`.
+fn merge_loss(map: &mut HashMap<LossKey, CoalescedLoss>, key: LossKey, loss: CoalescedLoss) {
+    map.entry(key)
+        .and_modify(|p| {
+            p.count = p.count.saturating_add(loss.count);
+            p.first = p.first.min(loss.first);
+            p.last = p.last.max(loss.last);
+        })
+        .or_insert(loss);
+}
+
+/// Loss notices handed from the hub to one stream outside its bounded
+/// queue, coalesced per key, so a full queue never loses a notice.
+#[derive(Debug, Default)]
+struct LossMailbox {
+    /// Set while `inner` holds notices; lets the stream skip the lock.
+    waiting: AtomicBool,
+    inner: Mutex<MailboxInner>,
+}
+
+#[derive(Debug, Default)]
+struct MailboxInner {
+    losses: HashMap<LossKey, CoalescedLoss>,
+    /// When the oldest waiting notice was put.
+    since: Option<Instant>,
+}
+
+impl LossMailbox {
+    fn lock(&self) -> MutexGuard<'_, MailboxInner> {
+        // The data stays consistent across a panic (plain counters).
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn put(&self, key: LossKey, loss: CoalescedLoss) {
+        let mut m = self.lock();
+        merge_loss(&mut m.losses, key, loss);
+        m.since.get_or_insert_with(Instant::now);
+        self.waiting.store(true, Ordering::Release);
+    }
+
+    fn is_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Whether the oldest waiting notice has waited a notice interval.
+    fn is_due(&self, now: Instant) -> bool {
+        self.lock()
+            .since
+            .is_some_and(|t| now.duration_since(t) >= LOSS_NOTICE_INTERVAL)
+    }
+
+    /// Takes one waiting notice.
+    fn take(&self) -> Option<proto::LossNotice> {
+        if !self.is_waiting() {
+            return None;
+        }
+        let mut m = self.lock();
+        let key = m.losses.keys().next().copied()?;
+        let loss = m.losses.remove(&key)?;
+        if m.losses.is_empty() {
+            m.since = None;
+            self.waiting.store(false, Ordering::Release);
+        }
+        Some(loss.notice(key))
+    }
+}
+
 /// The response stream of one StreamFlows call.
 #[derive(Debug)]
 pub struct Subscription {
     replay: VecDeque<Payload>,
     rx: Option<mpsc::Receiver<Payload>>,
     close: Option<oneshot::Receiver<Status>>,
+    /// Notices that did not fit the queue.
+    mailbox: Arc<LossMailbox>,
+    /// A payload taken while packing that did not fit the response.
+    stash: Option<Payload>,
+    /// The status to end with once the last notices are out.
+    closing: Option<Status>,
+    /// Most flows per response; 1: unpacked.
+    max_flows: usize,
     node_name: Arc<str>,
     sequence: u64,
     done: bool,
 }
 
 impl Subscription {
-    fn wrap(&mut self, payload: Payload) -> WireResponse {
+    fn wrap(&mut self, payload: Option<Payload>, flows: Vec<Arc<EncodedFlow>>) -> WireResponse {
         self.sequence += 1;
         WireResponse {
-            payload: Some(payload),
+            payload,
+            flows,
             node_name: self.node_name.clone(),
             time: Some(convert::timestamp(SystemTime::now())),
             sequence: self.sequence,
         }
+    }
+
+    fn loss(&mut self, notice: proto::LossNotice) -> Poll<Option<Result<WireResponse, Status>>> {
+        Poll::Ready(Some(Ok(self.wrap(Some(Payload::Loss(notice)), Vec::new()))))
+    }
+
+    /// The next payload already at hand: stashed, replayed or queued.
+    fn try_next(&mut self) -> Option<Payload> {
+        if let Some(p) = self.stash.take().or_else(|| self.replay.pop_front()) {
+            return Some(p);
+        }
+        self.rx.as_mut()?.try_recv().ok()
+    }
+
+    /// The stream was closed by the hub: what is still queued for it will
+    /// not be delivered, so it is counted as `SUBSCRIBER_QUEUE` loss.
+    fn abandon(&mut self, status: Status) {
+        if let Some(rx) = self.rx.as_mut() {
+            rx.close();
+        }
+        let mut flows = 0u64;
+        let mut notices = Vec::new();
+        while let Some(p) = self.try_next() {
+            match p {
+                Payload::Flow(_) => flows += 1,
+                Payload::Loss(l) => notices.push(l),
+            }
+        }
+        self.rx = None;
+        let now = SystemTime::now();
+        if flows > 0 {
+            self.mailbox
+                .put(SUBSCRIBER_QUEUE_KEY, CoalescedLoss::at(flows, now));
+        }
+        for l in notices {
+            let t = |ts: &Option<prost_types::Timestamp>| {
+                ts.as_ref().and_then(convert::system_time).unwrap_or(now)
+            };
+            let loss = CoalescedLoss {
+                count: l.count,
+                first: t(&l.first),
+                last: t(&l.last),
+            };
+            self.mailbox.put((l.source, l.cpu), loss);
+        }
+        self.closing = Some(status);
+    }
+
+    /// The envelope for `first` and, when packing, the flows that follow it
+    /// up to the bounds.
+    fn envelope(&mut self, first: Payload) -> WireResponse {
+        let first = match first {
+            Payload::Flow(f) if self.max_flows > 1 => f,
+            other => return self.wrap(Some(other), Vec::new()),
+        };
+        let mut bytes = first.bytes.len();
+        let mut flows = Vec::with_capacity(self.max_flows.min(8));
+        flows.push(first);
+        while flows.len() < self.max_flows {
+            match self.try_next() {
+                Some(Payload::Flow(f)) if bytes + f.bytes.len() <= MAX_PACKED_FLOW_BYTES => {
+                    bytes += f.bytes.len();
+                    flows.push(f);
+                }
+                Some(other) => {
+                    self.stash = Some(other);
+                    break;
+                }
+                None => break,
+            }
+        }
+        self.wrap(None, flows)
+    }
+
+    /// After the last record: waiting notices, then the closing status.
+    fn finish(&mut self) -> Poll<Option<Result<WireResponse, Status>>> {
+        // The hub sends the status before it lets go of the queue, so a
+        // status not seen yet is there now.
+        if let Some(status) = self.close.take().and_then(|mut c| c.try_recv().ok()) {
+            self.closing = Some(status);
+        }
+        if let Some(n) = self.mailbox.take() {
+            return self.loss(n);
+        }
+        self.done = true;
+        Poll::Ready(self.closing.take().map(Err))
     }
 }
 
@@ -261,41 +477,36 @@ impl tokio_stream::Stream for Subscription {
         if let Some(close) = this.close.as_mut() {
             match Pin::new(close).poll(cx) {
                 Poll::Ready(Ok(status)) => {
-                    this.done = true;
-                    this.rx = None;
-                    this.replay.clear();
-                    return Poll::Ready(Some(Err(status)));
+                    this.close = None;
+                    this.abandon(status);
                 }
                 Poll::Ready(Err(_)) => this.close = None,
                 Poll::Pending => {}
             }
         }
-        if let Some(p) = this.replay.pop_front() {
-            return Poll::Ready(Some(Ok(this.wrap(p))));
+        if this.mailbox.is_waiting() && this.mailbox.is_due(Instant::now()) {
+            if let Some(n) = this.mailbox.take() {
+                return this.loss(n);
+            }
+        }
+        if let Some(p) = this.try_next() {
+            return Poll::Ready(Some(Ok(this.envelope(p))));
         }
         let Some(rx) = this.rx.as_mut() else {
-            this.done = true;
-            return Poll::Ready(None);
+            return this.finish();
         };
         match rx.poll_recv(cx) {
-            Poll::Ready(Some(p)) => Poll::Ready(Some(Ok(this.wrap(p)))),
+            Poll::Ready(Some(p)) => Poll::Ready(Some(Ok(this.envelope(p)))),
             Poll::Ready(None) => {
-                this.done = true;
-                Poll::Ready(None)
+                this.rx = None;
+                this.finish()
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => match this.mailbox.take() {
+                Some(n) => this.loss(n),
+                None => Poll::Pending,
+            },
         }
     }
-}
-
-/// Key of coalesced loss notices: protobuf source and CPU.
-type LossKey = (i32, Option<u32>);
-
-#[derive(Debug, Clone, Copy)]
-struct CoalescedLoss {
-    count: u64,
-    first: SystemTime,
-    last: SystemTime,
 }
 
 struct Sub {
@@ -306,6 +517,10 @@ struct Sub {
     until: Option<SystemTime>,
     tx: mpsc::Sender<Payload>,
     close: Option<oneshot::Sender<Status>>,
+    mailbox: Arc<LossMailbox>,
+    /// Queue drops since the last flush, kept apart from `pending` so a
+    /// drop costs no map look-up.
+    queue_loss: Option<CoalescedLoss>,
     drops: u64,
     delivered: u64,
     pending: HashMap<LossKey, CoalescedLoss>,
@@ -319,19 +534,20 @@ struct Sub {
 
 impl Sub {
     fn add_loss(&mut self, key: LossKey, count: u64, first: SystemTime, last: SystemTime) {
-        self.pending
-            .entry(key)
-            .and_modify(|p| {
-                p.count = p.count.saturating_add(count);
-                p.first = p.first.min(first);
-                p.last = p.last.max(last);
-            })
-            .or_insert(CoalescedLoss { count, first, last });
+        merge_loss(&mut self.pending, key, CoalescedLoss { count, first, last });
     }
 
-    /// Sends pending notices whose key is not rate-limited, while the queue
-    /// has room.
+    /// Moves the queue drops counted since the last call into `pending`.
+    fn take_queue_loss(&mut self) {
+        if let Some(l) = self.queue_loss.take() {
+            merge_loss(&mut self.pending, SUBSCRIBER_QUEUE_KEY, l);
+        }
+    }
+
+    /// Sends pending notices whose key is not rate-limited: in the queue
+    /// when it has room (in order with the flows), else in the mailbox.
     fn flush_losses(&mut self, now: Instant) {
+        self.take_queue_loss();
         if self.pending.is_empty() {
             return;
         }
@@ -346,23 +562,24 @@ impl Sub {
             .copied()
             .collect();
         for key in ready {
-            let Some(p) = self.pending.get(&key).copied() else {
+            let Some(p) = self.pending.remove(&key) else {
                 continue;
             };
-            let notice = proto::LossNotice {
-                source: key.0,
-                cpu: key.1,
-                count: p.count,
-                first: Some(convert::timestamp(p.first)),
-                last: Some(convert::timestamp(p.last)),
-            };
-            match self.tx.try_send(Payload::Loss(notice)) {
-                Ok(()) => {
-                    self.pending.remove(&key);
-                    self.last_sent.insert(key, now);
-                }
-                Err(_) => return,
+            if let Err(mpsc::error::TrySendError::Full(_)) =
+                self.tx.try_send(Payload::Loss(p.notice(key)))
+            {
+                self.mailbox.put(key, p);
             }
+            self.last_sent.insert(key, now);
+        }
+    }
+
+    /// Hands every pending notice to the stream, rate limit or not; called
+    /// when the hub lets go of the subscriber.
+    fn finish(&mut self) {
+        self.take_queue_loss();
+        for (key, p) in self.pending.drain() {
+            self.mailbox.put(key, p);
         }
     }
 
@@ -374,12 +591,13 @@ impl Sub {
                 self.drops += 1;
                 self.period_dropped += 1;
                 let now = SystemTime::now();
-                self.add_loss(
-                    (proto::LossSource::SubscriberQueue as i32, None),
-                    1,
-                    now,
-                    now,
-                );
+                match &mut self.queue_loss {
+                    Some(l) => {
+                        l.count += 1;
+                        l.last = now;
+                    }
+                    None => self.queue_loss = Some(CoalescedLoss::at(1, now)),
+                }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
@@ -423,7 +641,7 @@ impl Owner {
                         pipeline_open = false;
                         self.check_export_drops(&pipeline);
                         for s in &mut self.subs {
-                            s.flush_losses(Instant::now() + LOSS_NOTICE_INTERVAL);
+                            s.finish();
                         }
                         self.subs.clear();
                     }
@@ -511,7 +729,7 @@ impl Owner {
                 return false;
             }
             if s.until.is_some_and(|u| wall > u) {
-                s.flush_losses(now);
+                s.finish();
                 return false;
             }
             s.flush_losses(now);
@@ -538,6 +756,7 @@ impl Owner {
                         s.tx.max_capacity()
                     );
                     tracing::warn!(id = s.id, peer = %s.peer, "{msg}");
+                    s.finish();
                     if let Some(close) = s.close.take() {
                         let _ = close.send(Status::resource_exhausted(msg));
                     }
@@ -573,6 +792,7 @@ impl Owner {
             replay.extend(picked.into_iter().map(Payload::Flow));
         }
         let expired = req.until.is_some_and(|u| SystemTime::now() > u);
+        let mailbox = Arc::new(LossMailbox::default());
         let (rx, close) = if req.follow && live && !expired {
             let (tx, rx) = mpsc::channel(self.opts.queue_size.max(1));
             let (close_tx, close_rx) = oneshot::channel();
@@ -587,6 +807,8 @@ impl Owner {
                 until: req.until,
                 tx,
                 close: Some(close_tx),
+                mailbox: mailbox.clone(),
+                queue_loss: None,
                 drops: 0,
                 delivered: 0,
                 pending: HashMap::new(),
@@ -605,7 +827,13 @@ impl Owner {
             replay,
             rx,
             close,
-            node_name: self.node_name.clone(),
+            mailbox,
+            stash: None,
+            closing: None,
+            max_flows: req.max_flows_per_response.clamp(1, MAX_FLOWS_PER_RESPONSE),
+            // A copy of its own: every envelope clones it, and a count
+            // shared by all streams would bounce between threads.
+            node_name: Arc::from(&*self.node_name),
             sequence: 0,
             done: false,
         }

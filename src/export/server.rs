@@ -516,6 +516,7 @@ pub fn subscribe_request(
         include_updates: req.include_updates,
         filters,
         peer,
+        max_flows_per_response: usize::try_from(req.max_flows_per_response).unwrap_or(usize::MAX),
     })
 }
 
