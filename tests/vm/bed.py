@@ -92,6 +92,19 @@ class BedTimeout(BedError):
     """The guest did not come up in time."""
 
 
+def build_static(src: Path) -> Path:
+    """Compile the C tool ``src`` statically for the guest, into the logs directory (cached by
+    source mtime); raises :class:`BedError` with the compiler's output when it fails."""
+    out = logs_root() / src.stem
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-o", str(out), str(src)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BedError(f"building {src.name} failed:\n{r.stderr}")
+    return out
+
+
 def logs_root() -> Path:
     """Where consoles, pcaps and daemon logs go (``SOCKSCOPE_VM_LOGS``)."""
     return Path(os.environ.get("SOCKSCOPE_VM_LOGS", REPO / "target" / "vm-bed"))

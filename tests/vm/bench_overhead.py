@@ -115,15 +115,7 @@ class Params:
 
 def build_benchtool() -> Path:
     """Compile ``benchtool.c`` statically (cached by source mtime)."""
-    src = HERE / "benchtool.c"
-    out = bed.logs_root() / "benchtool"
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-o", str(out), str(src)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise bed.BedError(f"building benchtool failed:\n{r.stderr}")
-    return out
+    return bed.build_static(HERE / "benchtool.c")
 
 
 def guest_files() -> dict[str, Path]:

@@ -60,14 +60,7 @@ READY_WAIT_S = 30
 
 def build_flowtool() -> Path:
     """Compile ``flowtool.c`` statically (cached by source mtime); fails loudly without gcc."""
-    src = HERE / "flowtool.c"
-    out = bed.logs_root() / "flowtool"
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-o", str(out), str(src)],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, f"building flowtool failed:\n{r.stderr}"
-    return out
+    return bed.build_static(HERE / "flowtool.c")
 
 
 def install_guest_tools(vm) -> None:
