@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import subprocess
 import threading
 import time
 from collections import Counter, defaultdict
