@@ -21,11 +21,8 @@
 //! `SUBSCRIBER_QUEUE` loss before its status.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
@@ -33,11 +30,17 @@ use tokio::task::JoinHandle;
 use tonic::Status;
 
 use crate::export::convert;
-use crate::export::encoded::{EncodedFlow, Payload, WireResponse};
+use crate::export::encoded::{EncodedFlow, Payload};
 use crate::export::filter::FilterSet;
 use crate::export::proto;
 use crate::export::status::{HubStatus, SubscriberInfo};
 use crate::model::Output;
+
+mod losses;
+mod subscription;
+
+use losses::*;
+pub use subscription::Subscription;
 
 /// Minimum spacing of two loss notices with the same (source, cpu) key in
 /// one stream.
@@ -243,269 +246,6 @@ impl Hub {
     /// Node name used in envelopes.
     pub fn node_name(&self) -> &str {
         &self.node_name
-    }
-}
-
-/// Key of coalesced loss notices: protobuf source and CPU.
-type LossKey = (i32, Option<u32>);
-
-/// Key of a stream's own queue drops.
-const SUBSCRIBER_QUEUE_KEY: LossKey = (proto::LossSource::SubscriberQueue as i32, None);
-
-#[derive(Debug, Clone, Copy)]
-struct CoalescedLoss {
-    count: u64,
-    first: SystemTime,
-    last: SystemTime,
-}
-
-impl CoalescedLoss {
-    /// A loss of `count` records at `at`.
-    fn at(count: u64, at: SystemTime) -> CoalescedLoss {
-        CoalescedLoss {
-            count,
-            first: at,
-            last: at,
-        }
-    }
-
-    /// The notice of this loss under `key`.
-    fn notice(&self, key: LossKey) -> proto::LossNotice {
-        proto::LossNotice {
-            source: key.0,
-            cpu: key.1,
-            count: self.count,
-            first: Some(convert::timestamp(self.first)),
-            last: Some(convert::timestamp(self.last)),
-        }
-    }
-}
-
-/// Adds `loss` to the entry of `key`.
-fn merge_loss(map: &mut HashMap<LossKey, CoalescedLoss>, key: LossKey, loss: CoalescedLoss) {
-    map.entry(key)
-        .and_modify(|p| {
-            p.count = p.count.saturating_add(loss.count);
-            p.first = p.first.min(loss.first);
-            p.last = p.last.max(loss.last);
-        })
-        .or_insert(loss);
-}
-
-/// Loss notices handed from the hub to one stream outside its bounded
-/// queue, coalesced per key, so a full queue never loses a notice.
-#[derive(Debug, Default)]
-struct LossMailbox {
-    /// Set while `inner` holds notices; lets the stream skip the lock.
-    waiting: AtomicBool,
-    inner: Mutex<MailboxInner>,
-}
-
-#[derive(Debug, Default)]
-struct MailboxInner {
-    losses: HashMap<LossKey, CoalescedLoss>,
-    /// When the oldest waiting notice was put.
-    since: Option<Instant>,
-}
-
-impl LossMailbox {
-    fn lock(&self) -> MutexGuard<'_, MailboxInner> {
-        // The data stays consistent across a panic (plain counters).
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn put(&self, key: LossKey, loss: CoalescedLoss) {
-        let mut m = self.lock();
-        merge_loss(&mut m.losses, key, loss);
-        m.since.get_or_insert_with(Instant::now);
-        self.waiting.store(true, Ordering::Release);
-    }
-
-    fn is_waiting(&self) -> bool {
-        self.waiting.load(Ordering::Acquire)
-    }
-
-    /// Whether the oldest waiting notice has waited a notice interval.
-    fn is_due(&self, now: Instant) -> bool {
-        self.lock()
-            .since
-            .is_some_and(|t| now.duration_since(t) >= LOSS_NOTICE_INTERVAL)
-    }
-
-    /// Takes one waiting notice.
-    fn take(&self) -> Option<proto::LossNotice> {
-        if !self.is_waiting() {
-            return None;
-        }
-        let mut m = self.lock();
-        let key = m.losses.keys().next().copied()?;
-        let loss = m.losses.remove(&key)?;
-        if m.losses.is_empty() {
-            m.since = None;
-            self.waiting.store(false, Ordering::Release);
-        }
-        Some(loss.notice(key))
-    }
-}
-
-/// The response stream of one StreamFlows call.
-#[derive(Debug)]
-pub struct Subscription {
-    replay: VecDeque<Payload>,
-    rx: Option<mpsc::Receiver<Payload>>,
-    close: Option<oneshot::Receiver<Status>>,
-    /// Notices that did not fit the queue.
-    mailbox: Arc<LossMailbox>,
-    /// A payload taken while packing that did not fit the response.
-    stash: Option<Payload>,
-    /// The status to end with once the last notices are out.
-    closing: Option<Status>,
-    /// Most flows per response; 1: unpacked.
-    max_flows: usize,
-    node_name: Arc<str>,
-    sequence: u64,
-    done: bool,
-}
-
-impl Subscription {
-    fn wrap(&mut self, payload: Option<Payload>, flows: Vec<Arc<EncodedFlow>>) -> WireResponse {
-        self.sequence += 1;
-        WireResponse {
-            payload,
-            flows,
-            node_name: self.node_name.clone(),
-            time: Some(convert::timestamp(SystemTime::now())),
-            sequence: self.sequence,
-        }
-    }
-
-    fn loss(&mut self, notice: proto::LossNotice) -> Poll<Option<Result<WireResponse, Status>>> {
-        Poll::Ready(Some(Ok(self.wrap(Some(Payload::Loss(notice)), Vec::new()))))
-    }
-
-    /// The next payload already at hand: stashed, replayed or queued.
-    fn try_next(&mut self) -> Option<Payload> {
-        if let Some(p) = self.stash.take().or_else(|| self.replay.pop_front()) {
-            return Some(p);
-        }
-        self.rx.as_mut()?.try_recv().ok()
-    }
-
-    /// The stream was closed by the hub: what is still queued for it will
-    /// not be delivered, so it is counted as `SUBSCRIBER_QUEUE` loss.
-    fn abandon(&mut self, status: Status) {
-        if let Some(rx) = self.rx.as_mut() {
-            rx.close();
-        }
-        let mut flows = 0u64;
-        let mut notices = Vec::new();
-        while let Some(p) = self.try_next() {
-            match p {
-                Payload::Flow(_) => flows += 1,
-                Payload::Loss(l) => notices.push(l),
-            }
-        }
-        self.rx = None;
-        let now = SystemTime::now();
-        if flows > 0 {
-            self.mailbox
-                .put(SUBSCRIBER_QUEUE_KEY, CoalescedLoss::at(flows, now));
-        }
-        for l in notices {
-            let t = |ts: &Option<prost_types::Timestamp>| {
-                ts.as_ref().and_then(convert::system_time).unwrap_or(now)
-            };
-            let loss = CoalescedLoss {
-                count: l.count,
-                first: t(&l.first),
-                last: t(&l.last),
-            };
-            self.mailbox.put((l.source, l.cpu), loss);
-        }
-        self.closing = Some(status);
-    }
-
-    /// The envelope for `first` and, when packing, the flows that follow it
-    /// up to the bounds.
-    fn envelope(&mut self, first: Payload) -> WireResponse {
-        let first = match first {
-            Payload::Flow(f) if self.max_flows > 1 => f,
-            other => return self.wrap(Some(other), Vec::new()),
-        };
-        let mut bytes = first.bytes.len();
-        let mut flows = Vec::with_capacity(self.max_flows.min(8));
-        flows.push(first);
-        while flows.len() < self.max_flows {
-            match self.try_next() {
-                Some(Payload::Flow(f)) if bytes + f.bytes.len() <= MAX_PACKED_FLOW_BYTES => {
-                    bytes += f.bytes.len();
-                    flows.push(f);
-                }
-                Some(other) => {
-                    self.stash = Some(other);
-                    break;
-                }
-                None => break,
-            }
-        }
-        self.wrap(None, flows)
-    }
-
-    /// After the last record: waiting notices, then the closing status.
-    fn finish(&mut self) -> Poll<Option<Result<WireResponse, Status>>> {
-        // The hub sends the status before it lets go of the queue, so a
-        // status not seen yet is there now.
-        if let Some(status) = self.close.take().and_then(|mut c| c.try_recv().ok()) {
-            self.closing = Some(status);
-        }
-        if let Some(n) = self.mailbox.take() {
-            return self.loss(n);
-        }
-        self.done = true;
-        Poll::Ready(self.closing.take().map(Err))
-    }
-}
-
-impl tokio_stream::Stream for Subscription {
-    type Item = Result<WireResponse, Status>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        if this.done {
-            return Poll::Ready(None);
-        }
-        if let Some(close) = this.close.as_mut() {
-            match Pin::new(close).poll(cx) {
-                Poll::Ready(Ok(status)) => {
-                    this.close = None;
-                    this.abandon(status);
-                }
-                Poll::Ready(Err(_)) => this.close = None,
-                Poll::Pending => {}
-            }
-        }
-        if this.mailbox.is_waiting() && this.mailbox.is_due(Instant::now()) {
-            if let Some(n) = this.mailbox.take() {
-                return this.loss(n);
-            }
-        }
-        if let Some(p) = this.try_next() {
-            return Poll::Ready(Some(Ok(this.envelope(p))));
-        }
-        let Some(rx) = this.rx.as_mut() else {
-            return this.finish();
-        };
-        match rx.poll_recv(cx) {
-            Poll::Ready(Some(p)) => Poll::Ready(Some(Ok(this.envelope(p)))),
-            Poll::Ready(None) => {
-                this.rx = None;
-                this.finish()
-            }
-            Poll::Pending => match this.mailbox.take() {
-                Some(n) => this.loss(n),
-                None => Poll::Pending,
-            },
-        }
     }
 }
 
