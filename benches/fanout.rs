@@ -91,6 +91,7 @@ fn record(i: usize) -> Arc<FlowRecord> {
             container_id: None,
             pod_uid: None,
         }),
+        accounting: Default::default(),
     })
 }
 

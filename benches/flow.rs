@@ -64,6 +64,7 @@ fn engine(flows: usize) -> Engine<OffsetClock> {
         include_self: false,
         own_pid: 1,
         own_tcp_ports: Vec::new(),
+        accounting: sockscope::model::Accounting::Packets,
     };
     let procs = ProcessTable::new(
         Box::new(FakeProcSource::default()),

@@ -86,6 +86,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     container_id: None,
                     pod_uid: None,
                 }),
+                accounting: Default::default(),
             })));
             if id % LOSS_EVERY == 0 {
                 tx.send(Output::Loss(Loss {

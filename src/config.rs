@@ -69,6 +69,20 @@ pub enum OffsetsMode {
     Guess,
 }
 
+/// How TCP flows are counted (`socket.accounting`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountingMode {
+    /// Every packet at the IP layer: IP bytes and packets, exact against a
+    /// capture.
+    #[default]
+    Packets,
+    /// TCP from the kernel's own socket counters, read when the connection
+    /// ends: payload bytes and segments, a handful of samples per
+    /// connection. Needs BTF.
+    SocketCounters,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -178,6 +192,8 @@ pub struct SocketConfig {
     pub offsets: OffsetsMode,
     /// Report the daemon's own traffic too.
     pub include_self: bool,
+    /// How TCP flows are counted.
+    pub accounting: AccountingMode,
     /// Root of the proc filesystem to read processes from.
     pub proc_root: PathBuf,
     /// Root of the host filesystem whose `etc/passwd` and `etc/group` name
@@ -207,6 +223,7 @@ impl Default for SocketConfig {
             guess_timeout: DEFAULT_GUESS_TIMEOUT,
             offsets: OffsetsMode::Auto,
             include_self: false,
+            accounting: AccountingMode::Packets,
             proc_root: PathBuf::from("/proc"),
             host_root: None,
             record_path: None,

@@ -209,6 +209,18 @@ pub enum EventKind {
     },
     /// A packet on the local IP stack.
     Packet(Packet),
+    /// A TCP connection ended (its socket moved to `TCP_CLOSE`), with the
+    /// socket's own counters.
+    TcpClose {
+        /// The socket.
+        sock: SockAddr,
+        /// Local address and port.
+        local: SocketAddr,
+        /// Remote address and port.
+        remote: SocketAddr,
+        /// The socket's counters at that moment (final).
+        counters: TcpSockCounters,
+    },
     /// The socket was released (close of the last reference).
     SockClose {
         /// The released socket.
@@ -377,6 +389,8 @@ pub struct FlowRecord {
     pub sock: SockAddr,
     /// Owning process, when known.
     pub process: Option<ProcessInfo>,
+    /// How the counters were obtained.
+    pub accounting: Accounting,
 }
 
 impl FlowRecord {
@@ -386,6 +400,60 @@ impl FlowRecord {
             IpAddr::V4(_) => "ipv4",
             IpAddr::V6(_) => "ipv6",
         }
+    }
+}
+
+/// How a flow's counters were obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accounting {
+    /// Every packet at the IP layer: IP bytes (headers included) and
+    /// packets as the IP layer handled them.
+    #[default]
+    Packets,
+    /// The TCP socket's own counters at the connection's end: payload
+    /// bytes and TCP segments.
+    SocketCounters,
+    /// Socket-counter accounting, but the flow was reported before its
+    /// socket's counters came (the daemon stopped, the flow was evicted,
+    /// or the close sample was lost): its counters are zero, not measured.
+    Uncounted,
+}
+
+/// A TCP socket's own counters (`struct tcp_sock`), as read by the close
+/// probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcpSockCounters {
+    /// `bytes_received`: received sequence space (payload, plus one for a
+    /// FIN).
+    pub bytes_received: u64,
+    /// `bytes_sent`: payload transmitted, retransmissions included.
+    pub bytes_sent: u64,
+    /// `bytes_retrans`: payload retransmitted.
+    pub bytes_retrans: u64,
+    /// `segs_in`: segments received.
+    pub segs_in: u32,
+    /// `segs_out`: segments sent.
+    pub segs_out: u32,
+    /// The socket received a FIN (`SOCK_DONE`).
+    pub fin_received: bool,
+}
+
+impl TcpSockCounters {
+    /// Payload bytes the socket sent, each byte once.
+    pub fn payload_out(&self) -> u64 {
+        self.bytes_sent.saturating_sub(self.bytes_retrans)
+    }
+
+    /// Payload bytes the socket received (the FIN's sequence number
+    /// taken out).
+    pub fn payload_in(&self) -> u64 {
+        self.bytes_received
+            .saturating_sub(u64::from(self.fin_received))
+    }
+
+    /// Whether the socket carried nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.segs_in == 0 && self.segs_out == 0
     }
 }
 

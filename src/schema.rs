@@ -115,6 +115,26 @@ pub enum SampleField {
     Pid,
     /// `sched_process_fork`'s child pid (tracepoint field).
     ChildPid,
+    /// The state `tcp_set_state` moves a socket to.
+    NewState,
+    /// `tcp_sock.bytes_received`: sequence space received (payload, plus
+    /// one for a FIN).
+    BytesReceived,
+    /// `tcp_sock.bytes_sent`: payload bytes transmitted, retransmissions
+    /// included.
+    BytesSent,
+    /// `tcp_sock.bytes_retrans`: payload bytes retransmitted.
+    BytesRetrans,
+    /// `tcp_sock.segs_in`: segments received (GRO aggregates counted per
+    /// segment).
+    SegsIn,
+    /// `tcp_sock.segs_out`: segments transmitted (GSO packets counted per
+    /// segment, retransmissions included).
+    SegsOut,
+    /// `sock.sk_flags` (`SOCK_DONE`: a FIN was received).
+    SkFlags,
+    /// The IP protocol (IPv4) or next header (IPv6) byte of a packet.
+    Proto,
 }
 
 impl SampleField {
@@ -145,6 +165,14 @@ impl SampleField {
             SampleField::Filename => "filename",
             SampleField::Pid => "pid",
             SampleField::ChildPid => "child_pid",
+            SampleField::NewState => "newstate",
+            SampleField::BytesReceived => "bytes_received",
+            SampleField::BytesSent => "bytes_sent",
+            SampleField::BytesRetrans => "bytes_retrans",
+            SampleField::SegsIn => "segs_in",
+            SampleField::SegsOut => "segs_out",
+            SampleField::SkFlags => "sk_flags",
+            SampleField::Proto => "proto",
         }
     }
 
@@ -161,6 +189,12 @@ impl SampleField {
                 Width::Bytes(4)
             }
             SampleField::Pid | SampleField::ChildPid => Width::Bytes(4),
+            SampleField::NewState | SampleField::SegsIn | SampleField::SegsOut => Width::Bytes(4),
+            SampleField::BytesReceived | SampleField::BytesSent | SampleField::BytesRetrans => {
+                Width::Bytes(8)
+            }
+            SampleField::SkFlags => Width::Bytes(8),
+            SampleField::Proto => Width::Bytes(1),
             // `socket->type` is a short on every kernel so far, but its
             // width comes from BTF: any integer is accepted.
             SampleField::SockType | SampleField::Hdr => Width::Array,
@@ -179,6 +213,26 @@ const SOCK: &[SampleField] = &[
     SampleField::Daddr,
     SampleField::Saddr6,
     SampleField::Daddr6,
+];
+
+/// The fields of the TCP close probe: the socket, the state it moves to
+/// and the socket's own counters.
+const TCP_CLOSE: &[SampleField] = &[
+    SampleField::Sk,
+    SampleField::Family,
+    SampleField::Sport,
+    SampleField::Dport,
+    SampleField::Saddr,
+    SampleField::Daddr,
+    SampleField::Saddr6,
+    SampleField::Daddr6,
+    SampleField::NewState,
+    SampleField::BytesReceived,
+    SampleField::BytesSent,
+    SampleField::BytesRetrans,
+    SampleField::SegsIn,
+    SampleField::SegsOut,
+    SampleField::SkFlags,
 ];
 
 /// How an event's samples are turned into [`crate::model::EventKind`]s.
@@ -225,6 +279,16 @@ pub enum DecoderKind {
     UdpDeliver,
     /// `inet_release`: a socket released.
     SockClose,
+    /// `tcp_set_state(sk, TCP_CLOSE)`: a TCP socket's connection ended,
+    /// with the socket's own counters (socket-counter accounting).
+    TcpClose,
+    /// An egress packet at the IP layer of which only UDP is reported
+    /// (socket-counter accounting: TCP is counted by the socket); the
+    /// protocol byte is fetched apart so the kernel can filter on it.
+    UdpEgress {
+        /// IP version of the probed function.
+        family: IpFamily,
+    },
     /// `sched_process_exec`.
     Exec,
     /// `sched_process_fork`.
@@ -263,6 +327,8 @@ impl DecoderKind {
             | DecoderKind::TcpIngress { .. } => &[F::Len, F::Hdr],
             DecoderKind::UdpDeliver => &[F::Sk, F::Len, F::Hdr],
             DecoderKind::SockClose => &[F::Sk, F::Family],
+            DecoderKind::TcpClose => TCP_CLOSE,
+            DecoderKind::UdpEgress { .. } => &[F::Sk, F::Len, F::Hdr, F::Proto],
             DecoderKind::Creds => &[F::Uid, F::Gid, F::Euid, F::Egid],
             DecoderKind::Exec => &[F::Filename, F::Pid],
             DecoderKind::Fork => &[F::ChildPid],
@@ -285,8 +351,12 @@ mod tests {
     use super::*;
 
     /// A kind of each shape, so every declared field list is looked at.
-    const KINDS: [DecoderKind; 10] = [
+    const KINDS: [DecoderKind; 12] = [
         DecoderKind::SockCreate,
+        DecoderKind::TcpClose,
+        DecoderKind::UdpEgress {
+            family: IpFamily::V4,
+        },
         DecoderKind::TcpConnect,
         DecoderKind::UdpDeliver,
         DecoderKind::SockClose,

@@ -158,6 +158,7 @@ fn record(r: Rec) -> Output {
             container_id: r.container.map(str::to_string),
             pod_uid: None,
         }),
+        accounting: Default::default(),
     }))
 }
 

@@ -51,6 +51,7 @@ fn flow(id: u64, remote_port: u16, name: &str, is_final: bool) -> Output {
             name: name.into(),
             ..ProcessInfo::default()
         }),
+        accounting: Default::default(),
     }))
 }
 

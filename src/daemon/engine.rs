@@ -15,12 +15,12 @@ use super::fault::FAULT_PANIC_AFTER_VAR;
 use super::reader::EVENT_BATCH;
 use super::status::PipelineState;
 use super::Pipeline;
-use crate::config::Config;
+use crate::config::{AccountingMode, Config};
 use crate::enrich::dns::{DnsResponse, DnsTable, TableLimits};
 use crate::enrich::process::ProcessTable;
 use crate::export::hub::PipelineSender;
 use crate::flow::{Clock, Engine, EngineConfig};
-use crate::model::{Event, KernelTime, Loss, LossSource, Output};
+use crate::model::{Accounting, Event, KernelTime, Loss, LossSource, Output};
 use crate::ring::clock::{PerfClock, SysClockSource, WallClock};
 use crate::sys;
 
@@ -281,6 +281,10 @@ pub(super) fn engine_config(cfg: &Config) -> EngineConfig {
         include_self: s.include_self,
         own_pid: std::process::id(),
         own_tcp_ports,
+        accounting: match s.accounting {
+            AccountingMode::Packets => Accounting::Packets,
+            AccountingMode::SocketCounters => Accounting::SocketCounters,
+        },
     }
 }
 

@@ -24,13 +24,13 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use super::engine::engine_config;
 use super::error::DaemonError;
 use crate::config::Config;
-use crate::decode::{Decoder, EventDesc};
+use crate::decode::{Decoder, DecoderKind, EventDesc};
 use crate::enrich::process::{NoProcesses, ProcessTable, ProcessTableConfig};
 use crate::enrich::users::UserDb;
 use crate::export::ecs::{self, HostInfo};
 use crate::export::encoded::EncodedFlow;
 use crate::flow::{Engine, OffsetClock};
-use crate::model::{Event, KernelTime, Output};
+use crate::model::{Accounting, Event, KernelTime, Output};
 use crate::probe::group::group_pid;
 use crate::probe::spec::ProbeDecl;
 use crate::ring::recording::Replay;
@@ -137,11 +137,13 @@ pub fn replay(
         let mut file = Replay::open(path)?;
         let header = file.header().clone();
         let mut descs = Vec::with_capacity(header.events.len());
+        let mut counted_by_socket = false;
         for e in &header.events {
             let decl = ProbeDecl::of_event(&e.name).ok_or_else(|| DaemonError::ReplayEvent {
                 path: path.to_path_buf(),
                 event: e.name.clone(),
             })?;
+            counted_by_socket |= decl.decoder == DecoderKind::TcpClose;
             descs.push(EventDesc {
                 kind: decl.decoder,
                 task_context: decl.task_context,
@@ -166,6 +168,10 @@ pub fn replay(
             .iter()
             .find_map(|e| e.name.split_once('/').and_then(|(g, _)| group_pid(g)))
             .unwrap_or(NO_PID);
+        // A recording of socket-counter accounting replays as it ran.
+        if counted_by_socket {
+            engine_cfg.accounting = Accounting::SocketCounters;
+        }
         let mut engine = Engine::new(engine_cfg, OffsetClock { base: UNIX_EPOCH }, procs);
         let mut batch: Vec<Event> = Vec::with_capacity(REPLAY_BATCH);
         let mut outputs: Vec<Output> = Vec::new();

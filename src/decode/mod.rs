@@ -17,12 +17,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::headers::IPPROTO_UDP;
-use crate::model::{Creds, Event, EventKind, Packet, PacketDir, RawSample, Task, Transport};
+use crate::model::{
+    Creds, Event, EventKind, Packet, PacketDir, RawSample, Task, TcpSockCounters, Transport,
+};
 pub use crate::schema::Width;
 pub use crate::schema::{DecoderKind, IpFamily, UDP_DELIVER_WINDOW};
 
 pub use format::{FieldKind, Format, FormatError, FormatField};
-use layout::{FieldFinder, Layout, Loc, SockEvent};
+use layout::{FieldFinder, Layout, Loc, SockEvent, SockLocs};
 use sample::{
     canonical, ip_protocol, is_inet, parse_ip, parse_udp_delivery, SampleReader, AF_INET, AF_INET6,
 };
@@ -38,6 +40,8 @@ const IRQ_FLAGS: u8 = TRACE_FLAG_HARDIRQ | TRACE_FLAG_SOFTIRQ | TRACE_FLAG_NMI;
 const SOCK_STREAM: u64 = 1;
 /// SOCK_DGRAM.
 const SOCK_DGRAM: u64 = 2;
+/// `SOCK_DONE` bit of `sk_flags`: the socket received a FIN.
+const SOCK_DONE_BIT: u64 = 1 << 1;
 
 /// One event the decoder must understand.
 #[derive(Debug, Clone, Copy)]
@@ -276,22 +280,8 @@ impl Decoder {
                 }
             }
             Layout::Sock { kind, l } => {
-                let sock = rec.uint(l.sk)?;
-                if sock == 0 {
+                let Some((sock, local, remote)) = sock_ends(&rec, &l)? else {
                     return Ok(None);
-                }
-                let sport = rec.uint(l.sport)? as u16;
-                let dport = rec.be16(l.dport)?;
-                let (local, remote) = match rec.uint(l.family)? as u16 {
-                    AF_INET => (
-                        SocketAddr::new(IpAddr::V4(rec.v4(l.saddr)?), sport),
-                        SocketAddr::new(IpAddr::V4(rec.v4(l.daddr)?), dport),
-                    ),
-                    AF_INET6 => (
-                        SocketAddr::new(canonical(rec.v6(l.saddr6)?), sport),
-                        SocketAddr::new(canonical(rec.v6(l.daddr6)?), dport),
-                    ),
-                    _ => return Ok(None),
                 };
                 match kind {
                     SockEvent::Accept => EventKind::TcpAccept {
@@ -366,6 +356,32 @@ impl Decoder {
                     tcp_flags: None,
                 })
             }
+            Layout::TcpClose {
+                l,
+                bytes_received,
+                bytes_sent,
+                bytes_retrans,
+                segs_in,
+                segs_out,
+                sk_flags,
+            } => {
+                let Some((sock, local, remote)) = sock_ends(&rec, &l)? else {
+                    return Ok(None);
+                };
+                EventKind::TcpClose {
+                    sock,
+                    local,
+                    remote,
+                    counters: TcpSockCounters {
+                        bytes_received: rec.uint(bytes_received)?,
+                        bytes_sent: rec.uint(bytes_sent)?,
+                        bytes_retrans: rec.uint(bytes_retrans)?,
+                        segs_in: rec.uint(segs_in)? as u32,
+                        segs_out: rec.uint(segs_out)? as u32,
+                        fin_received: rec.uint(sk_flags)? & SOCK_DONE_BIT != 0,
+                    },
+                }
+            }
             Layout::Close { sk, family } => {
                 if !is_inet(rec.uint(family)? as u16) {
                     return Ok(None);
@@ -405,4 +421,31 @@ impl Decoder {
             kind,
         }))
     }
+}
+
+/// The socket and its two ends from a sample's socket fields; None for a
+/// null socket or a family other than IPv4/IPv6.
+fn sock_ends(
+    rec: &SampleReader<'_>,
+    l: &SockLocs,
+) -> Result<Option<(u64, SocketAddr, SocketAddr)>, DecodeError> {
+    let sock = rec.uint(l.sk)?;
+    if sock == 0 {
+        return Ok(None);
+    }
+    let sport = rec.uint(l.sport)? as u16;
+    let dport = rec.be16(l.dport)?;
+    Ok(Some(match rec.uint(l.family)? as u16 {
+        AF_INET => (
+            sock,
+            SocketAddr::new(IpAddr::V4(rec.v4(l.saddr)?), sport),
+            SocketAddr::new(IpAddr::V4(rec.v4(l.daddr)?), dport),
+        ),
+        AF_INET6 => (
+            sock,
+            SocketAddr::new(canonical(rec.v6(l.saddr6)?), sport),
+            SocketAddr::new(canonical(rec.v6(l.daddr6)?), dport),
+        ),
+        _ => return Ok(None),
+    }))
 }

@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::export::proto;
 use crate::model::{
-    Creds, Endpoint, FlowDirection, FlowRecord, Loss, LossSource, ProcessInfo, Transport,
+    Accounting, Creds, Endpoint, FlowDirection, FlowRecord, Loss, LossSource, ProcessInfo,
+    Transport,
 };
 
 /// Which endpoint of a flow initiated it: `true` when the local end is the
@@ -223,6 +224,15 @@ pub fn flow(rec: &FlowRecord, host_name: &str) -> proto::Flow {
             .and_then(|p| p.container_id.clone())
             .unwrap_or_default(),
         pod_uid: process.and_then(|p| p.pod_uid.clone()).unwrap_or_default(),
+        accounting: accounting(rec.accounting) as i32,
+    }
+}
+
+fn accounting(a: Accounting) -> proto::Accounting {
+    match a {
+        Accounting::Packets => proto::Accounting::Packets,
+        Accounting::SocketCounters => proto::Accounting::SocketCounters,
+        Accounting::Uncounted => proto::Accounting::Uncounted,
     }
 }
 
@@ -344,6 +354,18 @@ pub fn flow_from_proto(f: &proto::Flow) -> Result<(FlowRecord, String), FromProt
         community_id: network.community_id.clone(),
         sock,
         process,
+        accounting: match proto::Accounting::try_from(f.accounting) {
+            Ok(proto::Accounting::SocketCounters) => Accounting::SocketCounters,
+            Ok(proto::Accounting::Uncounted) => Accounting::Uncounted,
+            Ok(proto::Accounting::Packets) => Accounting::Packets,
+            Err(_) => {
+                return Err(FromProtoError::Invalid {
+                    id,
+                    field: "accounting",
+                    value: f.accounting.to_string(),
+                })
+            }
+        },
     };
     Ok((rec, f.host_name.clone()))
 }

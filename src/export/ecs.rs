@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Map, Value};
 
 use crate::export::convert::source_destination;
-use crate::model::{Endpoint, FlowDirection, FlowRecord};
+use crate::model::{Accounting, Endpoint, FlowDirection, FlowRecord};
 
 /// ECS version the documents follow.
 pub const ECS_VERSION: &str = "1.0.1";
@@ -83,10 +83,12 @@ pub fn flow_document(rec: &FlowRecord, host: &HostInfo) -> Value {
             "duration": u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX),
         }),
     );
-    doc.insert(
-        "flow".into(),
-        json!({ "final": rec.is_final, "complete": rec.complete, "id": rec.id.to_string() }),
-    );
+    let mut flow =
+        json!({ "final": rec.is_final, "complete": rec.complete, "id": rec.id.to_string() });
+    if let Some(a) = accounting_name(rec.accounting) {
+        flow["accounting"] = json!(a);
+    }
+    doc.insert("flow".into(), flow);
     let mut audit = Map::new();
     audit.insert(
         "kernel_sock_address".into(),
@@ -156,6 +158,16 @@ pub fn flow_document(rec: &FlowRecord, host: &HostInfo) -> Value {
     Value::Object(doc)
 }
 
+/// `flow.accounting` when the counters are not per-packet (the default,
+/// left out so per-packet documents are as they always were).
+fn accounting_name(a: Accounting) -> Option<&'static str> {
+    match a {
+        Accounting::Packets => None,
+        Accounting::SocketCounters => Some("socket_counters"),
+        Accounting::Uncounted => Some("uncounted"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +219,7 @@ mod tests {
                 container_id: None,
                 pod_uid: None,
             }),
+            accounting: Default::default(),
         }
     }
 

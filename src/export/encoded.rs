@@ -180,6 +180,7 @@ mod tests {
             community_id: "1:jdjL1TkdpF1v1GM0+JxRRp+V7KI=".into(),
             sock: 0xffff_8de2_9d33_7000,
             process: None,
+            accounting: Default::default(),
         })
     }
 

@@ -115,6 +115,15 @@ impl<C: Clock> Engine<C> {
                 self.on_activity(t, ev.task, *sock, Transport::Udp, SockOp::Recv, out);
                 self.bind_udp_local(*sock, local, out);
             }
+            EventKind::TcpClose {
+                sock,
+                local,
+                remote,
+                counters,
+            } => {
+                let tuple = Tuple::of(local, remote);
+                self.on_tcp_counters(t, *sock, tuple, counters, out);
+            }
             EventKind::SockClose { sock } => {
                 let Some(&s) = self.sock_index.get(sock) else {
                     self.stats.ignored_events += 1;

@@ -20,7 +20,7 @@ use super::keys::Due;
 use super::records::EvictionLoss;
 use super::slab::Slab;
 use super::{Clock, Engine};
-use crate::model::{KernelTime, Output};
+use crate::model::{Accounting, KernelTime, Output};
 
 /// A timer heap is compacted when it holds more than this many entries per
 /// live flow (plus [`HEAP_SLACK_MIN`]).
@@ -71,8 +71,21 @@ impl<C: Clock> Engine<C> {
         let Some(fl) = self.flows.get_mut(f).filter(|fl| fl.id == id) else {
             return; // stale
         };
+        let waits_for_counters = fl.accounting == Accounting::Uncounted;
         if fl.last.saturating_add(self.inactive) <= now {
-            self.finish_flow(f, out);
+            let open = self
+                .sockets
+                .get(fl.sock)
+                .is_some_and(|so| so.closed_at.is_none());
+            if !(waits_for_counters && open) {
+                self.finish_flow(f, out);
+                return;
+            }
+            // Socket-counter accounting: an open connection is silent
+            // between its open and its close; it ends with its socket.
+            fl.sched_last = fl.last;
+            self.flow_due
+                .push(Reverse((now.saturating_add(self.inactive), f, id)));
             return;
         }
         let mut interim = false;
@@ -104,7 +117,13 @@ impl<C: Clock> Engine<C> {
             return; // stale
         };
         if let Some(closed) = so.closed_at {
-            let at = closed.saturating_add(self.termination);
+            let mut at = closed.saturating_add(self.termination);
+            if at <= now && self.awaits_counters(s) {
+                // The connection may still be closing (FIN retransmitted,
+                // the peer slow to close): wait for its counters up to the
+                // socket inactivity timeout after the release.
+                at = closed.saturating_add(self.sock_inactive.max(self.termination));
+            }
             if at <= now {
                 self.end_socket(s, out);
             } else {
@@ -118,6 +137,10 @@ impl<C: Clock> Engine<C> {
             last = last.max(fl.last);
             f = fl.next;
         }
+        if self.awaits_counters(s) {
+            // An open connection counted by its socket is silent.
+            last = last.max(now);
+        }
         let at = last.saturating_add(self.sock_inactive);
         if at <= now {
             self.stats.sockets_expired += 1;
@@ -125,6 +148,17 @@ impl<C: Clock> Engine<C> {
         } else {
             self.sock_due.push(Reverse((at, s, gen)));
         }
+    }
+
+    /// Whether socket `s` has a TCP flow still waiting for the socket's
+    /// counters (socket-counter accounting).
+    fn awaits_counters(&self, s: u32) -> bool {
+        let Some(so) = self.sockets.get(s) else {
+            return false;
+        };
+        self.flows
+            .get(so.tcp_flow)
+            .is_some_and(|fl| fl.accounting == Accounting::Uncounted)
     }
 
     /// Drops stale timer entries (of removed flows, sockets and embryonic

@@ -150,7 +150,7 @@ use hashbrown::HashMap;
 
 use crate::enrich::dns::DnsTable;
 use crate::enrich::process::ProcessTable;
-use crate::model::{KernelTime, SockAddr};
+use crate::model::{Accounting, KernelTime, SockAddr};
 use keys::{Due, Ep, Tuple, TupleRef};
 use records::{EvictionLoss, UnreportedEvictions};
 use slab::Slab;
@@ -215,6 +215,10 @@ pub struct EngineConfig {
     pub own_pid: u32,
     /// Local TCP ports the daemon listens on (gRPC, health, metrics).
     pub own_tcp_ports: Vec<u16>,
+    /// How TCP flows are counted: with [`Accounting::SocketCounters`] a
+    /// TCP flow takes its counters from its socket's close event and
+    /// does not end by inactivity while its socket is open.
+    pub accounting: Accounting,
 }
 
 /// Snapshot of the engine's tables and counters.
@@ -264,6 +268,11 @@ pub struct EngineStats {
     pub parked_udp_claimed: u64,
     /// Events ignored as meaningless (e.g. close of an unknown socket).
     pub ignored_events: u64,
+    /// TCP flows that took their counters from their socket.
+    pub socket_counted: u64,
+    /// TCP flows of socket-counter accounting that ended before their
+    /// socket's counters came (reported as uncounted).
+    pub uncounted_flows: u64,
 }
 
 fn ns(d: Duration) -> u64 {
@@ -285,6 +294,8 @@ pub struct Engine<C: Clock> {
     include_self: bool,
     own_pid: u32,
     own_tcp_ports: Vec<u16>,
+    /// TCP counted from socket close events.
+    socket_counters: bool,
 
     sockets: Slab<Socket>,
     flows: Slab<Flow>,
@@ -345,6 +356,7 @@ impl<C: Clock> Engine<C> {
             include_self: cfg.include_self,
             own_pid: cfg.own_pid,
             own_tcp_ports: cfg.own_tcp_ports,
+            socket_counters: cfg.accounting == Accounting::SocketCounters,
             sockets: Slab::default(),
             flows: Slab::default(),
             embryos: Slab::default(),

@@ -189,6 +189,7 @@ impl<C: Clock> Engine<C> {
             community_id: community_id(fl.transport, lip, fl.local.port, rip, fl.remote.port),
             sock,
             process: fl.owner.as_deref().cloned(),
+            accounting: fl.accounting,
         })
     }
 }

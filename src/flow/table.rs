@@ -21,7 +21,8 @@ use super::keys::{Ep, Tuple};
 use super::slab::NIL;
 use super::{Clock, Engine};
 use crate::model::{
-    FlowDirection, KernelTime, Output, PacketDir, ProcessInfo, SockAddr, Task, Transport,
+    Accounting, FlowDirection, KernelTime, Output, PacketDir, ProcessInfo, SockAddr, Task,
+    Transport,
 };
 
 /// One flow: a TCP socket's connection, or a UDP socket's traffic with one
@@ -49,6 +50,8 @@ pub(super) struct Flow {
     pub(super) sched_last: KernelTime,
     /// Packets at the last record, to skip unchanged interim records.
     pub(super) reported_packets: u64,
+    /// How the counters were obtained.
+    pub(super) accounting: Accounting,
     prev: u32,
     pub(super) next: u32,
 }
@@ -206,6 +209,12 @@ impl<C: Clock> Engine<C> {
             next_update,
             sched_last: t,
             reported_packets: 0,
+            accounting: if self.socket_counters && transport == Transport::Tcp {
+                // Until the socket's counters come at its close.
+                Accounting::Uncounted
+            } else {
+                Accounting::Packets
+            },
             prev: NIL,
             next: head,
         });
@@ -277,6 +286,9 @@ impl<C: Clock> Engine<C> {
                     self.peer_index.remove(&(addr, fl.remote));
                 }
             }
+        }
+        if fl.accounting == Accounting::Uncounted {
+            self.stats.uncounted_flows += 1;
         }
         self.emit(&fl, addr, true, out);
     }

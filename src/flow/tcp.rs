@@ -25,8 +25,8 @@ use super::slab::NIL;
 use super::table::NewFlow;
 use super::{Clock, Engine};
 use crate::model::{
-    FlowDirection, KernelTime, Output, Packet, PacketDir, SockAddr, Task, Transport, TCP_ACK,
-    TCP_SYN,
+    Accounting, FlowDirection, KernelTime, Output, Packet, PacketDir, SockAddr, Task,
+    TcpSockCounters, Transport, TCP_ACK, TCP_SYN,
 };
 
 /// What the handshake packets of an embryo said about the connection.
@@ -116,6 +116,72 @@ impl<C: Clock> Engine<C> {
         }
         self.attribute(s, task);
         self.bind_tuple(t, s, tuple, dir, true, out);
+    }
+
+    /// A TCP connection ended with these socket counters (socket-counter
+    /// accounting): they become its flow's counters, and the flow is final
+    /// at once, since nothing more is counted on a closed connection. A
+    /// connection whose open was not seen (it predates the daemon, or its
+    /// connect or accept sample was lost) gets a flow of unknown direction
+    /// here.
+    pub(super) fn on_tcp_counters(
+        &mut self,
+        t: KernelTime,
+        sock: SockAddr,
+        tuple: Tuple,
+        c: &TcpSockCounters,
+        out: &mut Vec<Output>,
+    ) {
+        let live = |f: u32| (f != NIL).then_some(f);
+        let flow = self
+            .sock_index
+            .get(&sock)
+            .and_then(|&s| self.sockets.get(s))
+            .filter(|so| so.tuple == Some(tuple))
+            .and_then(|so| live(so.tcp_flow))
+            .or_else(|| self.tuple_index.get(&tuple).and_then(|r| live(r.flow)));
+        let f = match flow {
+            Some(f) => f,
+            None => {
+                if c.is_empty() || tuple.remote.port == 0 {
+                    // A listener, or a socket that never sent or received.
+                    self.stats.ignored_events += 1;
+                    return;
+                }
+                let s = match self.sock_index.get(&sock).copied() {
+                    Some(s)
+                        if self.sockets.get(s).is_some_and(|so| {
+                            so.tuple.is_none() && so.transport != Some(Transport::Udp)
+                        }) =>
+                    {
+                        s
+                    }
+                    other => {
+                        if let Some(old) = other {
+                            self.reuse(old, out);
+                        }
+                        self.new_socket(t, sock, Some(Transport::Tcp), false, out)
+                    }
+                };
+                if let Some(so) = self.sockets.get_mut(s) {
+                    so.transport = Some(Transport::Tcp);
+                }
+                match self.bind_tuple(t, s, tuple, FlowDirection::Unknown, false, out) {
+                    Some(f) => f,
+                    None => return,
+                }
+            }
+        };
+        if let Some(fl) = self.flows.get_mut(f) {
+            fl.out_bytes = c.payload_out();
+            fl.in_bytes = c.payload_in();
+            fl.out_packets = u64::from(c.segs_out);
+            fl.in_packets = u64::from(c.segs_in);
+            fl.accounting = Accounting::SocketCounters;
+            fl.last = fl.last.max(t);
+        }
+        self.stats.socket_counted += 1;
+        self.finish_flow(f, out);
     }
 
     pub(super) fn tcp_packet(

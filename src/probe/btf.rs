@@ -117,6 +117,44 @@ pub struct Offsets {
     pub sin6_port: Field,
     /// sockaddr_in6.sin6_addr.
     pub sin6_addr: Field,
+    /// The TCP socket's own counters, for socket-counter accounting; read
+    /// from BTF only (None when the offsets were guessed).
+    pub tcp: Option<TcpCounterOffsets>,
+}
+
+/// Members of `struct tcp_sock` (and `sock.sk_flags`) read at close by
+/// socket-counter accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpCounterOffsets {
+    /// tcp_sock.bytes_received (u64).
+    pub bytes_received: Field,
+    /// tcp_sock.bytes_sent (u64).
+    pub bytes_sent: Field,
+    /// tcp_sock.bytes_retrans (u64).
+    pub bytes_retrans: Field,
+    /// tcp_sock.segs_in (u32).
+    pub segs_in: Field,
+    /// tcp_sock.segs_out (u32).
+    pub segs_out: Field,
+    /// sock.sk_flags, i.e. sock_common.skc_flags (unsigned long).
+    pub sk_flags: Field,
+}
+
+impl TcpCounterOffsets {
+    /// Reads the members from a parsed BTF file; `sk_common` is where
+    /// `struct sock` holds its `sock_common`.
+    pub fn from_btf(b: &BtfFile, sk_common: Field) -> Result<TcpCounterOffsets, ProbeError> {
+        let mut sk_flags = b.field("sock_common", &["skc_flags"])?;
+        sk_flags.offset += sk_common.offset;
+        Ok(TcpCounterOffsets {
+            bytes_received: b.field("tcp_sock", &["bytes_received"])?,
+            bytes_sent: b.field("tcp_sock", &["bytes_sent"])?,
+            bytes_retrans: b.field("tcp_sock", &["bytes_retrans"])?,
+            segs_in: b.field("tcp_sock", &["segs_in"])?,
+            segs_out: b.field("tcp_sock", &["segs_out"])?,
+            sk_flags,
+        })
+    }
 }
 
 /// A parsed BTF file and the path it came from.
@@ -307,6 +345,13 @@ impl Offsets {
             sin_addr: b.field("sockaddr_in", &["sin_addr"])?,
             sin6_port: b.field("sockaddr_in6", &["sin6_port"])?,
             sin6_addr: b.field("sockaddr_in6", &["sin6_addr"])?,
+            tcp: match TcpCounterOffsets::from_btf(&b, sk_common) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::info!(error = %e, "no TCP socket counters in BTF");
+                    None
+                }
+            },
         })
     }
 
@@ -371,7 +416,30 @@ impl fmt::Display for Offsets {
             f,
             "  {:<28} offset {:>4} size {:>3}",
             "sockaddr_in6.sin6_addr", self.sin6_addr.offset, self.sin6_addr.size
-        )
+        )?;
+        match &self.tcp {
+            Some(t) => {
+                for (name, field) in [
+                    ("tcp_sock.bytes_received", t.bytes_received),
+                    ("tcp_sock.bytes_sent", t.bytes_sent),
+                    ("tcp_sock.bytes_retrans", t.bytes_retrans),
+                    ("tcp_sock.segs_in", t.segs_in),
+                    ("tcp_sock.segs_out", t.segs_out),
+                    ("sock.sk_flags", t.sk_flags),
+                ] {
+                    write!(
+                        f,
+                        "\n  {name:<28} offset {:>4} size {:>3}",
+                        field.offset, field.size
+                    )?;
+                }
+                Ok(())
+            }
+            None => write!(
+                f,
+                "\n  tcp_sock counters            unknown (socket-counter accounting unavailable)"
+            ),
+        }
     }
 }
 

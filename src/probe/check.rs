@@ -8,7 +8,7 @@ use crate::config::{OffsetsMode, SocketConfig};
 use super::btf::{Offsets, VMLINUX_BTF};
 use super::error::ProbeError;
 use super::guess::{self, GuessReport};
-use super::spec::{probe_set, resolve, ResolvedProbe};
+use super::spec::{probe_set, probe_set_for, resolve, ResolvedProbe};
 use super::tracefs::{self, Tracefs};
 
 /// Outcome of one check.
@@ -154,7 +154,7 @@ pub fn setup(cfg: &SocketConfig) -> Result<Setup, ProbeError> {
     let offsets = loaded.offsets?;
     let available = tracefs.available_functions()?;
     let probes = resolve(
-        probe_set(&offsets),
+        probe_set_for(&offsets, cfg.accounting)?,
         &available,
         ipv6,
         &tracefs.root().join("available_filter_functions"),
@@ -247,7 +247,18 @@ pub fn check(cfg: &SocketConfig) -> Vec<CheckItem> {
         let path = t.root().join("available_filter_functions");
         match t.available_functions() {
             Ok(avail) => {
-                for spec in probe_set(o) {
+                let set = match probe_set_for(o, cfg.accounting) {
+                    Ok(set) => set,
+                    Err(e) => {
+                        items.push(CheckItem::from_result::<()>(
+                            "socket.accounting",
+                            &Err(e),
+                            |_| String::new(),
+                        ));
+                        probe_set(o)
+                    }
+                };
+                for spec in set {
                     if spec.ipv6_only && !matches!(ipv6, Ok(true)) {
                         continue;
                     }

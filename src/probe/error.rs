@@ -62,6 +62,15 @@ pub enum ProbeError {
         /// What failed.
         reason: String,
     },
+    /// Socket-counter accounting needs the TCP socket's counters, which
+    /// only BTF gives.
+    #[error("socket.accounting=socket_counters needs the offsets of struct tcp_sock's counters, which only BTF gives, but {why} (probe {probe}); use socket.accounting=packets or a kernel with CONFIG_DEBUG_INFO_BTF=y")]
+    CountersUnavailable {
+        /// The probe that needs them.
+        probe: &'static str,
+        /// Where the offsets came from instead.
+        why: String,
+    },
     /// A struct member is not in BTF.
     #[error("BTF of {path} has no member {member} in struct {strukt}")]
     BtfMember {
@@ -165,7 +174,7 @@ impl From<&ProbeError> for ExitCode {
             ProbeError::KprobesDisabled { .. } => ExitCode::KprobesDisabled,
             ProbeError::KprobeEventsNotWritable { .. } => ExitCode::KprobeEventsNotWritable,
             ProbeError::MissingCapability { .. } => ExitCode::MissingCapability,
-            ProbeError::Btf { .. } => ExitCode::Btf,
+            ProbeError::Btf { .. } | ProbeError::CountersUnavailable { .. } => ExitCode::Btf,
             ProbeError::BtfMember { .. } => ExitCode::BtfMember,
             ProbeError::NoFunction { .. } => ExitCode::NoFunction,
             ProbeError::Ipv6Disabled { .. } => ExitCode::Ipv6Disabled,

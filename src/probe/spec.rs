@@ -16,12 +16,23 @@
 //! | `ip6_in`         | `ip6_input(skb)`                 | skb->len, 64 bytes at skb->data (TCP only) | no  |
 //! | `udp_in`         | `__udp_enqueue_schedule_skb(sk, skb)` | sk, skb->len, 64 bytes before skb->data (IP + UDP headers) | no |
 //! | `creds`          | `commit_creds(new)`              | uid, gid, euid, egid                      | yes  |
+//! | `tcp_end`        | `tcp_set_state(sk, state)`, filtered to `TCP_CLOSE` | sock fields, state, the socket's byte and segment counters, `sk_flags` | no |
+//! | `udp_out(6)`     | `ip_output`/`ip6_output`, filtered to UDP | as `ip_out`, and the protocol byte | no |
 //! | `exec/fork/exit` | `sched:sched_process_*`          | tracepoint fields                         | yes  |
 //!
 //! At the packet probes `skb->data` points at the IP header (egress: after
 //! the header was pushed; ingress: before it is pulled), so the header and
 //! the first four transport bytes (the ports) are at fixed offsets from it;
-//! the decoder validates the version nibble, IHL and next header. Ingress
+//! the decoder validates the version nibble, IHL and next header.
+//!
+//! Which probes are installed depends on `socket.accounting`: per-packet
+//! accounting (the default) installs all but `tcp_end` and `udp_out(6)`;
+//! socket-counter accounting counts TCP from `tcp_end` alone, so it leaves
+//! out the per-syscall TCP probes (`tcp_send`, `tcp_recv`), the TCP
+//! ingress probes (`ip_in`, `ip6_in`) and the egress probes of every
+//! protocol (`ip_out`, `ip6_out`), which `udp_out(6)` replace: the same
+//! functions, with an in-kernel filter that discards all but UDP before a
+//! sample is written. Ingress
 //! UDP is counted at `udp_in` instead: at the IP layer a datagram's UDP
 //! header may not be in the linear part of the skb yet (virtio-net with GRO
 //! on 5.10 leaves it in a page fragment, so the bytes read there are not
@@ -35,9 +46,10 @@ use crate::model::{PacketDir, SockOp, Transport};
 pub use crate::schema::PACKET_HEADER_BYTES;
 use crate::schema::{DecoderKind, IpFamily, SampleField as F, UDP_DELIVER_WINDOW};
 
-use super::btf::{Field, Offsets};
+use super::btf::{Field, Offsets, Provenance, TcpCounterOffsets};
 use super::error::ProbeError;
 use super::group::GROUP_PREFIX;
+use crate::config::AccountingMode;
 
 /// Most fetch arguments one probe may have (kernels oops beyond ~128).
 pub const MAX_FETCHARGS: usize = 128;
@@ -111,6 +123,14 @@ impl ResolvedProbe {
 }
 
 const FAMILY_FILTER: &str = "family == 2 || family == 10";
+/// `tcp_set_state` moving a socket to `TCP_CLOSE` (7).
+const TCP_CLOSE_FILTER: &str = "newstate == 7";
+/// IPPROTO_UDP in the IPv4 protocol / IPv6 next header byte.
+const UDP_FILTER: &str = "proto == 17";
+/// Offset of the protocol byte in an IPv4 header.
+const IPV4_PROTOCOL_OFFSET: u32 = 9;
+/// Offset of the next header byte in an IPv6 header.
+const IPV6_NEXT_HEADER_OFFSET: u32 = 6;
 
 fn deref(off: u32, inner: &str) -> String {
     format!("+{off}({inner})")
@@ -179,6 +199,21 @@ fn udp_delivery_fields(o: &Offsets) -> String {
     .join(" ")
 }
 
+/// Fields of the TCP close probe (`tcp_set_state(sk, state)`).
+fn tcp_close_fields(o: &Offsets, t: &TcpCounterOffsets) -> String {
+    [
+        sock_fields(o, "$arg1"),
+        arg(F::NewState, "$arg2", "u32"),
+        member(F::BytesReceived, t.bytes_received, "$arg1"),
+        member(F::BytesSent, t.bytes_sent, "$arg1"),
+        member(F::BytesRetrans, t.bytes_retrans, "$arg1"),
+        member(F::SegsIn, t.segs_in, "$arg1"),
+        member(F::SegsOut, t.segs_out, "$arg1"),
+        member(F::SkFlags, t.sk_flags, "$arg1"),
+    ]
+    .join(" ")
+}
+
 fn udp_send_fields(o: &Offsets, v6: bool) -> String {
     let name = deref(o.msg_name.offset, "$arg2");
     let (port, addr) = if v6 {
@@ -229,14 +264,25 @@ pub enum Fetch {
     },
     /// `__udp_enqueue_schedule_skb(sk, skb)`.
     UdpDeliver,
+    /// `tcp_set_state(sk, state)`: the socket, the new state and the
+    /// socket's counters.
+    TcpClose,
+    /// `ip_output`/`ip6_output(net, sk, skb)` as [`Fetch::Packet`], and the
+    /// protocol byte at this offset of the IP header.
+    PacketProto {
+        /// Offset of the protocol (IPv4) or next header (IPv6) byte.
+        at: u32,
+    },
     /// `commit_creds(new)`.
     Creds,
 }
 
 impl Fetch {
-    /// The fetch arguments for a kernel with these offsets.
-    pub fn args(self, o: &Offsets) -> String {
-        match self {
+    /// The fetch arguments for a kernel with these offsets; None when
+    /// they lack what this fetch needs (the TCP socket counters, which
+    /// only BTF gives).
+    pub fn args(self, o: &Offsets) -> Option<String> {
+        Some(match self {
             Fetch::Tracepoint => String::new(),
             Fetch::SockCreate => {
                 let proto_name = deref(o.proto_name.offset, &deref(o.skc_prot.offset, "$arg2"));
@@ -264,7 +310,16 @@ impl Fetch {
                 member(F::Egid, o.cred_egid, "$arg1"),
             ]
             .join(" "),
-        }
+            Fetch::TcpClose => tcp_close_fields(o, o.tcp.as_ref()?),
+            Fetch::PacketProto { at } => {
+                let data = deref(o.skb_data.offset, "$arg3");
+                [
+                    packet_fields(o, "$arg3", Some("$arg2")),
+                    arg(F::Proto, &format!("+{at}({data})"), "u8"),
+                ]
+                .join(" ")
+            }
+        })
     }
 }
 
@@ -285,20 +340,45 @@ pub struct ProbeDecl {
     pub filter: Option<&'static str>,
     /// Only installed when IPv6 is monitored.
     pub ipv6_only: bool,
+    /// The accounting modes it is installed in.
+    pub modes: Modes,
+}
+
+/// The accounting modes a probe is installed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Modes {
+    /// Every mode.
+    All,
+    /// Per-packet accounting only.
+    Packets,
+    /// Socket-counter accounting only.
+    SocketCounters,
+}
+
+impl Modes {
+    /// Whether a probe of these modes is installed in `mode`.
+    pub fn includes(self, mode: AccountingMode) -> bool {
+        match self {
+            Modes::All => true,
+            Modes::Packets => mode == AccountingMode::Packets,
+            Modes::SocketCounters => mode == AccountingMode::SocketCounters,
+        }
+    }
 }
 
 impl ProbeDecl {
-    /// The spec for a kernel with these offsets.
-    pub fn spec(&self, o: &Offsets) -> ProbeSpec {
-        ProbeSpec {
+    /// The spec for a kernel with these offsets, or None when they lack
+    /// what the probe fetches.
+    pub fn spec(&self, o: &Offsets) -> Option<ProbeSpec> {
+        Some(ProbeSpec {
             name: self.name,
             attach: self.attach,
-            fetchargs: self.fetch.args(o),
+            fetchargs: self.fetch.args(o)?,
             task_context: self.task_context,
             decoder: self.decoder,
             filter: self.filter,
             ipv6_only: self.ipv6_only,
-        }
+        })
     }
 
     /// The declaration of a recorded or installed event: `group/name` of a
@@ -332,6 +412,7 @@ const fn kprobe(
         decoder,
         filter: None,
         ipv6_only: false,
+        modes: Modes::All,
     }
 }
 
@@ -360,6 +441,7 @@ const fn tracepoint(name: &'static str, event: &'static str, decoder: DecoderKin
         decoder,
         filter: None,
         ipv6_only: false,
+        modes: Modes::All,
     }
 }
 
@@ -374,6 +456,22 @@ const fn activity(transport: Transport, op: SockOp, family: Option<IpFamily>) ->
 const fn ipv6_only(d: ProbeDecl) -> ProbeDecl {
     ProbeDecl {
         ipv6_only: true,
+        ..d
+    }
+}
+
+/// Installed in per-packet accounting only.
+const fn per_packet(d: ProbeDecl) -> ProbeDecl {
+    ProbeDecl {
+        modes: Modes::Packets,
+        ..d
+    }
+}
+
+/// Installed in socket-counter accounting only.
+const fn counters_only(d: ProbeDecl) -> ProbeDecl {
+    ProbeDecl {
+        modes: Modes::SocketCounters,
         ..d
     }
 }
@@ -420,18 +518,18 @@ pub const PROBES: &[ProbeDecl] = &[
         ),
         FAMILY_FILTER,
     ),
-    kprobe(
+    per_packet(kprobe(
         "tcp_send",
         &["tcp_sendmsg"],
         Fetch::Sk("$arg1"),
         activity(Transport::Tcp, SockOp::Send, None),
-    ),
-    kprobe(
+    )),
+    per_packet(kprobe(
         "tcp_recv",
         &["tcp_recvmsg"],
         Fetch::Sk("$arg1"),
         activity(Transport::Tcp, SockOp::Recv, None),
-    ),
+    )),
     kprobe(
         "udp_send",
         &["udp_sendmsg"],
@@ -456,7 +554,7 @@ pub const PROBES: &[ProbeDecl] = &[
         Fetch::Sock("$arg1"),
         DecoderKind::UdpRecv,
     )),
-    packet(
+    per_packet(packet(
         "ip_out",
         &["ip_output"],
         Fetch::Packet {
@@ -467,8 +565,8 @@ pub const PROBES: &[ProbeDecl] = &[
             dir: PacketDir::Egress,
             family: IpFamily::V4,
         },
-    ),
-    ipv6_only(packet(
+    )),
+    per_packet(ipv6_only(packet(
         "ip6_out",
         &["ip6_output"],
         Fetch::Packet {
@@ -479,8 +577,8 @@ pub const PROBES: &[ProbeDecl] = &[
             dir: PacketDir::Egress,
             family: IpFamily::V6,
         },
-    )),
-    packet(
+    ))),
+    per_packet(packet(
         "ip_in",
         &["ip_local_deliver"],
         Fetch::Packet {
@@ -490,8 +588,8 @@ pub const PROBES: &[ProbeDecl] = &[
         DecoderKind::TcpIngress {
             family: IpFamily::V4,
         },
-    ),
-    ipv6_only(packet(
+    )),
+    per_packet(ipv6_only(packet(
         "ip6_in",
         &["ip6_input"],
         Fetch::Packet {
@@ -501,6 +599,41 @@ pub const PROBES: &[ProbeDecl] = &[
         DecoderKind::TcpIngress {
             family: IpFamily::V6,
         },
+    ))),
+    counters_only(filtered(
+        packet(
+            "udp_out",
+            &["ip_output"],
+            Fetch::PacketProto {
+                at: IPV4_PROTOCOL_OFFSET,
+            },
+            DecoderKind::UdpEgress {
+                family: IpFamily::V4,
+            },
+        ),
+        UDP_FILTER,
+    )),
+    counters_only(ipv6_only(filtered(
+        packet(
+            "udp6_out",
+            &["ip6_output"],
+            Fetch::PacketProto {
+                at: IPV6_NEXT_HEADER_OFFSET,
+            },
+            DecoderKind::UdpEgress {
+                family: IpFamily::V6,
+            },
+        ),
+        UDP_FILTER,
+    ))),
+    counters_only(filtered(
+        packet(
+            "tcp_end",
+            &["tcp_set_state"],
+            Fetch::TcpClose,
+            DecoderKind::TcpClose,
+        ),
+        TCP_CLOSE_FILTER,
     )),
     packet(
         "udp_in",
@@ -514,10 +647,32 @@ pub const PROBES: &[ProbeDecl] = &[
     tracepoint("exit", "sched_process_exit", DecoderKind::Exit),
 ];
 
-/// The full probe set for a kernel with these offsets. IPv6-only probes are
-/// marked; [`resolve`] drops them when IPv6 is not monitored.
+/// The per-packet probe set for a kernel with these offsets. IPv6-only
+/// probes are marked; [`resolve`] drops them when IPv6 is not monitored.
 pub fn probe_set(o: &Offsets) -> Vec<ProbeSpec> {
-    PROBES.iter().map(|d| d.spec(o)).collect()
+    PROBES
+        .iter()
+        .filter(|d| d.modes.includes(AccountingMode::Packets))
+        .filter_map(|d| d.spec(o))
+        .collect()
+}
+
+/// The probe set of an accounting mode for a kernel with these offsets;
+/// an error when the offsets lack what one of its probes fetches.
+pub fn probe_set_for(o: &Offsets, mode: AccountingMode) -> Result<Vec<ProbeSpec>, ProbeError> {
+    PROBES
+        .iter()
+        .filter(|d| d.modes.includes(mode))
+        .map(|d| {
+            d.spec(o).ok_or_else(|| ProbeError::CountersUnavailable {
+                probe: d.name,
+                why: match &o.provenance {
+                    Provenance::Btf(p) => format!("the BTF of {} lacks them", p.display()),
+                    Provenance::Guess { why } => format!("the offsets were guessed ({why})"),
+                },
+            })
+        })
+        .collect()
 }
 
 /// Picks, for every spec, the first alternative function present in
@@ -555,7 +710,6 @@ pub fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::btf::Provenance;
     use crate::schema::Width;
 
     /// Offsets of plausible sizes (the values only need to be distinct).
@@ -600,6 +754,14 @@ mod tests {
             sin_addr: f(4),
             sin6_port: f(2),
             sin6_addr: f(16),
+            tcp: Some(TcpCounterOffsets {
+                bytes_received: f(8),
+                bytes_sent: f(8),
+                bytes_retrans: f(8),
+                segs_in: f(4),
+                segs_out: f(4),
+                sk_flags: f(8),
+            }),
         }
     }
 
@@ -617,7 +779,8 @@ mod tests {
 
     #[test]
     fn every_probe_fetches_its_declared_fields() {
-        for spec in probe_set(&offsets()) {
+        for d in PROBES {
+            let spec = d.spec(&offsets()).expect("every offset is known");
             let declared = spec.decoder.fields();
             if spec.decoder.is_tracepoint() {
                 assert!(spec.fetchargs.is_empty(), "{}", spec.name);
@@ -669,6 +832,36 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), PROBES.len(), "probe names are unique");
+    }
+
+    #[test]
+    fn accounting_modes_choose_their_probes() {
+        let names = |mode| -> Vec<&str> {
+            probe_set_for(&offsets(), mode)
+                .expect("every offset is known")
+                .iter()
+                .map(|s| s.name)
+                .collect()
+        };
+        let packets = names(AccountingMode::Packets);
+        let counters = names(AccountingMode::SocketCounters);
+        for p in ["tcp_send", "tcp_recv", "ip_out", "ip_in"] {
+            assert!(packets.contains(&p) && !counters.contains(&p), "{p}");
+        }
+        for p in ["tcp_end", "udp_out"] {
+            assert!(counters.contains(&p) && !packets.contains(&p), "{p}");
+        }
+        for p in ["tcp_connect", "tcp_accept", "udp_in", "udp_send", "exec"] {
+            assert!(counters.contains(&p) && packets.contains(&p), "{p}");
+        }
+        let same: Vec<&str> = probe_set(&offsets()).iter().map(|s| s.name).collect();
+        assert_eq!(same, packets);
+        let mut guessed = offsets();
+        guessed.tcp = None;
+        guessed.provenance = Provenance::Guess { why: "test".into() };
+        let err = probe_set_for(&guessed, AccountingMode::SocketCounters).unwrap_err();
+        assert!(err.to_string().contains("guessed"), "{err}");
+        assert!(probe_set_for(&guessed, AccountingMode::Packets).is_ok());
     }
 
     #[test]

@@ -11,6 +11,9 @@ rotates from round to round):
                     configuration) + one ``sockscope watch --follow
                     --format json`` subscriber over TCP loopback
     sockscope-unix  the same, the subscriber on the Unix socket
+    sockscope-counters  ``sockscope serve -E socket.accounting=socket_counters``
+                    (TCP counted from the socket's own counters at close)
+                    with the subscriber over TCP loopback
     softflowd       ``softflowd -i lo -d`` exporting NetFlow v5 to a
                     loopback port nobody listens on
 
@@ -72,7 +75,9 @@ SOFTFLOWD_PID = "/tmp/softflowd.pid"
 SOFTFLOWD_COLLECTOR = "127.0.0.1:9995"
 #: The daemon's Unix socket (default ``server.unix_socket``).
 UNIX_SOCKET = "/run/sockscope/sockscope.sock"
-MONITORS = ("none", "sockscope-tcp", "sockscope-unix", "softflowd")
+MONITORS = ("none", "sockscope-tcp", "sockscope-unix", "sockscope-counters", "softflowd")
+#: Daemon options per sockscope monitor (beyond the test bed's defaults).
+DAEMON_OPTIONS = {"sockscope-counters": ["-E", "socket.accounting=socket_counters"]}
 WORKLOADS = ("churn", "bulk", "udp")
 #: USER_HZ of the Debian x86_64 kernels (/proc/PID/stat ticks).
 CLK_TCK = 100
@@ -98,6 +103,7 @@ class Params:
     udp_size: int
     settle: float
     workloads: tuple[str, ...] = WORKLOADS
+    monitors: tuple[str, ...] = MONITORS
 
     def argv(self, workload: str) -> str:
         return {"churn": f"churn {self.churn}", "bulk": f"bulk {self.bulk_mib}",
@@ -172,9 +178,10 @@ class Bench:
                 raise bed.BedError(f"softflowd exited: {sf.log()}")
             self.spawned = {"softflowd": sf}
             return {"softflowd": sf.pid}
-        daemon = vm.start_daemon()
+        options = DAEMON_OPTIONS.get(monitor, [])
+        daemon = vm.start_daemon(options) if options else vm.start_daemon()
         self.wait(lambda: vm.run(f"test -S {UNIX_SOCKET}").rc == 0, 30, "the daemon's Unix socket")
-        server = f"127.0.0.1:{bed.GUEST_GRPC_PORT}" if monitor == "sockscope-tcp" else UNIX_SOCKET
+        server = UNIX_SOCKET if monitor == "sockscope-unix" else f"127.0.0.1:{bed.GUEST_GRPC_PORT}"
         watch = vm.spawn(f"exec {bed.GUEST_DAEMON} watch --server {server} --follow --format json >/dev/null")
         self.wait(lambda: len(self.status().get("subscribers", [])) >= 1 or not watch.alive(), 30,
                   "the subscriber to register")
@@ -348,6 +355,8 @@ def params_of(res: dict) -> Params:
     """The parameters of one kernel's results."""
     kw = dict(res["params"])
     kw["workloads"] = tuple(kw.get("workloads", WORKLOADS))
+    # Results of runs before the counters monitor existed measured these.
+    kw["monitors"] = tuple(kw.get("monitors", ("none", "sockscope-tcp", "sockscope-unix", "softflowd")))
     return Params(**kw)
 
 
@@ -362,7 +371,7 @@ def summarize(rounds: list[dict], p: Params) -> dict:
     for w in p.workloads:
         factor, unit = p.per_unit(w)
         out[w] = {"unit": unit}
-        for m in MONITORS:
+        for m in p.monitors:
             ratios, net, raw, walls, work_cpu = [], [], [], [], []
             roles: dict[str, list[float]] = {}
             rss: dict[str, list[int]] = {}
@@ -412,7 +421,7 @@ def table(suite: str, release: str, summary: dict, p: Params) -> str:
               "udp": f"udp {p.udp} x {p.udp_size} B"}
     for w in p.workloads:
         s = summary[w]
-        for i, m in enumerate(MONITORS):
+        for i, m in enumerate(p.monitors):
             e = s[m]
             roles = e["per_role_ms_per_unit"]
             rss = e["peak_rss_kib"].get("daemon", e["peak_rss_kib"].get("softflowd"))
@@ -446,7 +455,7 @@ def markdown(results: dict, p: Params) -> str:
         release = res["uname"].replace("-cloud-amd64", "")
         for w in p.workloads:
             s = res["summary"][w]
-            for m in MONITORS[1:]:
+            for m in p.monitors[1:]:
                 e = s[m]
                 roles = e["per_role_ms_per_unit"]
                 lo, hi = e["wall_ratio_range"]
@@ -473,7 +482,8 @@ def run_suite(suite: str, p: Params, files: dict[str, Path], save) -> dict:
         for w in p.workloads:
             b.run_workload(w, {})
         for r in range(p.rounds):
-            order = [MONITORS[(i + r) % len(MONITORS)] for i in range(len(MONITORS))]
+            ms = p.monitors
+            order = [ms[(i + r) % len(ms)] for i in range(len(ms))]
             rnd = {"order": order, "slots": {}}
             rounds.append(rnd)
             for m in order:
@@ -503,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=6, help="seconds measured after each workload ends")
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    ap.add_argument("--monitors", default=",".join(MONITORS),
+                    help=f"comma-separated subset of {','.join(MONITORS)} (none is always measured)")
     ap.add_argument("--out", type=Path, default=None, help="JSON output (default target/vm-bed/bench-overhead.json)")
     ap.add_argument("--report", action="store_true",
                     help="boot nothing: print the tables of the JSON output again (with --markdown: one Markdown table)")
@@ -514,10 +526,10 @@ def main(argv: list[str] | None = None) -> int:
         done = []
         for x in a.suites or kernels.SUITES:
             res = results.get(x, {})
-            complete = [r for r in res.get("rounds", []) if len(r["slots"]) == len(MONITORS)]
+            rp = params_of(res)
+            complete = [r for r in res.get("rounds", []) if len(r["slots"]) == len(rp.monitors)]
             if not complete:
                 continue
-            rp = params_of(res)
             res["summary"] = summarize(complete, rp)
             done.append(res)
         for res in done:
@@ -536,7 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     workloads = tuple(w for w in WORKLOADS if w in a.workloads.split(","))
     if not workloads or set(a.workloads.split(",")) - set(WORKLOADS):
         ap.error(f"--workloads: a comma-separated subset of {','.join(WORKLOADS)}")
-    p = Params(a.rounds, a.churn, a.bulk_mib, a.udp, a.udp_size, a.settle, workloads)
+    monitors = tuple(m for m in MONITORS if m == "none" or m in a.monitors.split(","))
+    if set(a.monitors.split(",")) - set(MONITORS):
+        ap.error(f"--monitors: a comma-separated subset of {','.join(MONITORS)}")
+    p = Params(a.rounds, a.churn, a.bulk_mib, a.udp, a.udp_size, a.settle, workloads, monitors)
     if bed.daemon_binary() is None:
         print("no daemon binary: cargo build --release (or set SOCKSCOPE_BIN)", file=sys.stderr)
         return 2

@@ -239,7 +239,7 @@ PROFILE_READ_ATTEMPTS = 5
 #: one packet on one side of one flow): egress IPv4/IPv6 at ip_output /
 #: ip6_output, TCP ingress at ip_local_deliver / ip6_input, UDP ingress at
 #: delivery to the socket.
-PACKET_PROBES = ("ip_out", "ip6_out", "ip_in", "ip6_in", "udp_in")
+PACKET_PROBES = ("ip_out", "ip6_out", "ip_in", "ip6_in", "udp_in", "udp_out", "udp6_out")
 
 
 def probe_group(vm) -> str:
@@ -283,7 +283,10 @@ def read_probe_misses(vm, group: str) -> dict[str, int]:
         events, _, profile = r.out.partition(sep + "\n")
         got = parse_profile(events, profile, group)
         if got is not None:
-            missing = [p for p in ("ip_out", "ip_in", "udp_in") if p not in got]
+            # Per-packet accounting counts egress at ip_out, TCP ingress at
+            # ip_in; socket-counter accounting has udp_out for UDP egress.
+            need = ("udp_out", "udp_in") if "udp_out" in got else ("ip_out", "ip_in", "udp_in")
+            missing = [p for p in need if p not in got]
             assert not missing, f"the daemon's group {group} has no packet probes {missing}:\n{events}"
             return got
         last = r.out
@@ -419,6 +422,8 @@ class Scenario:
                     p.append(f"{where}: no {dp} captured packets of this side add up to the {db} bytes missing")
                     continue
                 probe = packet_probe(proto, src[0] if side == "local" else dst[0], side == "local")
+                if proto == "udp" and side == "local" and "udp_out" in self.misses:
+                    probe = probe.replace("ip", "udp")  # socket-counter accounting
                 shorts.append(f"{name}: {where} (counted at {probe})")
                 used[probe] += dp
                 short_packets += dp

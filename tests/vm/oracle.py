@@ -50,6 +50,8 @@ class PacketRecord:
     tcp_flags: int
     #: UDP payload as captured (up to the IP length; cut by the snap length).
     udp_payload: bytes = dataclasses.field(default=b"", repr=False)
+    #: TCP payload bytes (from the IP length and the TCP data offset).
+    tcp_payload: int = 0
 
 
 def _ip(packet: bytes, ts: float, outgoing: bool, loopback: bool, ifindex: int | None) -> PacketRecord | None:
@@ -82,8 +84,11 @@ def _ip(packet: bytes, ts: float, outgoing: bool, loopback: bool, ifindex: int |
     sport, dport = struct.unpack_from("!HH", packet, l4)
     flags = packet[l4 + 13] if proto == IPPROTO_TCP and len(packet) > l4 + 13 else 0
     payload = packet[l4 + 8:total] if proto == IPPROTO_UDP else b""
+    tcp_payload = 0
+    if proto == IPPROTO_TCP and len(packet) > l4 + 12:
+        tcp_payload = max(0, total - l4 - (packet[l4 + 12] >> 4) * 4)
     return PacketRecord(ts, outgoing, loopback, ifindex, "tcp" if proto == IPPROTO_TCP else "udp",
-                        (src, sport), (dst, dport), total, flags, payload)
+                        (src, sport), (dst, dport), total, flags, payload, tcp_payload)
 
 
 def parse_pcap(data: bytes) -> list[PacketRecord]:

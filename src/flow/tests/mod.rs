@@ -19,6 +19,7 @@ mod expiry;
 mod handshake;
 mod naming;
 mod records;
+mod socket_counters;
 mod table;
 mod tcp;
 mod udp;
@@ -56,6 +57,7 @@ fn cfg() -> EngineConfig {
         include_self: false,
         own_tcp_ports: vec![OWN_PORT],
         own_pid: OWN_PID,
+        accounting: crate::model::Accounting::Packets,
     }
 }
 

@@ -283,6 +283,7 @@ pub(crate) fn offsets_from(k: &Known, provenance: Provenance) -> Result<Offsets,
         sin_addr: g("sockaddr_in.sin_addr")?,
         sin6_port: g("sockaddr_in6.sin6_port")?,
         sin6_addr: g("sockaddr_in6.sin6_addr")?,
+        tcp: None,
     })
 }
 
