@@ -30,7 +30,7 @@ use sockscope::ring::RingItem;
 #[path = "fixtures/replay.rs"]
 mod replay;
 
-use replay::{daemon_probes, Decoded};
+use replay::Decoded;
 
 /// Kernels recorded (directories under tests/fixtures/recorded).
 const KERNELS: [&str; 4] = ["5.10", "6.1", "6.12", "7.2"];
@@ -397,8 +397,9 @@ fn check_session(kernel: &str, session: &str) -> Vec<String> {
     );
     let d = replay::replay(&dir.join(format!("{session}.rec")))
         .unwrap_or_else(|e| panic!("{ctx}: {e}"));
-    // Every probe of the daemon's table was recorded (IPv6 is monitored).
-    for p in daemon_probes() {
+    // Every probe the daemon installs by default was recorded (IPv6 is
+    // monitored).
+    for p in replay::per_packet_probes() {
         assert!(
             d.installed.iter().any(|e| match p.attach {
                 Attach::Tracepoint { system, event } => e.system == system && e.name == event,

@@ -18,6 +18,7 @@ use super::Pipeline;
 use crate::config::{AccountingMode, Config};
 use crate::enrich::dns::{DnsResponse, DnsTable, TableLimits};
 use crate::enrich::process::ProcessTable;
+use crate::enrich::sockets::SocketSnapshot;
 use crate::export::hub::PipelineSender;
 use crate::flow::{Clock, Engine, EngineConfig};
 use crate::model::{Accounting, Event, KernelTime, Loss, LossSource, Output};
@@ -35,6 +36,8 @@ pub(super) struct EngineStage {
     pub(super) config: EngineConfig,
     /// The process table the engine attributes sockets with.
     pub(super) procs: ProcessTable,
+    /// The machine's TCP sockets when the probes were in place.
+    pub(super) sockets: SocketSnapshot,
     /// Kernel-to-wall clock offset, re-synchronised by the engine.
     pub(super) wall: WallClock,
     /// The clock the perf samples are stamped with.
@@ -57,6 +60,7 @@ impl EngineStage {
         let EngineStage {
             config,
             procs,
+            sockets,
             mut wall,
             perf_clock,
             event_rx,
@@ -71,6 +75,8 @@ impl EngineStage {
             offset_ns: offset.clone(),
         };
         let mut engine = Engine::new(config, clock.clone(), procs);
+        engine.seed_sockets(&sockets);
+        drop(sockets);
         if dns_rx.is_some() {
             engine = engine.with_dns(DnsTable::new(TableLimits::default()));
         }

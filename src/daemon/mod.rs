@@ -225,6 +225,24 @@ fn run_with_probes(
         None => None,
     };
     let procs = enrich::open_process_table(cfg)?;
+    // After the probes: a connection opened from now on is seen by them.
+    let sockets = enrich::sockets::take(&cfg.socket.proc_root);
+    let st = sockets.stats;
+    tracing::info!(
+        sockets = st.sockets,
+        owned = st.owned,
+        descriptors = st.fds,
+        took_ms = st.took.as_millis() as u64,
+        "TCP sockets that existed at start"
+    );
+    if st.sockets_cut > 0 || st.fd_scan_cut || st.bad_lines > 0 {
+        tracing::warn!(
+            left_out = st.sockets_cut,
+            descriptor_scan_cut = st.fd_scan_cut,
+            bad_lines = st.bad_lines,
+            "the start-up socket snapshot is partial"
+        );
+    }
     // Stopped and joined when dropped, after the engine (declared first,
     // dropped last).
     let (dns_thread, dns_rx) = match dns_capture {
@@ -259,6 +277,7 @@ fn run_with_probes(
     let engine = EngineStage {
         config: engine::engine_config(cfg),
         procs,
+        sockets,
         wall,
         perf_clock,
         event_rx,

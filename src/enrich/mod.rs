@@ -2,13 +2,15 @@
 //!
 //! Everything a flow record carries beyond its counters: the owning
 //! process ([`process`]), user and group names ([`users`]), the container
-//! and pod a process runs in ([`container`]) and the flow's Community ID
-//! ([`community_id`]).
+//! and pod a process runs in ([`container`]), the flow's Community ID
+//! ([`community_id`]), and the machine's TCP sockets and their owners when
+//! the daemon starts ([`sockets`]).
 
 pub mod community_id;
 pub mod container;
 pub mod dns;
 pub mod process;
+pub mod sockets;
 pub mod users;
 
 use std::path::{Path, PathBuf};

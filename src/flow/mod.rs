@@ -137,6 +137,7 @@ mod naming;
 mod records;
 mod slab;
 mod table;
+mod preexisting;
 mod tcp;
 #[cfg(test)]
 mod tests;
@@ -270,6 +271,8 @@ pub struct EngineStats {
     pub ignored_events: u64,
     /// TCP flows that took their counters from their socket.
     pub socket_counted: u64,
+    /// TCP flows whose owner came from the start-up socket snapshot.
+    pub seeded_owners: u64,
     /// TCP flows of socket-counter accounting that ended before their
     /// socket's counters came (reported as uncounted).
     pub uncounted_flows: u64,
@@ -296,6 +299,8 @@ pub struct Engine<C: Clock> {
     own_tcp_ports: Vec<u16>,
     /// TCP counted from socket close events.
     socket_counters: bool,
+    /// Connections and listeners that existed at start.
+    pre: preexisting::Preexisting,
 
     sockets: Slab<Socket>,
     flows: Slab<Flow>,
@@ -357,6 +362,7 @@ impl<C: Clock> Engine<C> {
             own_pid: cfg.own_pid,
             own_tcp_ports: cfg.own_tcp_ports,
             socket_counters: cfg.accounting == Accounting::SocketCounters,
+            pre: preexisting::Preexisting::default(),
             sockets: Slab::default(),
             flows: Slab::default(),
             embryos: Slab::default(),

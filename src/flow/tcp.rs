@@ -119,8 +119,10 @@ impl<C: Clock> Engine<C> {
     }
 
     /// A TCP connection ended with these socket counters (socket-counter
-    /// accounting): they become its flow's counters, and the flow is final
-    /// at once, since nothing more is counted on a closed connection. A
+    /// accounting): they become its flow's counters. The flow ends as in
+    /// per-packet accounting (`flow_termination_timeout` after its socket's
+    /// release, or by inactivity), so records leave in batches rather than
+    /// one by one while connections churn. A
     /// connection whose open was not seen (it predates the daemon, or its
     /// connect or accept sample was lost) gets a flow of unknown direction
     /// here.
@@ -181,7 +183,6 @@ impl<C: Clock> Engine<C> {
             fl.last = fl.last.max(t);
         }
         self.stats.socket_counted += 1;
-        self.finish_flow(f, out);
     }
 
     pub(super) fn tcp_packet(
@@ -392,6 +393,7 @@ impl<C: Clock> Engine<C> {
                 }
             }
         }
+        self.seeded_flow(s, f, tuple);
         Some(f)
     }
 

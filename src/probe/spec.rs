@@ -7,7 +7,8 @@
 //! | `tcp_connect`    | `tcp_connect(sk)`                | sk, family, both addresses and ports      | yes  |
 //! | `tcp_accept`     | `inet_csk_accept` return         | `$retval` sock, family, addresses, ports  | yes  |
 //! | `sock_close`     | `inet_release(socket)`           | socket->sk, family                        | yes  |
-//! | `tcp_send/recv`  | `tcp_sendmsg`/`tcp_recvmsg`      | sk                                        | yes  |
+//! | `tcp_send`       | `tcp_sendmsg`                    | sk                                        | yes  |
+//! | `tcp_recv`       | `tcp_recvmsg` (retired: installed in no mode, replays old recordings) | sk | yes |
 //! | `udp_send(6)`    | `udp_sendmsg`/`udpv6_sendmsg`    | sk, msg_namelen, msg_name family/port/addr| yes  |
 //! | `udp_recv(6)`    | `udp_recvmsg`/`udpv6_recvmsg`    | sock fields (bound local address, port)   | yes  |
 //! | `ip_out`         | `ip_output(net, sk, skb)`        | sk, skb->len, 64 bytes at skb->data (IPv4 header + ports) | no |
@@ -28,7 +29,7 @@
 //! Which probes are installed depends on `socket.accounting`: per-packet
 //! accounting (the default) installs all but `tcp_end` and `udp_out(6)`;
 //! socket-counter accounting counts TCP from `tcp_end` alone, so it leaves
-//! out the per-syscall TCP probes (`tcp_send`, `tcp_recv`), the TCP
+//! out the per-syscall TCP probe (`tcp_send`), the TCP
 //! ingress probes (`ip_in`, `ip6_in`) and the egress probes of every
 //! protocol (`ip_out`, `ip6_out`), which `udp_out(6)` replace: the same
 //! functions, with an in-kernel filter that discards all but UDP before a
@@ -353,6 +354,9 @@ pub enum Modes {
     Packets,
     /// Socket-counter accounting only.
     SocketCounters,
+    /// No mode installs it any more; declared so that recordings made
+    /// with it still replay.
+    Retired,
 }
 
 impl Modes {
@@ -362,6 +366,7 @@ impl Modes {
             Modes::All => true,
             Modes::Packets => mode == AccountingMode::Packets,
             Modes::SocketCounters => mode == AccountingMode::SocketCounters,
+            Modes::Retired => false,
         }
     }
 }
@@ -468,6 +473,14 @@ const fn per_packet(d: ProbeDecl) -> ProbeDecl {
     }
 }
 
+/// Installed in no mode (see [`Modes::Retired`]).
+const fn retired(d: ProbeDecl) -> ProbeDecl {
+    ProbeDecl {
+        modes: Modes::Retired,
+        ..d
+    }
+}
+
 /// Installed in socket-counter accounting only.
 const fn counters_only(d: ProbeDecl) -> ProbeDecl {
     ProbeDecl {
@@ -524,7 +537,10 @@ pub const PROBES: &[ProbeDecl] = &[
         Fetch::Sk("$arg1"),
         activity(Transport::Tcp, SockOp::Send, None),
     )),
-    per_packet(kprobe(
+    // Fired on every receive call, event loops' empty polls included, for
+    // an owner that the accept, the connect, the sends and the start-up
+    // socket snapshot already give.
+    retired(kprobe(
         "tcp_recv",
         &["tcp_recvmsg"],
         Fetch::Sk("$arg1"),
@@ -845,9 +861,11 @@ mod tests {
         };
         let packets = names(AccountingMode::Packets);
         let counters = names(AccountingMode::SocketCounters);
-        for p in ["tcp_send", "tcp_recv", "ip_out", "ip_in"] {
+        for p in ["tcp_send", "ip_out", "ip_in"] {
             assert!(packets.contains(&p) && !counters.contains(&p), "{p}");
         }
+        assert!(!packets.contains(&"tcp_recv") && !counters.contains(&"tcp_recv"));
+        assert!(ProbeDecl::of_event("sockscope_1/tcp_recv").is_some(), "still replays");
         for p in ["tcp_end", "udp_out"] {
             assert!(counters.contains(&p) && !packets.contains(&p), "{p}");
         }

@@ -465,14 +465,14 @@ def scenario(vm, bpf: str):
 
 
 def flow_problems(f, totals: oracle.Totals, proto: str, *, direction: int, pid: int,
-                  user: tuple[str, int, int], name: str = "flowtool") -> list[str]:
+                  user: tuple[str, int, int], name: str = "flowtool", complete: bool = True) -> list[str]:
     """Everything wrong with one final record's attributes (the counters are
     judged by :meth:`Scenario.verdict`); empty when it is right."""
     p = []
     if not f.final:
         p.append("not final")
-    if not f.complete:
-        p.append("not complete")
+    if f.complete != complete:
+        p.append("not complete" if complete else "complete, though its start was not seen")
     if f.network.direction != direction:
         p.append(f"direction {f.network.direction}, want {direction}")
     if f.process.pid != pid or f.process.name != name:

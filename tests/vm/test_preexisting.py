@@ -1,5 +1,6 @@
-"""A server already blocked in ``accept()`` when the daemon starts.
+"""What existed before the daemon started.
 
+A server already blocked in ``accept()`` when the daemon starts:
 The return probe on ``inet_csk_accept`` is installed while the server
 sleeps inside that call, so its return is never reported: the accepted
 socket's flow gets its direction and ``complete`` from the handshake the
@@ -16,8 +17,12 @@ from flowlib import CLIENT_USER, SERVER_USER, FlowStream
 
 #: Guest port of the scenario.
 TCP_PORT = 9110
+#: Guest port of the established-connection scenario.
+ESTABLISHED_PORT = 9111
 #: Bytes the client sends.
 CLIENT_BYTES = 3000
+#: The file that lets the waiting client send.
+GO_FILE = "/tmp/preexisting-go"
 #: x86_64 system calls a server blocked in accept sleeps in (accept, accept4).
 SYS_ACCEPTS = (43, 288)
 
@@ -46,4 +51,34 @@ def test_server_blocked_in_accept_before_the_daemon_started(vm):
         sc.verdict(stream)
     finally:
         stream.close()
+    assert vm.stop_daemon("TERM") == 0
+
+
+def test_connection_established_before_the_daemon_started(vm):
+    flowlib.install_guest_tools(vm)
+    vm.run(f"rm -f {GO_FILE}", check=True)
+    server = flowlib.spawn_server(vm, SERVER_USER, f"tcp-serve 127.0.0.1 {ESTABLISHED_PORT} 1")
+    client = vm.spawn(f"exec {flowlib.FLOWTOOL} -u {CLIENT_USER[1]}:{CLIENT_USER[2]} "
+                      f"tcp-client-wait 127.0.0.1 {ESTABLISHED_PORT} {GO_FILE} {CLIENT_BYTES}")
+    flowlib.wait_until(lambda: "local " in client.log(), flowlib.READY_WAIT_S, "the client to connect")
+    parts = next(line.split() for line in client.log().splitlines() if line.startswith("local "))
+    local = (parts[1], int(parts[2]))
+    flowlib.start_daemon(vm, "btf")
+    stream = FlowStream(vm)
+    pb = stream.pb
+    try:
+        with flowlib.scenario(vm, f"tcp port {ESTABLISHED_PORT}") as sc:
+            vm.run(f"touch {GO_FILE}", check=True)
+            assert client.wait(flowlib.WORKLOAD_WAIT_S) == 0, client.log()
+            assert server.wait(flowlib.WORKLOAD_WAIT_S) == 0, server.log()
+        srv = ("127.0.0.1", ESTABLISHED_PORT)
+        got = stream.wait_finals(pb.TRANSPORT_TCP, [(local, srv), (srv, local)])
+        sc.expect(got[(srv, local)], "tcp", direction=pb.DIRECTION_INGRESS, pid=server.pid, user=SERVER_USER,
+                  complete=False)
+        sc.expect(got[(local, srv)], "tcp", direction=pb.DIRECTION_EGRESS, pid=client.pid, user=CLIENT_USER,
+                  complete=False)
+        sc.verdict(stream)
+    finally:
+        stream.close()
+        vm.run(f"rm -f {GO_FILE}")
     assert vm.stop_daemon("TERM") == 0

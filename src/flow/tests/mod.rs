@@ -18,6 +18,7 @@ use Transport::{Tcp, Udp};
 mod expiry;
 mod handshake;
 mod naming;
+mod preexisting;
 mod records;
 mod socket_counters;
 mod table;

@@ -42,13 +42,18 @@ impl H {
 }
 
 #[test]
-fn close_counters_become_the_flows_counters_at_once() {
+fn close_counters_become_the_flows_counters() {
     let mut h = counting();
     let sk = 0xa000;
     let (l, r) = ("10.0.0.1:40000", "10.0.0.2:80");
     h.create(S, 100, sk, Some(Tcp));
     h.connect(S, 100, sk, l, r);
     h.tcp_end(2 * S, sk, l, r, CLIENT);
+    // Final once the released socket's termination wait is over.
+    h.close(3 * S, Some(100), sk);
+    h.tick(7 * S);
+    assert!(h.flows().is_empty());
+    h.tick(8 * S);
     let rec = only(h.flows());
     assert_eq!(rec.accounting, Accounting::SocketCounters);
     assert_eq!(rec.direction, FlowDirection::Egress);
@@ -57,8 +62,6 @@ fn close_counters_become_the_flows_counters_at_once() {
     assert_eq!(counters(&rec), (5, 28, 4, 1216));
     assert_eq!(rec.process.expect("owner").pid, 100);
     assert_eq!(rec.end, wall(2 * S));
-    // The release that follows adds nothing.
-    h.close(3 * S, Some(100), sk);
     h.tick(100 * S);
     assert!(h.flows().is_empty());
     assert_eq!(h.eng.stats().socket_counted, 1);
@@ -78,6 +81,7 @@ fn retransmitted_payload_counts_once() {
         ..CLIENT
     };
     h.tcp_end(2 * S, sk, l, r, c);
+    h.tick(100 * S);
     let rec = only(h.flows());
     assert_eq!((rec.local.bytes, rec.remote.bytes), (2000, 10));
 }
@@ -92,6 +96,8 @@ fn a_silent_open_connection_does_not_end_by_inactivity() {
     h.tick(600 * S);
     assert!(h.flows().is_empty(), "still open");
     h.tcp_end(601 * S, sk, l, r, CLIENT);
+    h.close(601 * S, Some(200), sk);
+    h.tick(700 * S);
     let rec = only(h.flows());
     assert_eq!(rec.direction, FlowDirection::Ingress);
     assert_eq!(rec.accounting, Accounting::SocketCounters);
@@ -122,6 +128,7 @@ fn a_connection_whose_open_was_not_seen_gets_a_flow_of_unknown_direction() {
     let sk = 0xa400;
     let (l, r) = ("10.0.0.1:40004", "10.0.0.2:80");
     h.tcp_end(S, sk, l, r, CLIENT);
+    h.tick(100 * S);
     let rec = only(h.flows());
     assert_eq!(rec.direction, FlowDirection::Unknown);
     assert!(!rec.complete);
