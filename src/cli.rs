@@ -18,6 +18,7 @@ use crate::export::client::{self, ServerAddr};
 use crate::export::convert;
 use crate::export::ecs::{self, HostInfo};
 use crate::export::proto;
+use crate::export::watch_json;
 
 /// Per-CPU/per-source flow monitor.
 #[derive(Debug, Parser)]
@@ -484,14 +485,18 @@ async fn watch(cfg: &Config, a: WatchArgs) -> ExitCode {
             return status_exit(&s);
         }
     };
-    let mut out = std::io::stdout().lock();
+    // Flushed after each response received (up to a packed response's
+    // flows), so a follower sees records as they come in a write each.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if a.format == WatchFormat::Table {
         let _ = writeln!(
             out,
             "{:<24} {:<3} {:<3} {:>45}    {:<45} {:>7} {:>10} {:<20} USER",
             "END", "NET", "DIR", "SOURCE", "DESTINATION", "PKTS", "BYTES", "PROCESS"
         );
+        let _ = out.flush();
     }
+    let mut json = Vec::new();
     while let Some(item) = stream.next().await {
         let resp = match item {
             Ok(r) => r,
@@ -501,12 +506,25 @@ async fn watch(cfg: &Config, a: WatchArgs) -> ExitCode {
             }
         };
         for resp in client::unpack(resp) {
+            if a.format == WatchFormat::Json {
+                // Written from a reused buffer: the common case of a
+                // subscriber that only forwards the stream.
+                watch_json::response_line(&resp, &mut json);
+                json.push(b'\n');
+                if out.write_all(&json).is_err() {
+                    return ExitCode::Ok;
+                }
+                continue;
+            }
             let Some(line) = watch_line(a.format, &resp) else {
                 continue;
             };
             if writeln!(out, "{line}").is_err() {
                 return ExitCode::Ok;
             }
+        }
+        if out.flush().is_err() {
+            return ExitCode::Ok;
         }
     }
     ExitCode::Ok
@@ -517,13 +535,10 @@ async fn watch(cfg: &Config, a: WatchArgs) -> ExitCode {
 fn watch_line(format: WatchFormat, resp: &proto::StreamFlowsResponse) -> Option<String> {
     let line = match (format, &resp.event) {
         (WatchFormat::Json, _) => {
-            match client::proto_json(resp, "sockscope.v1.StreamFlowsResponse") {
-                Ok(v) => v.to_string(),
-                Err(e) => {
-                    eprintln!("sockscope: {e}");
-                    return None;
-                }
-            }
+            let mut line = Vec::new();
+            watch_json::response_line(resp, &mut line);
+            // The writer only writes UTF-8 (strings come from `String`s).
+            String::from_utf8(line).unwrap_or_default()
         }
         (_, Some(proto::stream_flows_response::Event::Loss(l))) => {
             eprintln!("sockscope: {}", loss_line(l));

@@ -143,7 +143,11 @@ pub fn parse_tcp_table(text: &str, out: &mut Vec<SnapSocket>, max: usize) -> (us
 
 /// The inode of a `/proc/<pid>/fd/<n>` link target `socket:[inode]`.
 pub fn socket_inode(target: &str) -> Option<u64> {
-    target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// Takes the snapshot from the proc filesystem at `proc_root`. A missing

@@ -171,10 +171,55 @@ pub fn proto_json<M: prost::Message>(
         .map_err(|e| err(e.to_string()))
 }
 
+/// [`proto_json`] written as one line of text into `out` (cleared first),
+/// without building a JSON value tree: what `sockscope watch --format
+/// json` prints per response.
+pub fn proto_json_line<M: prost::Message>(
+    msg: &M,
+    full_name: &str,
+    out: &mut Vec<u8>,
+) -> Result<(), ClientError> {
+    let err = |reason: String| ClientError::Json {
+        message: full_name.to_string(),
+        reason,
+    };
+    let desc = crate::export::proto::descriptor_pool()
+        .get_message_by_name(full_name)
+        .ok_or_else(|| err("unknown message type".to_string()))?;
+    let dynamic = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice())
+        .map_err(|e| err(e.to_string()))?;
+    out.clear();
+    let mut ser = serde_json::Serializer::new(&mut *out);
+    dynamic
+        .serialize_with_options(&mut ser, &SerializeOptions::new())
+        .map_err(|e| err(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::export::proto::{Flow, LossNotice};
+
+    #[test]
+    fn the_json_line_is_the_json_value() {
+        let resp = StreamFlowsResponse {
+            event: Some(Event::Flow(Flow {
+                id: u64::MAX,
+                r#final: true,
+                host_name: "n\"1".into(),
+                ..Flow::default()
+            })),
+            node_name: "node".into(),
+            sequence: 7,
+            ..StreamFlowsResponse::default()
+        };
+        let name = "sockscope.v1.StreamFlowsResponse";
+        let mut line = Vec::new();
+        proto_json_line(&resp, name, &mut line).expect("line");
+        let parsed: serde_json::Value = serde_json::from_slice(&line).expect("json");
+        assert_eq!(parsed, proto_json(&resp, name).expect("value"));
+        assert!(!line.contains(&b'\n'));
+    }
 
     fn flow(id: u64) -> Flow {
         Flow {

@@ -18,6 +18,7 @@ pub mod jsonl;
 pub mod metrics;
 pub mod server;
 pub mod status;
+pub mod watch_json;
 
 /// Generated protobuf types and gRPC client of `sockscope.v1`, with the
 /// descriptor set they were generated from.

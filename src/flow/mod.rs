@@ -134,10 +134,10 @@ mod events;
 mod expiry;
 mod keys;
 mod naming;
+mod preexisting;
 mod records;
 mod slab;
 mod table;
-mod preexisting;
 mod tcp;
 #[cfg(test)]
 mod tests;

@@ -66,11 +66,13 @@ impl<C: Clock> Engine<C> {
         }
     }
 
-    /// Owner, and direction, for the new TCP flow `f` of socket `s` from
-    /// the snapshot, when the flow has no owner.
+    /// Owner and direction for the new TCP flow `f` of socket `s` from
+    /// the snapshot, where the flow lacks them (an owner may already be
+    /// known from a send on the socket).
     pub(super) fn seeded_flow(&mut self, s: u32, f: u32, tuple: Tuple) {
         let Some(fl) = self.flows.get(f) else { return };
-        if fl.owner.is_some() || (self.pre.conns.is_empty() && self.pre.listeners.is_empty()) {
+        let (owned, known_dir) = (fl.owner.is_some(), fl.direction != FlowDirection::Unknown);
+        if (owned && known_dir) || (self.pre.conns.is_empty() && self.pre.listeners.is_empty()) {
             return;
         }
         let (local, remote) = (
@@ -107,8 +109,10 @@ impl<C: Clock> Engine<C> {
                 so.tcp_dir = dir;
             }
         }
-        self.stats.seeded_owners += 1;
-        self.attribute(s, Some(Task { pid, tid: pid }));
+        if !owned {
+            self.stats.seeded_owners += 1;
+            self.attribute(s, Some(Task { pid, tid: pid }));
+        }
     }
 }
 

@@ -865,7 +865,10 @@ mod tests {
             assert!(packets.contains(&p) && !counters.contains(&p), "{p}");
         }
         assert!(!packets.contains(&"tcp_recv") && !counters.contains(&"tcp_recv"));
-        assert!(ProbeDecl::of_event("sockscope_1/tcp_recv").is_some(), "still replays");
+        assert!(
+            ProbeDecl::of_event("sockscope_1/tcp_recv").is_some(),
+            "still replays"
+        );
         for p in ["tcp_end", "udp_out"] {
             assert!(counters.contains(&p) && !packets.contains(&p), "{p}");
         }

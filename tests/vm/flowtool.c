@@ -18,9 +18,9 @@
  *                                    answer, close first (the client keeps
  *                                    TIME_WAIT, so no 4-tuple repeats); SIZE 0:
  *                                    shut down writing and read until EOF
- *   tcp-client-wait ADDR PORT PATH SIZE  one connection: connect, then wait
- *                                    until PATH exists before sending SIZE
- *                                    bytes and reading the answer as tcp-client
+ *   tcp-client-wait ADDR PORT 1 SIZE  one connection: connect, then wait for
+ *                                    SIGUSR1 before sending SIZE bytes and
+ *                                    reading the answer as tcp-client
  *   udp-echo    ADDR PORT N          one unconnected socket: receive N datagrams,
  *                                    send each back to its sender
  *   udp-recv    ADDR PORT N          one unconnected socket: receive N datagrams
@@ -39,6 +39,7 @@
 #include <errno.h>
 #include <grp.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,8 +50,6 @@
 
 #define BLOCK 4096
 #define SOURCE_TICK_NS 100000000L
-/* tcp-client-wait: how often it looks for its start file. */
-#define WAIT_POLL_NS 50000000L
 #define UDP_REPLY_TIMEOUT_S 5
 
 static void die(const char *what) {
@@ -230,21 +229,26 @@ static void tcp_client(const char *ip, int port, long n, long size) {
     free(buf);
 }
 
-static void tcp_client_wait(const char *ip, int port, const char *path, long size) {
+static void tcp_client_wait(const char *ip, int port, long size) {
     struct sockaddr_storage ss;
     socklen_t len = parse_addr(ip, port, &ss);
-    struct timespec poll = {0, WAIT_POLL_NS};
+    sigset_t go;
+    int sig;
     char *buf = calloc(1, size > 0 ? (size_t)size : 1);
     if (!buf || size <= 0)
         die("size");
+    sigemptyset(&go);
+    sigaddset(&go, SIGUSR1);
+    if (sigprocmask(SIG_BLOCK, &go, NULL) < 0)
+        die("sigprocmask");
     int fd = socket(ss.ss_family, SOCK_STREAM, 0);
     if (fd < 0)
         die("socket");
     if (connect(fd, (struct sockaddr *)&ss, len) < 0)
         die("connect");
     print_local(fd);
-    while (access(path, F_OK) != 0)
-        nanosleep(&poll, NULL);
+    if (sigwait(&go, &sig) != 0)
+        die("sigwait");
     buf[size - 1] = '\n';
     write_all(fd, buf, (size_t)size);
     read_exact(fd, 3);
@@ -321,7 +325,7 @@ int main(int argc, char **argv) {
     else if (strcmp(mode, "tcp-client") == 0 && argc - a == 5)
         tcp_client(ip, port, n, atol(argv[a + 4]));
     else if (strcmp(mode, "tcp-client-wait") == 0 && argc - a == 5)
-        tcp_client_wait(ip, port, argv[a + 3], atol(argv[a + 4]));
+        tcp_client_wait(ip, port, atol(argv[a + 4]));
     else if (strcmp(mode, "udp-echo") == 0)
         udp_serve(ip, port, n, 1, 0);
     else if (strcmp(mode, "udp-recv") == 0)

@@ -21,8 +21,7 @@ TCP_PORT = 9110
 ESTABLISHED_PORT = 9111
 #: Bytes the client sends.
 CLIENT_BYTES = 3000
-#: The file that lets the waiting client send.
-GO_FILE = "/tmp/preexisting-go"
+
 #: x86_64 system calls a server blocked in accept sleeps in (accept, accept4).
 SYS_ACCEPTS = (43, 288)
 
@@ -56,10 +55,9 @@ def test_server_blocked_in_accept_before_the_daemon_started(vm):
 
 def test_connection_established_before_the_daemon_started(vm):
     flowlib.install_guest_tools(vm)
-    vm.run(f"rm -f {GO_FILE}", check=True)
     server = flowlib.spawn_server(vm, SERVER_USER, f"tcp-serve 127.0.0.1 {ESTABLISHED_PORT} 1")
     client = vm.spawn(f"exec {flowlib.FLOWTOOL} -u {CLIENT_USER[1]}:{CLIENT_USER[2]} "
-                      f"tcp-client-wait 127.0.0.1 {ESTABLISHED_PORT} {GO_FILE} {CLIENT_BYTES}")
+                      f"tcp-client-wait 127.0.0.1 {ESTABLISHED_PORT} 1 {CLIENT_BYTES}")
     flowlib.wait_until(lambda: "local " in client.log(), flowlib.READY_WAIT_S, "the client to connect")
     parts = next(line.split() for line in client.log().splitlines() if line.startswith("local "))
     local = (parts[1], int(parts[2]))
@@ -68,7 +66,7 @@ def test_connection_established_before_the_daemon_started(vm):
     pb = stream.pb
     try:
         with flowlib.scenario(vm, f"tcp port {ESTABLISHED_PORT}") as sc:
-            vm.run(f"touch {GO_FILE}", check=True)
+            vm.run(f"kill -USR1 {client.pid}", check=True)
             assert client.wait(flowlib.WORKLOAD_WAIT_S) == 0, client.log()
             assert server.wait(flowlib.WORKLOAD_WAIT_S) == 0, server.log()
         srv = ("127.0.0.1", ESTABLISHED_PORT)
@@ -80,5 +78,4 @@ def test_connection_established_before_the_daemon_started(vm):
         sc.verdict(stream)
     finally:
         stream.close()
-        vm.run(f"rm -f {GO_FILE}")
     assert vm.stop_daemon("TERM") == 0

@@ -27,8 +27,18 @@ fn seeded() -> H {
     let mut h = H::new();
     h.eng.seed_sockets(&snap(&[
         ("0.0.0.0:5432", "0.0.0.0:0", TCP_LISTEN, Some(200)),
-        ("127.0.0.1:5432", "127.0.0.1:40000", TCP_ESTABLISHED, Some(200)),
-        ("127.0.0.1:40000", "127.0.0.1:5432", TCP_ESTABLISHED, Some(100)),
+        (
+            "127.0.0.1:5432",
+            "127.0.0.1:40000",
+            TCP_ESTABLISHED,
+            Some(200),
+        ),
+        (
+            "127.0.0.1:40000",
+            "127.0.0.1:5432",
+            TCP_ESTABLISHED,
+            Some(100),
+        ),
     ]));
     h
 }
@@ -61,12 +71,33 @@ fn an_established_connection_gets_its_owners_and_directions() {
 }
 
 #[test]
+fn a_send_gives_the_owner_and_the_snapshot_still_gives_the_direction() {
+    let mut h = seeded();
+    let (cli, srv) = ("127.0.0.1:40000", "127.0.0.1:5432");
+    let csk = 0xd000;
+    h.activity(S, 100, csk, Tcp, SockOp::Send);
+    h.seg(S, Some(csk), Out, (cli, srv), 100, TCP_ACK);
+    h.tick(100 * S);
+    let r = only(h.flows());
+    assert_eq!(r.direction, FlowDirection::Egress);
+    assert_eq!(r.process.expect("owner").pid, 100);
+    assert!(!r.complete);
+}
+
+#[test]
 fn a_connection_accepted_by_a_blocked_accept_gets_the_listeners_owner() {
     let mut h = seeded();
     let (cli, srv) = ("10.0.0.2:41000", "10.0.0.1:5432");
     let (request, child) = (0xb000, 0xc000);
     h.seg(S, None, In, (cli, srv), 60, TCP_SYN);
-    h.seg(S + MS, Some(request), Out, (srv, cli), 60, TCP_SYN | TCP_ACK);
+    h.seg(
+        S + MS,
+        Some(request),
+        Out,
+        (srv, cli),
+        60,
+        TCP_SYN | TCP_ACK,
+    );
     h.seg(S + 2 * MS, None, In, (cli, srv), 52, TCP_ACK);
     h.seg(S + 3 * MS, None, In, (cli, srv), 200, TCP_ACK);
     // Its accept returned unreported; the server answers on the socket.
