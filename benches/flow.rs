@@ -18,6 +18,9 @@
 //! * `flow_replay/churn`: the whole decoded churn recording (connections
 //!   opened and closed, process events, sends and receives) through a
 //!   fresh engine.
+//! * `decode_and_engine/churn`: the raw samples of the churn recording
+//!   decoded and handled in batches, as the reader and engine threads do,
+//!   on one core (the file read beforehand).
 //! * Memory per tracked socket (one TCP socket with one flow), printed
 //!   before the benchmarks: from the engine's size accounting and from the
 //!   growth of the resident set while 100k sockets are built.
@@ -38,6 +41,8 @@ mod replay;
 
 /// Kernel whose recordings the events come from.
 const FIXTURE_KERNEL: &str = "6.1";
+/// Samples decoded per batch handed to the engine (the reader's batch).
+const DECODE_BATCH: usize = 256;
 /// Sizes of the live flow sets measured.
 const SIZES: [(usize, &str); 2] = [(1_000, "1k"), (100_000, "100k")];
 /// Sockets built for the memory figure.
@@ -451,6 +456,39 @@ fn bench_replay(c: &mut Criterion) {
     );
 }
 
+/// Decode + flow engine on the raw samples of the churn recording, as the
+/// reader and engine threads do it (decoding into batches of events, the
+/// engine handling each batch), without reading the file.
+fn bench_decode_and_engine(c: &mut Criterion) {
+    let path = replay::recorded_dir()
+        .join(FIXTURE_KERNEL)
+        .join("churn.rec");
+    let (dec, samples) = replay::raw_samples(&path).unwrap_or_else(|e| panic!("{e}"));
+    let mut g = c.benchmark_group("decode_and_engine");
+    g.throughput(Throughput::Elements(samples.len() as u64));
+    g.bench_function("churn", |b| {
+        b.iter_batched(
+            || (engine(1024), Vec::<Output>::with_capacity(1024)),
+            |(mut e, mut out)| {
+                let mut batch: Vec<Event> = Vec::with_capacity(DECODE_BATCH);
+                for chunk in samples.chunks(DECODE_BATCH) {
+                    batch.clear();
+                    for s in chunk {
+                        if let Ok(Some(ev)) = dec.decode(&s.raw()) {
+                            batch.push(ev);
+                        }
+                    }
+                    e.handle_batch(&batch, &mut out);
+                }
+                e.flush(&mut out);
+                (e.stats().flows_created, out.len())
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -532,7 +570,7 @@ criterion_group! {
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = bench_updates, bench_replay
+    targets = bench_updates, bench_replay, bench_decode_and_engine
 }
 
 /// Prints what one flow of each template is made of.
