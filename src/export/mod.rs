@@ -17,6 +17,7 @@ pub mod hub;
 pub mod jsonl;
 pub mod metrics;
 pub mod server;
+pub mod sink;
 pub mod status;
 pub mod watch_json;
 
