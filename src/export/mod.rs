@@ -16,6 +16,7 @@ pub mod filter;
 pub mod hub;
 pub mod jsonl;
 pub mod metrics;
+pub mod nats;
 pub mod server;
 pub mod sink;
 pub mod status;
