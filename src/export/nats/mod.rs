@@ -175,6 +175,28 @@ async fn options(cfg: &NatsConfig, node: &str) -> Result<ConnectOptions, NatsErr
         }))
 }
 
+/// Whether a connection failure is TLS refusing the peer (a certificate
+/// that does not verify, a handshake alert): the client reports those as
+/// I/O errors, but they are the configuration's, not the network's.
+fn is_tls_failure(e: &async_nats::ConnectError) -> bool {
+    let mut cur = std::error::Error::source(e);
+    while let Some(err) = cur {
+        if err.is::<async_nats::rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+            {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// Connects with an event callback that logs and tracks the connection.
 async fn connect_with(
     opts: ConnectOptions,
@@ -230,6 +252,7 @@ impl NatsSink {
                     })
                 }
                 ConnectErrorKind::Tls => return Err(NatsError::Tls(e.to_string())),
+                _ if is_tls_failure(&e) => return Err(NatsError::Tls(e.to_string())),
                 ConnectErrorKind::ServerParse => return Err(NatsError::Url(e.to_string())),
                 _ => {
                     tracing::warn!(
