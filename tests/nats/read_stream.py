@@ -5,6 +5,7 @@ every message (sequence, subject, headers, payload in base64).
 
     read_stream.py --url nats://127.0.0.1:4222 --stream FLOWS [--expect N]
         [--timeout S] [--user U --password P | --token T] [--republish-first]
+        [--ca CA.pem [--cert CERT.pem --key KEY.pem]]
 
 --expect waits (up to --timeout seconds) until the stream holds at least N
 messages. --republish-first publishes the first message again with its own
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import base64
 import json
+import ssl
 import sys
 import time
 
@@ -32,6 +34,9 @@ async def main() -> int:
     ap.add_argument("--password")
     ap.add_argument("--token")
     ap.add_argument("--republish-first", action="store_true")
+    ap.add_argument("--ca")
+    ap.add_argument("--cert")
+    ap.add_argument("--key")
     a = ap.parse_args()
 
     opts = {"servers": [a.url], "connect_timeout": 5, "allow_reconnect": False}
@@ -40,6 +45,11 @@ async def main() -> int:
         opts["password"] = a.password
     if a.token:
         opts["token"] = a.token
+    if a.ca:
+        ctx = ssl.create_default_context(cafile=a.ca)
+        if a.cert:
+            ctx.load_cert_chain(a.cert, a.key)
+        opts["tls"] = ctx
     nc = await nats.connect(**opts)
     js = nc.jetstream()
     deadline = time.monotonic() + a.timeout
