@@ -651,6 +651,21 @@ pub fn status_text(s: &proto::GetStatusResponse) -> String {
             "  #{} {}: queue {}/{}, delivered {}, drops {}\n",
             sub.id, sub.peer, sub.queue_depth, sub.queue_capacity, sub.delivered, sub.drops
         );
+        if let Some(k) = &sub.sink {
+            t += &format!(
+                "     {} sink, {}: published {}, duplicates {}, retries {}, loss notices {}\n",
+                k.kind,
+                if k.connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
+                k.published,
+                k.duplicates,
+                k.retries,
+                k.loss_notices
+            );
+        }
     }
     if !s.last_error.is_empty() {
         t += &format!("last error:      {}\n", s.last_error);

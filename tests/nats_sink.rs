@@ -24,6 +24,7 @@ use prost::Message as _;
 use sockscope::config::{NatsConfig, NatsStreamConfig, Secret};
 use sockscope::export::ecs::HostInfo;
 use sockscope::export::hub::{Hub, HubOptions};
+use sockscope::export::status::StatusSnapshot;
 use sockscope::export::{self as export, nats, proto};
 use sockscope::model::{Endpoint, FlowDirection, FlowRecord, Output, ProcessInfo, Transport};
 
@@ -311,15 +312,32 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The sink's subscriber entry as `GetStatus` reports it (built from the
+/// hub's status as the server builds it).
+async fn sink_status(hub: &Hub, url: &str) -> proto::SubscriberStatus {
+    let hub_status = hub.status().await.expect("status");
+    let resp = export::status::to_proto(&StatusSnapshot::default(), &hub_status, "n1", true);
+    resp.subscribers
+        .into_iter()
+        .find(|s| s.peer == format!("nats:{url}"))
+        .expect("the NATS sink is a subscriber")
+}
+
 /// The sink's drops as the hub counts them (what `GetStatus` and the
 /// metrics report for its subscriber).
 async fn hub_drops(hub: &Hub, url: &str) -> u64 {
-    let st = hub.status().await.expect("status");
-    st.subscribers
-        .iter()
-        .find(|s| s.peer == format!("nats:{url}"))
-        .map(|s| s.drops)
-        .expect("the NATS sink is a subscriber")
+    sink_status(hub, url).await.drops
+}
+
+/// One sample of the metrics exposition of the hub's status.
+async fn metric(hub: &Hub, series: &str) -> f64 {
+    let hub_status = hub.status().await.expect("status");
+    let text = export::metrics::render(&StatusSnapshot::default(), &hub_status, true);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+        .parse()
+        .expect("number")
 }
 
 fn sink_config(url: &str) -> NatsConfig {
@@ -414,6 +432,19 @@ async fn server_killed_mid_run_drops_are_counted_and_told_then_publishing_resume
         "hub dropped {dropped} of 100 records for a dead server"
     );
     assert_eq!(counters.published.load(Ordering::Relaxed), 50);
+    let st = sink_status(&hub, &url).await.sink.expect("sink counters");
+    assert!(!st.connected);
+    assert_eq!((st.kind.as_str(), st.published), ("nats", 50));
+    let labels = format!("{{subscriber=\"1\",peer=\"nats:{url}\"}}");
+    assert_eq!(
+        metric(&hub, &format!("sockscope_subscriber_dropped{labels}")).await,
+        dropped as f64
+    );
+    let sink_labels = format!("{{sink=\"nats\",peer=\"nats:{url}\"}}");
+    assert_eq!(
+        metric(&hub, &format!("sockscope_sink_connected{sink_labels}")).await,
+        0.0
+    );
 
     server.run();
     let kept = 150 - dropped;
@@ -439,7 +470,23 @@ async fn server_killed_mid_run_drops_are_counted_and_told_then_publishing_resume
     .await
     .expect("wait");
     // Still one subscriber with the same count: never closed as slow.
-    assert_eq!(hub_drops(&hub, &url).await, dropped);
+    let st = sink_status(&hub, &url).await;
+    assert_eq!(st.drops, dropped);
+    let sink = st.sink.expect("sink counters");
+    assert!(sink.connected);
+    assert_eq!(sink.published, want);
+    assert!(
+        sink.retries > 0,
+        "the unacknowledged window was published again"
+    );
+    assert_eq!(
+        metric(
+            &hub,
+            &format!("sockscope_sink_published_total{sink_labels}")
+        )
+        .await,
+        want as f64
+    );
     drop(tx);
     let report = running.finish(WAIT).await.expect("sink finished");
     assert_eq!(report.delivered, want);

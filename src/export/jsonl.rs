@@ -407,6 +407,7 @@ pub fn subscription(cfg: &JsonlConfig) -> Result<SinkSubscription, JsonlError> {
         filters: compile_filters(&cfg.filters, &cfg.deny)?,
         queue_size: None,
         keep_when_slow: false,
+        stats: None,
     })
 }
 

@@ -14,12 +14,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
 use crate::export::filter::FilterSet;
 use crate::export::hub::{Hub, SubscribeRequest, Subscription};
+use crate::export::status::SinkStats;
 
 /// What a sink's task resolves to.
 pub type SinkFuture = Pin<Box<dyn Future<Output = SinkReport> + Send + 'static>>;
@@ -49,6 +51,9 @@ pub struct SinkSubscription {
     pub queue_size: Option<usize>,
     /// Never closed as a slow subscriber (see [`SubscribeRequest`]).
     pub keep_when_slow: bool,
+    /// The sink's own counters, shown with its subscriber entry in
+    /// `GetStatus` and the metrics.
+    pub stats: Option<Arc<dyn SinkStats>>,
 }
 
 /// What a sink did, when its stream ended.
@@ -131,6 +136,7 @@ pub async fn start(
             peer: peer.clone(),
             queue_size: sub.queue_size,
             keep_when_slow: sub.keep_when_slow,
+            stats: sub.stats,
             ..SubscribeRequest::default()
         })
         .await?;

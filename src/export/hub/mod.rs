@@ -33,7 +33,7 @@ use crate::export::convert;
 use crate::export::encoded::{EncodedFlow, Payload};
 use crate::export::filter::FilterSet;
 use crate::export::proto;
-use crate::export::status::{HubStatus, SubscriberInfo};
+use crate::export::status::{HubStatus, SinkStats, SubscriberInfo};
 use crate::model::Output;
 
 mod losses;
@@ -185,6 +185,8 @@ pub struct SubscribeRequest {
     /// counting) while it cannot keep up. For exporters, which resume when
     /// their destination returns; gRPC streams are closed.
     pub keep_when_slow: bool,
+    /// A sink's own counters, reported with its subscriber entry.
+    pub stats: Option<Arc<dyn SinkStats>>,
 }
 
 enum Command {
@@ -270,6 +272,7 @@ struct Sub {
     include_updates: bool,
     until: Option<SystemTime>,
     keep_when_slow: bool,
+    stats: Option<Arc<dyn SinkStats>>,
     tx: mpsc::Sender<Payload>,
     close: Option<oneshot::Sender<Status>>,
     mailbox: Arc<LossMailbox>,
@@ -566,6 +569,7 @@ impl Owner {
                 include_updates: req.include_updates,
                 until: req.until,
                 keep_when_slow: req.keep_when_slow,
+                stats: req.stats,
                 tx,
                 close: Some(close_tx),
                 mailbox: mailbox.clone(),
@@ -614,6 +618,7 @@ impl Owner {
                     queue_capacity: s.tx.max_capacity() as u64,
                     drops: s.drops,
                     delivered: s.delivered,
+                    sink: s.stats.as_ref().map(|k| k.info()),
                 })
                 .collect(),
             flows_received: self.flows_received,

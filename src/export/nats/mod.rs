@@ -36,6 +36,7 @@ use crate::export::ecs::HostInfo;
 use crate::export::hub::{Hub, Subscription};
 use crate::export::jsonl::{compile_filters, JsonlError};
 use crate::export::sink::{self, RunningSink, SinkFuture, SinkSubscription};
+use crate::export::status::{SinkInfo, SinkStats};
 
 /// Longest wait between two reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
@@ -103,6 +104,20 @@ pub struct NatsCounters {
 impl NatsCounters {
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl SinkStats for NatsCounters {
+    fn info(&self) -> SinkInfo {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SinkInfo {
+            kind: "nats".to_string(),
+            connected: self.connected.load(Ordering::Relaxed),
+            published: get(&self.published),
+            duplicates: get(&self.duplicates),
+            retries: get(&self.retries),
+            loss_notices: get(&self.loss_notices),
+        }
     }
 }
 
@@ -313,6 +328,7 @@ pub fn subscription(cfg: &NatsConfig) -> Result<SinkSubscription, NatsError> {
         filters: compile_filters(&cfg.filters, &cfg.deny).map_err(NatsError::Filter)?,
         queue_size: Some(cfg.queue_size),
         keep_when_slow: true,
+        stats: None,
     })
 }
 
@@ -324,9 +340,10 @@ pub async fn spawn(
     node: &str,
     host: HostInfo,
 ) -> Result<(RunningSink, Arc<NatsCounters>), NatsError> {
-    let sub = subscription(cfg)?;
+    let mut sub = subscription(cfg)?;
     let sink = NatsSink::connect(cfg, node, host).await?;
     let counters = sink.counters();
+    sub.stats = Some(counters.clone());
     let running = sink::start(hub, Box::new(sink), sub)
         .await
         .map_err(|s| NatsError::Subscribe(s.message().to_string()))?;
