@@ -40,7 +40,7 @@ use crate::export::status::{SinkInfo, SinkStats};
 
 /// Longest wait between two reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
-/// First wait between reconnection attempts; doubled per attempt.
+/// Wait before the second connection attempt; doubled per attempt.
 const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(100);
 
 /// Errors of the NATS sink at start.
@@ -182,12 +182,20 @@ async fn options(cfg: &NatsConfig, node: &str) -> Result<ConnectOptions, NatsErr
     Ok(o.name(format!("sockscope {node}"))
         .connection_timeout(cfg.connect_timeout)
         .max_reconnects(None)
-        .reconnect_delay_callback(|attempt| {
-            let shift = u32::try_from(attempt.min(16)).unwrap_or(16);
-            FIRST_RECONNECT_DELAY
-                .saturating_mul(1u32 << shift)
-                .min(MAX_RECONNECT_DELAY)
-        }))
+        .reconnect_delay_callback(reconnect_delay))
+}
+
+/// Wait before connection attempt `attempt` (1 for the first after a
+/// start or a disconnection): none, then [`FIRST_RECONNECT_DELAY`] doubled
+/// per attempt up to [`MAX_RECONNECT_DELAY`].
+fn reconnect_delay(attempt: usize) -> Duration {
+    if attempt <= 1 {
+        return Duration::ZERO;
+    }
+    let shift = u32::try_from((attempt - 2).min(16)).unwrap_or(16);
+    FIRST_RECONNECT_DELAY
+        .saturating_mul(1u32 << shift)
+        .min(MAX_RECONNECT_DELAY)
 }
 
 /// Whether a connection failure is TLS refusing the peer (a certificate
@@ -348,4 +356,43 @@ pub async fn spawn(
         .await
         .map_err(|s| NatsError::Subscribe(s.message().to_string()))?;
     Ok((running, counters))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delays_grow_to_the_bound() {
+        let d: Vec<Duration> = (1..=8).map(reconnect_delay).collect();
+        assert_eq!(d[0], Duration::ZERO);
+        assert_eq!(d[1], FIRST_RECONNECT_DELAY);
+        assert_eq!(d[2], FIRST_RECONNECT_DELAY * 2);
+        assert!(d.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(reconnect_delay(10_000), MAX_RECONNECT_DELAY);
+    }
+
+    #[test]
+    fn refused_credentials_and_tls_are_configuration_errors() {
+        let auth = NatsError::Auth {
+            key: "export.nats.token",
+            reason: "authorization violation".into(),
+        };
+        assert!(auth.exit_is_config());
+        assert!(
+            auth.to_string().starts_with("export.nats.token: "),
+            "{auth}"
+        );
+        assert!(NatsError::Tls("x".into()).exit_is_config());
+        assert!(!NatsError::Connect("x".into()).exit_is_config());
+        let cfg = NatsConfig {
+            user: "u".into(),
+            password: "p".into(),
+            ..NatsConfig::default()
+        };
+        assert_eq!(
+            credential_keys(&cfg),
+            "export.nats.user/export.nats.password"
+        );
+    }
 }
