@@ -716,3 +716,49 @@ async fn ecs_json_payloads_filters_and_interim_records() {
     seen.sort_unstable();
     assert_eq!(seen, vec![1, 2, 4, 5, 7]);
 }
+
+#[test]
+#[ignore = "needs nats-server and nats-py (tests/setup): tests/run-all runs it"]
+fn credentials_file_with_user_jwt_and_nkey_in_operator_mode() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let op = harness::operator(dir.path());
+    let conf = op.server_conf.to_str().expect("utf-8 path").to_string();
+    let server = NatsServer::start(dir.path(), &["-c", &conf]);
+    let rec = format!(
+        "{}/tests/fixtures/recorded/7.2/churn.rec",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let auth = |p: &Path| format!("    credentials_file: {:?}\n", p.display().to_string());
+    let cfg = write_config(
+        dir.path(),
+        "ok.yaml",
+        &replay_config("n-creds", &server.url(), &auth(&op.creds)),
+    );
+    let out = sockscope(&cfg, &["replay", "--sinks", &rec]);
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+    let (flows, sink) = replay_counts(&String::from_utf8_lossy(&out.stdout));
+    // Every record acknowledged by the stream of the credentials' account.
+    assert!(
+        flows > 0 && sink.contains(&format!("delivered {flows} flows")),
+        "{sink}"
+    );
+    assert!(!log.contains(&op.seed), "the NKey seed is in the log");
+
+    let cfg = write_config(
+        dir.path(),
+        "stranger.yaml",
+        &replay_config("n-creds", &server.url(), &auth(&op.stranger_creds)),
+    );
+    let out = sockscope(&cfg, &["replay", "--sinks", &rec]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("export.nats.credentials_file: the NATS server refused the credentials"),
+        "{stderr}"
+    );
+}

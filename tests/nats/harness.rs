@@ -82,11 +82,18 @@ impl NatsServer {
         self.child = Some(child);
         let t0 = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                t0.elapsed() < SERVER_START,
-                "nats-server did not listen on {} within {SERVER_START:?}",
-                self.port
-            );
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || t0.elapsed() > SERVER_START {
+                panic!(
+                    "nats-server did not listen on {} ({}):\n{}",
+                    self.port,
+                    exited.map_or("timed out".to_string(), |s| s.to_string()),
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -284,5 +291,121 @@ pub fn pki(dir: &Path) -> Pki {
         server_key: dir.join("server.key"),
         client_cert: dir.join("client.pem"),
         client_key: dir.join("client.key"),
+    }
+}
+
+/// A JWT of `claims` signed by `issuer` (the NATS JWT v2 layout).
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = serde_json::json!({
+        "jti": format!("{name}-{iat}"),
+        "iat": iat,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let body = b64(claims.to_string().as_bytes());
+    let signed = format!("{header}.{body}");
+    let sig = issuer.sign(signed.as_bytes()).expect("sign");
+    format!("{signed}.{}", b64(&sig))
+}
+
+/// Operator-mode set-up: a server configuration trusting a fresh operator
+/// with one JetStream-enabled account, and a credentials file (user JWT and
+/// NKey seed) of a user of that account.
+pub struct Operator {
+    /// The server configuration file.
+    pub server_conf: PathBuf,
+    /// A credentials file the server accepts.
+    pub creds: PathBuf,
+    /// A credentials file of a user signed by an account the server does
+    /// not know.
+    pub stranger_creds: PathBuf,
+    /// The NKey seed in `creds` (a secret).
+    pub seed: String,
+}
+
+fn creds_file(path: &Path, jwt: &str, seed: &str) {
+    let text = format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    );
+    std::fs::write(path, text).expect("write credentials");
+}
+
+pub fn operator(dir: &Path) -> Operator {
+    let op = nkeys::KeyPair::new_operator();
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let op_jwt = nats_jwt(
+        &op,
+        &op.public_key(),
+        "op",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    // The system account may not have JetStream.
+    let no_jetstream = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+    });
+    let account = |name: &str, limits: &serde_json::Value| {
+        let kp = nkeys::KeyPair::new_account();
+        let jwt = nats_jwt(
+            &op,
+            &kp.public_key(),
+            name,
+            serde_json::json!({"type": "account", "version": 2, "limits": limits}),
+        );
+        (kp, jwt)
+    };
+    let user_of = |acc: &nkeys::KeyPair| {
+        let kp = nkeys::KeyPair::new_user();
+        let jwt = nats_jwt(
+            acc,
+            &kp.public_key(),
+            "sockscope",
+            serde_json::json!({"type": "user", "version": 2, "pub": {}, "sub": {},
+                               "subs": -1, "data": -1, "payload": -1}),
+        );
+        (jwt, kp.seed().expect("seed"))
+    };
+    let (acc, acc_jwt) = account("flows", &unlimited);
+    let (sys, sys_jwt) = account("sys", &no_jetstream);
+    std::fs::write(dir.join("op.jwt"), &op_jwt).expect("operator jwt");
+    let server_conf = dir.join("operator.conf");
+    std::fs::write(
+        &server_conf,
+        format!(
+            "operator: {:?}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {}\n  {}: {}\n}}\n",
+            dir.join("op.jwt").display().to_string(),
+            sys.public_key(),
+            acc.public_key(),
+            acc_jwt,
+            sys.public_key(),
+            sys_jwt,
+        ),
+    )
+    .expect("server conf");
+    let (jwt, seed) = user_of(&acc);
+    let creds = dir.join("user.creds");
+    creds_file(&creds, &jwt, &seed);
+    let (stranger_acc, _) = account("unknown", &unlimited);
+    let (s_jwt, s_seed) = user_of(&stranger_acc);
+    let stranger_creds = dir.join("stranger.creds");
+    creds_file(&stranger_creds, &s_jwt, &s_seed);
+    Operator {
+        server_conf,
+        creds,
+        stranger_creds,
+        seed,
     }
 }
