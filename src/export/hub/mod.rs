@@ -8,7 +8,9 @@
 //! delivered in-band, at most one notice per key per
 //! [`LOSS_NOTICE_INTERVAL`] per stream. A subscriber that keeps dropping for
 //! [`HubOptions::slow_seconds`] with a drop ratio of at least
-//! [`HubOptions::slow_drop_ratio`] is closed with `RESOURCE_EXHAUSTED`.
+//! [`HubOptions::slow_drop_ratio`] is closed with `RESOURCE_EXHAUSTED`,
+//! unless it asked to be kept ([`SubscribeRequest::keep_when_slow`]: a sink
+//! that resumes when its destination returns).
 //!
 //! Every record offered to a stream is either delivered or counted in a
 //! notice the stream delivers before it ends. A notice never waits for room

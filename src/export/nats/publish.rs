@@ -101,7 +101,13 @@ async fn ensure_stream(js: jetstream::Context, cfg: NatsConfig) {
                 return;
             }
             Err(e) => {
-                tracing::warn!(stream = %config.name, "creating or checking the NATS stream: {e}");
+                // Once, then at each doubling of the wait: not every retry.
+                if delay == FIRST_RETRY_DELAY || delay < MAX_RETRY_DELAY {
+                    tracing::warn!(
+                        stream = %config.name,
+                        "creating or checking the NATS stream: {e}; records wait until it is ready"
+                    );
+                }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(MAX_RETRY_DELAY);
             }
