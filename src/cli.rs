@@ -85,8 +85,13 @@ pub struct ReplayArgs {
     pub repeat: u32,
     /// Write one ECS document per final flow to standard output (the
     /// summary then goes to standard error).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sinks")]
     pub ecs: bool,
+    /// Hand the flows to the fan-out hub and the sinks the configuration
+    /// enables (`export.*`), as `serve` does, and print what each sink
+    /// delivered; waits for the sinks to deliver.
+    #[arg(long)]
+    pub sinks: bool,
 }
 
 /// Output format of `watch`.
@@ -260,6 +265,25 @@ pub fn run(cli: Cli) -> ExitCode {
 
 fn replay(cfg: &Config, a: &ReplayArgs) -> ExitCode {
     use crate::daemon::replay::{self, ReplayOutput};
+    if a.sinks {
+        return match replay::replay_through_sinks(cfg, &a.file, a.repeat) {
+            Ok((report, lines)) => {
+                println!("{report}");
+                for l in &lines {
+                    println!("{l}");
+                }
+                if lines.iter().all(|l| l.report.is_some()) {
+                    ExitCode::Ok
+                } else {
+                    ExitCode::Failure
+                }
+            }
+            Err(e) => {
+                eprintln!("sockscope: replay: {e}");
+                ExitCode::from(&e)
+            }
+        };
+    }
     let output = if a.ecs {
         ReplayOutput::Ecs
     } else {
@@ -627,6 +651,21 @@ pub fn status_text(s: &proto::GetStatusResponse) -> String {
             "  #{} {}: queue {}/{}, delivered {}, drops {}\n",
             sub.id, sub.peer, sub.queue_depth, sub.queue_capacity, sub.delivered, sub.drops
         );
+        if let Some(k) = &sub.sink {
+            t += &format!(
+                "     {} sink, {}: published {}, duplicates {}, retries {}, loss notices {}\n",
+                k.kind,
+                if k.connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
+                k.published,
+                k.duplicates,
+                k.retries,
+                k.loss_notices
+            );
+        }
     }
     if !s.last_error.is_empty() {
         t += &format!("last error:      {}\n", s.last_error);

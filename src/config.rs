@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod nats;
+pub use nats::*;
+
 /// Default `socket.flow_inactive_timeout`.
 pub const DEFAULT_FLOW_INACTIVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `socket.flow_termination_timeout`.
@@ -116,6 +119,8 @@ pub struct MetricsConfig {
 pub struct ExportConfig {
     /// JSON lines output of ECS flow documents.
     pub jsonl: JsonlConfig,
+    /// NATS JetStream sink.
+    pub nats: NatsConfig,
 }
 
 /// `export.jsonl.*`.
@@ -615,6 +620,7 @@ impl Config {
                 ));
             }
         }
+        self.export.nats.validate()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid(
                 "log.format",

@@ -5,7 +5,7 @@ use crate::decode::SetupError;
 use crate::enrich::dns::DnsError;
 use crate::enrich::process::ProcError;
 use crate::exit::ExitCode;
-use crate::export::{jsonl, metrics, server};
+use crate::export::{jsonl, metrics, nats, server};
 use crate::probe::ProbeError;
 use crate::ring::{self, recording::RecordError};
 use crate::sys::{self, packet::PacketError};
@@ -40,6 +40,9 @@ pub enum DaemonError {
     /// The JSON lines output could not be set up.
     #[error("export.jsonl: {0}")]
     Jsonl(#[from] jsonl::JsonlError),
+    /// The NATS sink could not be set up (its message names the key).
+    #[error(transparent)]
+    Nats(#[from] nats::NatsError),
     /// The DNS capture could not be opened or started.
     #[error("DNS enrichment (socket.dns.enabled=true): {0}; run with CAP_NET_RAW or set socket.dns.enabled=false")]
     Dns(#[from] DnsError),
@@ -82,6 +85,8 @@ impl From<&DaemonError> for ExitCode {
             DaemonError::Server(_) | DaemonError::Metrics(_) => ExitCode::Listen,
             DaemonError::Dns(e) => ExitCode::from(e),
             DaemonError::Fault { .. } => ExitCode::Usage,
+            DaemonError::Nats(e) if e.exit_is_config() => ExitCode::Usage,
+            DaemonError::Nats(_) => ExitCode::Failure,
             DaemonError::Jsonl(
                 jsonl::JsonlError::FilterSyntax { .. } | jsonl::JsonlError::Filter(_),
             ) => ExitCode::Usage,

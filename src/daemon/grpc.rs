@@ -1,6 +1,6 @@
 //! gRPC serving on the main thread: a tokio runtime runs the server, the
-//! fan-out hub fed by the engine, the metrics endpoint, the JSON lines
-//! output and a watchdog (kretprobe misses, pipeline liveness) until
+//! fan-out hub fed by the engine, the metrics endpoint, the sinks
+//! (`export.*`) and a watchdog (kretprobe misses, pipeline liveness) until
 //! SIGINT/SIGTERM or a pipeline failure. Before the server stops, the
 //! pipeline is stopped and drained so the flushed final records still reach
 //! subscribers.
@@ -11,22 +11,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::fault::FAULT_PANIC_AFTER_VAR;
+use super::sinks::Sinks;
 use super::status::{machine, DaemonStatus, PipelineState};
 use super::{DaemonError, Pipeline};
 use crate::config::Config;
 use crate::export::ecs::HostInfo;
 use crate::export::hub::{Hub, PipelineReceiver};
+use crate::export::metrics;
 use crate::export::server::{self, HealthHandle, ServerOptions};
-use crate::export::{jsonl, metrics};
 use crate::probe;
 
 /// How often the watchdog reads kretprobe misses from tracefs.
 const MISSES_PERIOD: Duration = Duration::from_secs(2);
 /// Worker threads of the gRPC runtime.
 const RUNTIME_WORKERS: usize = 2;
-/// How long the JSON lines output may take to write the flushed records
-/// after the server stopped.
-const JSONL_DRAIN: Duration = Duration::from_secs(5);
+/// How long each sink may take to deliver the flushed records after the
+/// server stopped.
+const SINK_DRAIN: Duration = Duration::from_secs(5);
 /// Grace period between stopping the pipeline and stopping the server.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
 
@@ -95,18 +96,12 @@ impl Grpc<'_> {
                 None => None,
             };
             let (hub, hub_task) = Hub::spawn(opts.hub.clone(), pipe_rx);
-            let jsonl_task = if cfg.export.jsonl.path.trim().is_empty() {
-                None
-            } else {
-                let host = HostInfo {
-                    name: opts.hub.host_name.clone(),
-                    architecture: machine(),
-                    kernel: Some(status.kernel_release.clone()),
-                };
-                let t = jsonl::spawn(&hub, &cfg.export.jsonl, host).await?;
-                tracing::info!(path = %cfg.export.jsonl.path, "writing flows as JSON lines");
-                Some(t)
+            let host = HostInfo {
+                name: opts.hub.host_name.clone(),
+                architecture: machine(),
+                kernel: Some(status.kernel_release.clone()),
             };
+            let sinks = Sinks::start(cfg, &hub, &opts.hub.node_name, host).await?;
             let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
             let metrics_task = metrics_listener.map(|l| {
                 let source = metrics::MetricsSource {
@@ -151,11 +146,11 @@ impl Grpc<'_> {
             if let Some(t) = metrics_task {
                 let _ = t.await;
             }
-            // The JSON lines stream ends when the engine has flushed its last
+            // The sinks' streams end when the engine has flushed its last
             // records and closed the pipeline.
-            if let Some(t) = jsonl_task {
-                if tokio::time::timeout(JSONL_DRAIN, t).await.is_err() {
-                    tracing::warn!("JSON lines output did not finish within {JSONL_DRAIN:?}");
+            for o in sinks.finish(SINK_DRAIN).await {
+                if let Some(r) = o.report {
+                    tracing::info!(sink = o.kind, peer = %o.peer, "{r}");
                 }
             }
             hub_task.abort();

@@ -48,6 +48,7 @@ pub mod fault;
 mod grpc;
 mod reader;
 pub mod replay;
+mod sinks;
 mod status;
 
 use std::panic::AssertUnwindSafe;
@@ -134,8 +135,7 @@ struct Pipeline {
 fn run(cfg: Config, faults: FaultPlan) -> Result<(), DaemonError> {
     // The configuration checked the filters' shape; their fields are
     // checked here, before anything is set up.
-    let j = &cfg.export.jsonl;
-    crate::export::jsonl::compile_filters(&j.filters, &j.deny)?;
+    sinks::check_filters(&cfg)?;
     probe::install::install_panic_hook();
     let setup = probe::setup(&cfg.socket)?;
     // Opened before any probe is installed: a missing privilege fails the

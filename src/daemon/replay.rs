@@ -23,12 +23,16 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use super::engine::engine_config;
 use super::error::DaemonError;
+use super::sinks::Sinks;
 use crate::config::Config;
 use crate::decode::{Decoder, DecoderKind, EventDesc};
 use crate::enrich::process::{NoProcesses, ProcessTable, ProcessTableConfig};
 use crate::enrich::users::UserDb;
 use crate::export::ecs::{self, HostInfo};
 use crate::export::encoded::EncodedFlow;
+use crate::export::hub::{pipeline_channel, Hub, PipelineSender};
+use crate::export::server::ServerOptions;
+use crate::export::sink::SinkReport;
 use crate::flow::{Engine, OffsetClock};
 use crate::model::{Accounting, Event, KernelTime, Output};
 use crate::probe::group::group_pid;
@@ -126,6 +130,20 @@ pub fn replay(
     output: ReplayOutput,
     out: &mut dyn Write,
 ) -> Result<ReplayReport, DaemonError> {
+    replay_to(cfg, path, repeat, output, out, None)
+}
+
+/// [`replay`], also handing every output of the engine to `pipe` (the
+/// fan-out hub of a replay through the sinks), waiting for room rather
+/// than dropping.
+pub(super) fn replay_to(
+    cfg: &Config,
+    path: &Path,
+    repeat: u32,
+    output: ReplayOutput,
+    out: &mut dyn Write,
+    pipe: Option<&PipelineSender>,
+) -> Result<ReplayReport, DaemonError> {
     let mut report = ReplayReport::default();
     let host = HostInfo {
         name: REPLAY_HOST.to_string(),
@@ -179,6 +197,11 @@ pub fn replay(
         let mut write_err: Option<std::io::Error> = None;
         let mut drain = |outputs: &mut Vec<Output>, report: &mut ReplayReport| {
             for o in outputs.drain(..) {
+                if let Some(p) = pipe {
+                    // Only fails when the hub is gone: its sinks then
+                    // report fewer flows than the replay made.
+                    let _ = p.send_wait(o.clone());
+                }
                 match o {
                     Output::Flow(rec) => {
                         if rec.is_final {
@@ -240,4 +263,98 @@ pub fn replay(
     report.wall = wall0.elapsed();
     report.cpu = cpu_now()?.saturating_sub(cpu0);
     Ok(report)
+}
+
+/// How long each sink may take, after a replay through the sinks, to
+/// deliver what it still holds.
+const REPLAY_SINK_DRAIN: Duration = Duration::from_secs(30);
+/// Worker threads of the runtime of a replay through the sinks.
+const REPLAY_RUNTIME_WORKERS: usize = 2;
+/// Capacity of the replay → hub channel (the replay waits for room).
+const REPLAY_PIPELINE_CAPACITY: usize = 1024;
+
+/// What one sink did in a replay through the sinks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkLine {
+    /// Its subscriber name (`nats:<servers>`, `jsonl:<path>`).
+    pub peer: String,
+    /// Its report; `None` if it did not finish within the drain time.
+    pub report: Option<SinkReport>,
+}
+
+impl std::fmt::Display for SinkLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.report {
+            Some(r) => write!(f, "sink {}: {r}", self.peer),
+            None => write!(
+                f,
+                "sink {}: did not finish within {REPLAY_SINK_DRAIN:?}",
+                self.peer
+            ),
+        }
+    }
+}
+
+/// Replays `path` like [`replay`] (summary only) and hands every record and
+/// loss notice to the fan-out hub, to which the sinks of `cfg.export` are
+/// subscribed as in `serve` (node name, filters, queues); returns when the
+/// sinks delivered everything or the drain time passed.
+pub fn replay_through_sinks(
+    cfg: &Config,
+    path: &Path,
+    repeat: u32,
+) -> Result<(ReplayReport, Vec<SinkLine>), DaemonError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(REPLAY_RUNTIME_WORKERS)
+        .thread_name("sockscope-replay")
+        .enable_all()
+        .build()
+        .map_err(|source| DaemonError::Runtime {
+            what: "starting the async runtime",
+            source,
+        })?;
+    let opts = ServerOptions::from_config(cfg)?;
+    runtime.block_on(async {
+        let (tx, rx) = pipeline_channel(REPLAY_PIPELINE_CAPACITY);
+        let mut hub_opts = opts.hub.clone();
+        hub_opts.host_name = REPLAY_HOST.to_string();
+        let node = hub_opts.node_name.clone();
+        let (hub, hub_task) = Hub::spawn(hub_opts, rx);
+        let host = HostInfo {
+            name: REPLAY_HOST.to_string(),
+            architecture: None,
+            kernel: None,
+        };
+        let sinks = Sinks::start(cfg, &hub, &node, host).await?;
+        drop(hub);
+        let (cfg, path) = (cfg.clone(), path.to_path_buf());
+        // The sender is dropped when the replay ends: the hub then ends
+        // every sink's stream after what it queued.
+        let replayed = tokio::task::spawn_blocking(move || {
+            replay_to(
+                &cfg,
+                &path,
+                repeat,
+                ReplayOutput::Summary,
+                &mut std::io::sink(),
+                Some(&tx),
+            )
+        })
+        .await
+        .map_err(|e| DaemonError::Runtime {
+            what: "running the replay",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let lines = sinks
+            .finish(REPLAY_SINK_DRAIN)
+            .await
+            .into_iter()
+            .map(|o| SinkLine {
+                peer: o.peer,
+                report: o.report,
+            })
+            .collect();
+        hub_task.abort();
+        Ok((replayed?, lines))
+    })
 }

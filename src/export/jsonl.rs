@@ -1,10 +1,10 @@
 //! JSON lines output: ECS flow documents ([`ecs::flow_document`]) appended
 //! to a file (with size-based rotation) or written to standard output.
 //!
-//! The writer is an ordinary subscriber of the fan-out [`Hub`]: it never
-//! slows the pipeline, and records it cannot keep up with are dropped and
-//! counted against it like against any gRPC subscriber (its peer in the
-//! status is `jsonl:<path>`). Filters use the gRPC API's
+//! The writer is a [`sink::Sink`], an ordinary subscriber of the fan-out
+//! [`Hub`]: it never slows the pipeline, and records it cannot keep up with
+//! are dropped and counted against it like against any gRPC subscriber (its
+//! peer in the status is `jsonl:<path>`). Filters use the gRPC API's
 //! `sockscope.v1.FlowFilter`, given in the configuration as objects with the
 //! proto field names and compiled by [`FilterSet::compile`].
 
@@ -21,8 +21,9 @@ use crate::config::JsonlConfig;
 use crate::export::ecs::{self, HostInfo};
 use crate::export::encoded::Payload;
 use crate::export::filter::{FilterError, FilterSet};
-use crate::export::hub::{Hub, SubscribeRequest};
+use crate::export::hub::{Hub, Subscription};
 use crate::export::proto;
+use crate::export::sink::{self, SinkFuture, SinkReport, SinkSubscription};
 
 /// Protobuf name of the filter message.
 const FLOW_FILTER: &str = "sockscope.v1.FlowFilter";
@@ -280,6 +281,8 @@ pub struct JsonlStats {
     pub written: u64,
     /// Loss notices received (their counts are in the hub's status).
     pub loss_notices: u64,
+    /// Records those notices count.
+    pub lost: u64,
 }
 
 /// Writes every flow item of `stream` to `sink` until the stream ends,
@@ -324,12 +327,88 @@ where
                 sink.write_line(&line)?;
                 stats.written += 1;
             }
-            Some(Payload::Loss(_)) => stats.loss_notices += 1,
+            Some(Payload::Loss(l)) => {
+                stats.loss_notices += 1;
+                stats.lost += l.count;
+            }
             None => {}
         }
     }
     sink.flush()?;
     Ok(stats)
+}
+
+/// The JSON lines output as a [`sink::Sink`]: writes on a blocking thread
+/// of the runtime, driving its stream from there.
+#[derive(Debug)]
+pub struct JsonlSink {
+    out: Sink,
+    path: String,
+    host: HostInfo,
+}
+
+impl JsonlSink {
+    /// Opens the output of `cfg`; fails before anything runs.
+    pub fn open(cfg: &JsonlConfig, host: HostInfo) -> Result<JsonlSink, JsonlError> {
+        Ok(JsonlSink {
+            out: Sink::open(cfg)?,
+            path: cfg.path.trim().to_string(),
+            host,
+        })
+    }
+}
+
+impl sink::Sink for JsonlSink {
+    fn kind(&self) -> &'static str {
+        "jsonl"
+    }
+
+    fn peer(&self) -> String {
+        format!("jsonl:{}", self.path)
+    }
+
+    fn run(self: Box<Self>, flows: Subscription) -> SinkFuture {
+        let JsonlSink { mut out, host, .. } = *self;
+        let handle = tokio::runtime::Handle::current();
+        let writer = tokio::task::spawn_blocking(move || {
+            match write_stream(&handle, flows, &mut out, &host) {
+                Ok(stats) => {
+                    tracing::info!(written = stats.written, "JSON lines output finished");
+                    SinkReport {
+                        delivered: stats.written,
+                        loss_notices: stats.loss_notices,
+                        lost: stats.lost,
+                        error: None,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("JSON lines output stopped: {e}");
+                    SinkReport {
+                        error: Some(e.to_string()),
+                        ..SinkReport::default()
+                    }
+                }
+            }
+        });
+        Box::pin(async move {
+            writer.await.unwrap_or_else(|e| SinkReport {
+                error: Some(format!("JSON lines writer failed: {e}")),
+                ..SinkReport::default()
+            })
+        })
+    }
+}
+
+/// How `export.jsonl` subscribes: its filters and `include_updates`, the
+/// hub's queue size; closed like a gRPC stream when it stays too slow.
+pub fn subscription(cfg: &JsonlConfig) -> Result<SinkSubscription, JsonlError> {
+    Ok(SinkSubscription {
+        include_updates: cfg.include_updates,
+        filters: compile_filters(&cfg.filters, &cfg.deny)?,
+        queue_size: None,
+        keep_when_slow: false,
+        stats: None,
+    })
 }
 
 /// Subscribes the JSON lines output to `hub` and writes on a blocking
@@ -339,26 +418,13 @@ pub async fn spawn(
     hub: &Hub,
     cfg: &JsonlConfig,
     host: HostInfo,
-) -> Result<tokio::task::JoinHandle<()>, JsonlError> {
-    let filters = compile_filters(&cfg.filters, &cfg.deny)?;
-    let mut sink = Sink::open(cfg)?;
-    let sub = hub
-        .subscribe(SubscribeRequest {
-            follow: true,
-            include_updates: cfg.include_updates,
-            filters,
-            peer: format!("jsonl:{}", cfg.path.trim()),
-            ..SubscribeRequest::default()
-        })
+) -> Result<tokio::task::JoinHandle<SinkReport>, JsonlError> {
+    let sub = subscription(cfg)?;
+    let out = JsonlSink::open(cfg, host)?;
+    let running = sink::start(hub, Box::new(out), sub)
         .await
         .map_err(|s| JsonlError::Subscribe(s.message().to_string()))?;
-    let handle = tokio::runtime::Handle::current();
-    Ok(tokio::task::spawn_blocking(move || {
-        match write_stream(&handle, sub, &mut sink, &host) {
-            Ok(stats) => tracing::info!(written = stats.written, "JSON lines output finished"),
-            Err(e) => tracing::error!("JSON lines output stopped: {e}"),
-        }
-    }))
+    Ok(running.task)
 }
 
 #[cfg(test)]

@@ -16,7 +16,9 @@ pub mod filter;
 pub mod hub;
 pub mod jsonl;
 pub mod metrics;
+pub mod nats;
 pub mod server;
+pub mod sink;
 pub mod status;
 pub mod watch_json;
 

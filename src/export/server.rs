@@ -517,6 +517,7 @@ pub fn subscribe_request(
         filters,
         peer,
         max_flows_per_response: usize::try_from(req.max_flows_per_response).unwrap_or(usize::MAX),
+        ..SubscribeRequest::default()
     })
 }
 

@@ -105,6 +105,31 @@ pub struct SubscriberInfo {
     pub drops: u64,
     /// Records delivered to its queue.
     pub delivered: u64,
+    /// A sink's own counters; `None` for gRPC streams.
+    pub sink: Option<SinkInfo>,
+}
+
+/// A sink's own counters (what its destination took).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkInfo {
+    /// `jsonl`, `nats`.
+    pub kind: String,
+    /// Connected to its destination.
+    pub connected: bool,
+    /// Flow records the destination took.
+    pub published: u64,
+    /// Acknowledgements of duplicates (retries of stored records).
+    pub duplicates: u64,
+    /// Publications sent again.
+    pub retries: u64,
+    /// Loss notices the destination took.
+    pub loss_notices: u64,
+}
+
+/// Where a sink's counters are read from when the status is asked for.
+pub trait SinkStats: Send + Sync + std::fmt::Debug {
+    /// The counters now.
+    fn info(&self) -> SinkInfo;
 }
 
 /// The fan-out's part of the status.
@@ -161,6 +186,14 @@ pub fn to_proto(
                 queue_capacity: s.queue_capacity,
                 drops: s.drops,
                 delivered: s.delivered,
+                sink: s.sink.as_ref().map(|k| proto::SinkStatus {
+                    kind: k.kind.clone(),
+                    connected: k.connected,
+                    published: k.published,
+                    duplicates: k.duplicates,
+                    retries: k.retries,
+                    loss_notices: k.loss_notices,
+                }),
             })
             .collect(),
         dns: Some(proto::DnsStatus {

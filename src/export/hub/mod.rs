@@ -8,7 +8,9 @@
 //! delivered in-band, at most one notice per key per
 //! [`LOSS_NOTICE_INTERVAL`] per stream. A subscriber that keeps dropping for
 //! [`HubOptions::slow_seconds`] with a drop ratio of at least
-//! [`HubOptions::slow_drop_ratio`] is closed with `RESOURCE_EXHAUSTED`.
+//! [`HubOptions::slow_drop_ratio`] is closed with `RESOURCE_EXHAUSTED`,
+//! unless it asked to be kept ([`SubscribeRequest::keep_when_slow`]: a sink
+//! that resumes when its destination returns).
 //!
 //! Every record offered to a stream is either delivered or counted in a
 //! notice the stream delivers before it ends. A notice never waits for room
@@ -33,7 +35,7 @@ use crate::export::convert;
 use crate::export::encoded::{EncodedFlow, Payload};
 use crate::export::filter::FilterSet;
 use crate::export::proto;
-use crate::export::status::{HubStatus, SubscriberInfo};
+use crate::export::status::{HubStatus, SinkStats, SubscriberInfo};
 use crate::model::Output;
 
 mod losses;
@@ -123,6 +125,13 @@ impl PipelineSender {
         }
     }
 
+    /// Hands one output to the hub, waiting for room in the channel; for
+    /// producers that may wait (a replay), never the live pipeline. Returns
+    /// false when the hub is gone. Must not be called from async code.
+    pub fn send_wait(&self, out: Output) -> bool {
+        self.tx.blocking_send(out).is_ok()
+    }
+
     /// Outputs dropped so far because the channel was full.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
@@ -171,6 +180,15 @@ pub struct SubscribeRequest {
     /// `flow` field (the original shape), more: flows packed into `flows`,
     /// bounded by [`MAX_FLOWS_PER_RESPONSE`] and [`MAX_PACKED_FLOW_BYTES`].
     pub max_flows_per_response: usize,
+    /// Capacity of this subscriber's queue; `None`: the hub's
+    /// [`HubOptions::queue_size`].
+    pub queue_size: Option<usize>,
+    /// Never close this subscriber as too slow: it keeps dropping (and
+    /// counting) while it cannot keep up. For exporters, which resume when
+    /// their destination returns; gRPC streams are closed.
+    pub keep_when_slow: bool,
+    /// A sink's own counters, reported with its subscriber entry.
+    pub stats: Option<Arc<dyn SinkStats>>,
 }
 
 enum Command {
@@ -255,6 +273,8 @@ struct Sub {
     filters: FilterSet,
     include_updates: bool,
     until: Option<SystemTime>,
+    keep_when_slow: bool,
+    stats: Option<Arc<dyn SinkStats>>,
     tx: mpsc::Sender<Payload>,
     close: Option<oneshot::Sender<Status>>,
     mailbox: Arc<LossMailbox>,
@@ -486,7 +506,11 @@ impl Owner {
                 s.period_offered = 0;
                 s.period_dropped = 0;
                 let ratio = s.streak_dropped as f64 / s.streak_offered.max(1) as f64;
-                if slow_seconds > 0 && s.streak_periods >= slow_seconds && ratio >= slow_ratio {
+                if !s.keep_when_slow
+                    && slow_seconds > 0
+                    && s.streak_periods >= slow_seconds
+                    && ratio >= slow_ratio
+                {
                     let msg = format!(
                         "subscriber too slow: dropped {} of {} records during the last {} s \
                          (queue of {}); read faster or narrow the filters",
@@ -534,7 +558,8 @@ impl Owner {
         let expired = req.until.is_some_and(|u| SystemTime::now() > u);
         let mailbox = Arc::new(LossMailbox::default());
         let (rx, close) = if req.follow && live && !expired {
-            let (tx, rx) = mpsc::channel(self.opts.queue_size.max(1));
+            let capacity = req.queue_size.unwrap_or(self.opts.queue_size);
+            let (tx, rx) = mpsc::channel(capacity.max(1));
             let (close_tx, close_rx) = oneshot::channel();
             let id = self.next_id;
             self.next_id += 1;
@@ -545,6 +570,8 @@ impl Owner {
                 filters: req.filters,
                 include_updates: req.include_updates,
                 until: req.until,
+                keep_when_slow: req.keep_when_slow,
+                stats: req.stats,
                 tx,
                 close: Some(close_tx),
                 mailbox: mailbox.clone(),
@@ -593,6 +620,7 @@ impl Owner {
                     queue_capacity: s.tx.max_capacity() as u64,
                     drops: s.drops,
                     delivered: s.delivered,
+                    sink: s.stats.as_ref().map(|k| k.info()),
                 })
                 .collect(),
             flows_received: self.flows_received,

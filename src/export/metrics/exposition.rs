@@ -19,7 +19,7 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use super::{MAX_CPU_SERIES, MAX_SUBSCRIBER_SERIES};
-use crate::export::status::{HubStatus, StatusSnapshot, SubscriberInfo};
+use crate::export::status::{HubStatus, SinkInfo, StatusSnapshot, SubscriberInfo};
 
 /// Label value of the series that sums what exceeds a label bound.
 const OTHER: &str = "other";
@@ -125,7 +125,67 @@ const PER_SUBSCRIBER: [(&str, &str, SubscriberField); 4] = [
     ),
 ];
 
+/// Reads one counter of a sink.
+type SinkField = fn(&SinkInfo) -> u64;
+
+/// The per-sink counter families (sinks are subscribers too: their drops
+/// are in the subscriber families).
+const PER_SINK: [(&str, &str, SinkField); 4] = [
+    (
+        "sockscope_sink_published",
+        "Flow records a sink's destination took (written, or acknowledged by the stream).",
+        |k| k.published,
+    ),
+    (
+        "sockscope_sink_duplicates",
+        "Acknowledgements of records already stored (retries the stream dropped as duplicates).",
+        |k| k.duplicates,
+    ),
+    (
+        "sockscope_sink_retries",
+        "Publications a sink sent again after a failure or a missing acknowledgement.",
+        |k| k.retries,
+    ),
+    (
+        "sockscope_sink_loss_notices",
+        "Loss notices a sink's destination took.",
+        |k| k.loss_notices,
+    ),
+];
+
 impl Reading {
+    /// The sinks among the subscribers (few: one per `export.<sink>`),
+    /// labelled by kind and peer.
+    fn encode_sinks(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        let sinks: Vec<(&SubscriberInfo, &SinkInfo)> = self
+            .hub
+            .subscribers
+            .iter()
+            .filter_map(|s| s.sink.as_ref().map(|k| (s, k)))
+            .collect();
+        let labels =
+            |s: &SubscriberInfo, k: &SinkInfo| [("sink", k.kind.clone()), ("peer", s.peer.clone())];
+        family(
+            enc,
+            "sockscope_sink_connected",
+            "Whether a sink is connected to its destination.",
+            sinks
+                .iter()
+                .map(|(s, k)| (labels(s, k), ConstGauge::new(u64::from(k.connected)))),
+        )?;
+        for (name, help, get) in PER_SINK {
+            family(
+                enc,
+                name,
+                help,
+                sinks
+                    .iter()
+                    .map(|(s, k)| (labels(s, k), ConstCounter::new(get(k)))),
+            )?;
+        }
+        Ok(())
+    }
+
     fn encode_process(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
         let snap = &self.snap;
         let mut build = enc.encode_descriptor(
@@ -324,6 +384,7 @@ impl Collector for Reading {
         self.encode_process(&mut enc)?;
         self.encode_pipeline(&mut enc)?;
         self.encode_fan_out(&mut enc)?;
+        self.encode_sinks(&mut enc)?;
         self.encode_dns(&mut enc)
     }
 }
@@ -423,6 +484,14 @@ mod tests {
                     queue_capacity: 64,
                     drops: 10 * id,
                     delivered: 100 * id,
+                    sink: (id == 2).then(|| SinkInfo {
+                        kind: "nats".into(),
+                        connected: true,
+                        published: 47,
+                        duplicates: 3,
+                        retries: 5,
+                        loss_notices: 2,
+                    }),
                 })
                 .collect(),
             flows_received: 41,
@@ -454,6 +523,22 @@ mod tests {
             20.0
         );
         assert_eq!(get("sockscope_subscriber_dropped_sum"), 30.0);
+        let sink = "{sink=\"nats\",peer=\"10.0.0.2:5000\"}";
+        assert_eq!(get(&format!("sockscope_sink_connected{sink}")), 1.0);
+        assert_eq!(get(&format!("sockscope_sink_published_total{sink}")), 47.0);
+        assert_eq!(get(&format!("sockscope_sink_duplicates_total{sink}")), 3.0);
+        assert_eq!(get(&format!("sockscope_sink_retries_total{sink}")), 5.0);
+        assert_eq!(
+            get(&format!("sockscope_sink_loss_notices_total{sink}")),
+            2.0
+        );
+        // Only sinks have sink series.
+        assert_eq!(
+            m.keys()
+                .filter(|k| k.starts_with("sockscope_sink_"))
+                .count(),
+            5
+        );
         assert_eq!(get("sockscope_dns_answers_total"), 23.0);
         assert_eq!(get("sockscope_dns_entries"), 31.0);
         assert_eq!(get("sockscope_probes_installed"), 1.0);
@@ -649,7 +734,7 @@ mod tests {
 
     /// Every family the endpoint has exposed since it exists, with its
     /// type, in order: dashboards and alerts depend on these names.
-    const FAMILIES: [(&str, &str); 28] = [
+    const FAMILIES: [(&str, &str); 33] = [
         ("sockscope_build_info", "gauge"),
         ("sockscope_serving", "gauge"),
         ("sockscope_uptime_seconds", "gauge"),
@@ -674,6 +759,11 @@ mod tests {
         ("sockscope_subscriber_queue_depth", "gauge"),
         ("sockscope_subscriber_queue_capacity", "gauge"),
         ("sockscope_subscriber_dropped_sum", "gauge"),
+        ("sockscope_sink_connected", "gauge"),
+        ("sockscope_sink_published_total", "counter"),
+        ("sockscope_sink_duplicates_total", "counter"),
+        ("sockscope_sink_retries_total", "counter"),
+        ("sockscope_sink_loss_notices_total", "counter"),
         ("sockscope_dns_packets_total", "counter"),
         ("sockscope_dns_answers_total", "counter"),
         ("sockscope_dns_parse_errors_total", "counter"),
