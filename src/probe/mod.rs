@@ -8,6 +8,7 @@
 pub mod btf;
 pub mod check;
 pub mod error;
+pub mod fetch;
 pub mod group;
 pub mod guess;
 pub mod tracefs;
