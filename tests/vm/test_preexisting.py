@@ -79,3 +79,40 @@ def test_connection_established_before_the_daemon_started(vm):
     finally:
         stream.close()
     assert vm.stop_daemon("TERM") == 0
+
+
+#: Port of busybox httpd in the applet scenario.
+APPLET_HTTP_PORT = 8091
+
+
+def test_busybox_applets_are_named_as_a_person_would(vm):
+    """busybox's shell starts applets by re-executing ``/proc/self/exe``, so their command name is
+    ``exe``; the flows name them by ``argv[0]`` (``httpd``, ``wget``), with busybox as executable."""
+    flowlib.install_guest_tools(vm)
+    flowlib.start_daemon(vm, "btf")
+    busybox = vm.run("readlink -f /proc/self/exe", check=True).out.strip()
+    stream = FlowStream(vm)
+    pb = stream.pb
+    server = vm.spawn(f"exec sh -c 'exec httpd -f -p {APPLET_HTTP_PORT} -h /www'")
+    try:
+        flowlib.wait_until(lambda: vm.run(f"netstat -ltn | grep -q ':{APPLET_HTTP_PORT} '").rc == 0,
+                           flowlib.READY_WAIT_S, "httpd to listen")
+        comm = vm.run(f"cat /proc/{server.pid}/comm", check=True).out.strip()
+        with flowlib.scenario(vm, f"tcp port {APPLET_HTTP_PORT}") as sc:
+            out = vm.run(f"sh -c 'echo $$; exec wget -q -O /dev/null "
+                         f"http://127.0.0.1:{APPLET_HTTP_PORT}/index.html'", check=True).out
+        wget_pid = int(out.split()[0])
+        client = next(k for k in sc.totals.sent if k[0] == "tcp" and k[2] == ("127.0.0.1", APPLET_HTTP_PORT))
+        local, srv = client[1], ("127.0.0.1", APPLET_HTTP_PORT)
+        got = stream.wait_finals(pb.TRANSPORT_TCP, [(local, srv), (srv, local)])
+        c, s = got[(local, srv)][0], got[(srv, local)][0]
+        problems = []
+        for f, pid, name in ((c, wget_pid, "wget"), (s, server.pid, "httpd")):
+            if (f.process.pid, f.process.name, f.process.executable) != (pid, name, busybox):
+                problems.append(f"{name}: process {f.process.pid} {f.process.name!r} {f.process.executable!r}, "
+                                f"want {pid} {name!r} {busybox!r}")
+        assert not problems, f"(httpd's command name in the guest: {comm!r})\n" + "\n".join(problems)
+    finally:
+        server.stop("TERM")
+        stream.close()
+    assert vm.stop_daemon("TERM") == 0

@@ -158,6 +158,28 @@ fn basename(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
+/// Whether an exec'd file name is a re-exec of a process's own executable
+/// through `/proc/<pid|self>/exe` (busybox's shell starts its applets so),
+/// which gives the process the name `exe`.
+fn is_proc_exe(filename: &str) -> bool {
+    filename
+        .strip_prefix("/proc/")
+        .and_then(|r| r.strip_suffix("/exe"))
+        .is_some_and(|mid| !mid.is_empty() && !mid.contains('/'))
+}
+
+/// The name a person would give a process: its command name, unless that
+/// is `exe` from a `/proc/*/exe` re-exec while the executable is named
+/// otherwise, then the base name of `argv[0]` (`httpd` for busybox's
+/// applet), when there is one.
+fn person_name(comm: String, exe: &str, args: &[String]) -> String {
+    let reexec = comm == "exe" && basename(exe) != "exe";
+    match args.first().map(|a| basename(a)) {
+        Some(a) if reexec && !a.is_empty() => a.to_string(),
+        _ => comm,
+    }
+}
+
 impl ProcessTable {
     /// An empty table reading from `source`, naming users from `users`.
     pub fn new(source: Box<dyn ProcSource>, users: UserDb, cfg: ProcessTableConfig) -> Self {
@@ -198,7 +220,7 @@ impl ProcessTable {
         let name = if s.name.is_empty() {
             basename(&s.exe).to_string()
         } else {
-            s.name
+            person_name(s.name, &s.exe, &s.args)
         };
         let mut info = ProcessInfo {
             pid: s.pid,
@@ -328,8 +350,12 @@ impl ProcessTable {
                     pid,
                     ..ProcessInfo::default()
                 });
-                info.executable = filename.to_string();
-                info.name = basename(filename).to_string();
+                if !(is_proc_exe(filename) && !info.executable.is_empty()) {
+                    // A re-exec through /proc/*/exe runs the executable the
+                    // process had (known from before the exec): keep it.
+                    info.executable = filename.to_string();
+                }
+                info.name = basename(&info.executable).to_string();
                 info.args = Vec::new();
                 info
             }
@@ -423,6 +449,62 @@ impl ProcessTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busybox_applets_are_named_by_argv0() {
+        assert_eq!(
+            person_name("exe".into(), "/bin/busybox", &["httpd".into(), "-f".into()]),
+            "httpd"
+        );
+        assert_eq!(
+            person_name("exe".into(), "/bin/busybox", &["/bin/wget".into()]),
+            "wget"
+        );
+        // A program that is really called exe, or has no argv, keeps it.
+        assert_eq!(
+            person_name("exe".into(), "/opt/x/exe", &["a".into()]),
+            "exe"
+        );
+        assert_eq!(person_name("exe".into(), "/bin/busybox", &[]), "exe");
+        assert_eq!(
+            person_name("curl".into(), "/usr/bin/curl", &["c".into()]),
+            "curl"
+        );
+        assert!(is_proc_exe("/proc/self/exe"));
+        assert!(is_proc_exe("/proc/1234/exe"));
+        assert!(!is_proc_exe("/proc/exe"));
+        assert!(!is_proc_exe("/usr/bin/exe"));
+    }
+
+    #[test]
+    fn an_applet_gone_before_its_exec_is_read_keeps_the_executable() {
+        let src = FakeProcSource::default();
+        let mut t = ProcessTable::new(
+            Box::new(src.clone()),
+            UserDb::empty(),
+            ProcessTableConfig {
+                max_processes: 16,
+                exit_grace: Duration::from_secs(5),
+            },
+        );
+        src.set(ProcSnapshot {
+            pid: 30,
+            ppid: 1,
+            name: "sh".into(),
+            args: vec!["sh".into()],
+            exe: "/bin/busybox".into(),
+            start: None,
+            creds: None,
+            cgroup: None,
+        });
+        t.scan().unwrap();
+        // The applet execs and exits before /proc is read.
+        src.remove(30);
+        t.on_exec(30, "/proc/self/exe");
+        let p = t.lookup(30);
+        assert_eq!(p.executable, "/bin/busybox");
+        assert_eq!(p.name, "busybox");
+    }
 
     fn snap(pid: u32, name: &str, start_s: u64, uid: u32) -> ProcSnapshot {
         ProcSnapshot {
