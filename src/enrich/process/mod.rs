@@ -350,7 +350,7 @@ impl ProcessTable {
                     pid,
                     ..ProcessInfo::default()
                 });
-                if !(is_proc_exe(filename) && !info.executable.is_empty()) {
+                if !is_proc_exe(filename) || info.executable.is_empty() {
                     // A re-exec through /proc/*/exe runs the executable the
                     // process had (known from before the exec): keep it.
                     info.executable = filename.to_string();
