@@ -209,8 +209,8 @@ pub enum EventKind {
     },
     /// A packet on the local IP stack.
     Packet(Packet),
-    /// A TCP connection ended (its socket moved to `TCP_CLOSE`), with the
-    /// socket's own counters.
+    /// A TCP socket ended (destroyed after its owner closed it and its
+    /// connection was over), with its own counters.
     TcpClose {
         /// The socket.
         sock: SockAddr,

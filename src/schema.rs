@@ -115,8 +115,6 @@ pub enum SampleField {
     Pid,
     /// `sched_process_fork`'s child pid (tracepoint field).
     ChildPid,
-    /// The state `tcp_set_state` moves a socket to.
-    NewState,
     /// `tcp_sock.bytes_received`: sequence space received (payload, plus
     /// one for a FIN).
     BytesReceived,
@@ -165,7 +163,6 @@ impl SampleField {
             SampleField::Filename => "filename",
             SampleField::Pid => "pid",
             SampleField::ChildPid => "child_pid",
-            SampleField::NewState => "newstate",
             SampleField::BytesReceived => "bytes_received",
             SampleField::BytesSent => "bytes_sent",
             SampleField::BytesRetrans => "bytes_retrans",
@@ -189,7 +186,7 @@ impl SampleField {
                 Width::Bytes(4)
             }
             SampleField::Pid | SampleField::ChildPid => Width::Bytes(4),
-            SampleField::NewState | SampleField::SegsIn | SampleField::SegsOut => Width::Bytes(4),
+            SampleField::SegsIn | SampleField::SegsOut => Width::Bytes(4),
             SampleField::BytesReceived | SampleField::BytesSent | SampleField::BytesRetrans => {
                 Width::Bytes(8)
             }
@@ -215,8 +212,7 @@ const SOCK: &[SampleField] = &[
     SampleField::Daddr6,
 ];
 
-/// The fields of the TCP close probe: the socket, the state it moves to
-/// and the socket's own counters.
+/// The fields of the TCP end probe: the socket and its own counters.
 const TCP_CLOSE: &[SampleField] = &[
     SampleField::Sk,
     SampleField::Family,
@@ -226,7 +222,6 @@ const TCP_CLOSE: &[SampleField] = &[
     SampleField::Daddr,
     SampleField::Saddr6,
     SampleField::Daddr6,
-    SampleField::NewState,
     SampleField::BytesReceived,
     SampleField::BytesSent,
     SampleField::BytesRetrans,
@@ -279,8 +274,9 @@ pub enum DecoderKind {
     UdpDeliver,
     /// `inet_release`: a socket released.
     SockClose,
-    /// `tcp_set_state(sk, TCP_CLOSE)`: a TCP socket's connection ended,
-    /// with the socket's own counters (socket-counter accounting).
+    /// `tcp_v4_destroy_sock(sk)`: a TCP socket's end (closed by its owner,
+    /// its connection over), with the socket's own counters
+    /// (socket-counter accounting).
     TcpClose,
     /// An egress packet at the IP layer of which only UDP is reported
     /// (socket-counter accounting: TCP is counted by the socket); the

@@ -73,11 +73,10 @@ fn udp_delivery_fields(o: &Offsets) -> String {
     .join(" ")
 }
 
-/// Fields of the TCP close probe (`tcp_set_state(sk, state)`).
+/// Fields of the TCP end probe (`tcp_v4_destroy_sock(sk)`).
 fn tcp_close_fields(o: &Offsets, t: &TcpCounterOffsets) -> String {
     [
         sock_fields(o, "$arg1"),
-        arg(F::NewState, "$arg2", "u32"),
         member(F::BytesReceived, t.bytes_received, "$arg1"),
         member(F::BytesSent, t.bytes_sent, "$arg1"),
         member(F::BytesRetrans, t.bytes_retrans, "$arg1"),
@@ -138,8 +137,7 @@ pub enum Fetch {
     },
     /// `__udp_enqueue_schedule_skb(sk, skb)`.
     UdpDeliver,
-    /// `tcp_set_state(sk, state)`: the socket, the new state and the
-    /// socket's counters.
+    /// `tcp_v4_destroy_sock(sk)`: the socket and its counters.
     TcpClose,
     /// `ip_output`/`ip6_output(net, sk, skb)` as [`Fetch::Packet`], and the
     /// protocol byte at this offset of the IP header.

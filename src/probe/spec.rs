@@ -17,7 +17,7 @@
 //! | `ip6_in`         | `ip6_input(skb)`                 | skb->len, 64 bytes at skb->data (TCP only) | no  |
 //! | `udp_in`         | `__udp_enqueue_schedule_skb(sk, skb)` | sk, skb->len, 64 bytes before skb->data (IP + UDP headers) | no |
 //! | `creds`          | `commit_creds(new)`              | uid, gid, euid, egid                      | yes  |
-//! | `tcp_end`        | `tcp_set_state(sk, state)`, filtered to `TCP_CLOSE` | sock fields, state, the socket's byte and segment counters, `sk_flags` | no |
+//! | `tcp_end`        | `tcp_v4_destroy_sock(sk)` (IPv6 sockets too) | sock fields, the socket's byte and segment counters, `sk_flags` | no |
 //! | `udp_out(6)`     | `ip_output`/`ip6_output`, filtered to UDP | as `ip_out`, and the protocol byte | no |
 //! | `exec/fork/exit` | `sched:sched_process_*`          | tracepoint fields                         | yes  |
 //!
@@ -125,8 +125,6 @@ impl ResolvedProbe {
 }
 
 const FAMILY_FILTER: &str = "family == 2 || family == 10";
-/// `tcp_set_state` moving a socket to `TCP_CLOSE` (7).
-const TCP_CLOSE_FILTER: &str = "newstate == 7";
 /// IPPROTO_UDP in the IPv4 protocol / IPv6 next header byte.
 const UDP_FILTER: &str = "proto == 17";
 /// Offset of the protocol byte in an IPv4 header.
@@ -452,14 +450,13 @@ pub const PROBES: &[ProbeDecl] = &[
         ),
         UDP_FILTER,
     ))),
-    counters_only(filtered(
-        packet(
-            "tcp_end",
-            &["tcp_set_state"],
-            Fetch::TcpClose,
-            DecoderKind::TcpClose,
-        ),
-        TCP_CLOSE_FILTER,
+    // Once per full TCP socket, when it is destroyed: closed by its owner
+    // and its connection over (IPv6 sockets are destroyed through it too).
+    counters_only(packet(
+        "tcp_end",
+        &["tcp_v4_destroy_sock"],
+        Fetch::TcpClose,
+        DecoderKind::TcpClose,
     )),
     packet(
         "udp_in",

@@ -1,8 +1,8 @@
 """Socket-counter accounting (``socket.accounting=socket_counters``) against the capture.
 
 TCP flows take their counters from the kernel's own socket counters, read
-by one probe when the connection ends (``tcp_set_state`` to ``TCP_CLOSE``,
-filtered in the kernel); UDP stays per packet, with egress read at
+by one probe when the socket ends (``tcp_v4_destroy_sock``, once per
+socket); UDP stays per packet, with egress read at
 ``ip_output`` behind an in-kernel filter that lets only UDP through. What
 the counters mean is checked against tcpdump on the same traffic:
 
