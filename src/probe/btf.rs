@@ -138,6 +138,9 @@ pub struct TcpCounterOffsets {
     pub segs_out: Field,
     /// sock.sk_flags, i.e. sock_common.skc_flags (unsigned long).
     pub sk_flags: Field,
+    /// sk_buff.sk: the socket of a datagram sent (the UDP egress probe of
+    /// socket-counter accounting).
+    pub skb_sk: Field,
 }
 
 impl TcpCounterOffsets {
@@ -153,6 +156,7 @@ impl TcpCounterOffsets {
             segs_in: b.field("tcp_sock", &["segs_in"])?,
             segs_out: b.field("tcp_sock", &["segs_out"])?,
             sk_flags,
+            skb_sk: b.field("sk_buff", &["sk"])?,
         })
     }
 }
@@ -426,6 +430,7 @@ impl fmt::Display for Offsets {
                     ("tcp_sock.segs_in", t.segs_in),
                     ("tcp_sock.segs_out", t.segs_out),
                     ("sock.sk_flags", t.sk_flags),
+                    ("sk_buff.sk", t.skb_sk),
                 ] {
                     write!(
                         f,

@@ -139,9 +139,13 @@ pub enum Fetch {
     UdpDeliver,
     /// `tcp_v4_destroy_sock(sk)`: the socket and its counters.
     TcpClose,
-    /// `ip_output`/`ip6_output(net, sk, skb)` as [`Fetch::Packet`], and the
-    /// protocol byte at this offset of the IP header.
-    PacketProto {
+    /// A datagram leaving through `ip_send_skb(net, skb)` or
+    /// `ip6_send_skb(skb)`: the socket (`skb->sk`), the length, the
+    /// headers as [`Fetch::Packet`], and the protocol byte at `at` of the
+    /// IP header. `skb->sk` comes from BTF only.
+    SentDatagram {
+        /// The `struct sk_buff *` argument.
+        skb: &'static str,
         /// Offset of the protocol (IPv4) or next header (IPv6) byte.
         at: u32,
     },
@@ -183,10 +187,11 @@ impl Fetch {
             ]
             .join(" "),
             Fetch::TcpClose => tcp_close_fields(o, o.tcp.as_ref()?),
-            Fetch::PacketProto { at } => {
-                let data = deref(o.skb_data.offset, "$arg3");
+            Fetch::SentDatagram { skb, at } => {
+                let sk = deref(o.tcp.as_ref()?.skb_sk.offset, skb);
+                let data = deref(o.skb_data.offset, skb);
                 [
-                    packet_fields(o, "$arg3", Some("$arg2")),
+                    packet_fields(o, skb, Some(&sk)),
                     arg(F::Proto, &format!("+{at}({data})"), "u8"),
                 ]
                 .join(" ")

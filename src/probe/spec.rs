@@ -18,7 +18,7 @@
 //! | `udp_in`         | `__udp_enqueue_schedule_skb(sk, skb)` | sk, skb->len, 64 bytes before skb->data (IP + UDP headers) | no |
 //! | `creds`          | `commit_creds(new)`              | uid, gid, euid, egid                      | yes  |
 //! | `tcp_end`        | `tcp_v4_destroy_sock(sk)` (IPv6 sockets too) | sock fields, the socket's byte and segment counters, `sk_flags` | no |
-//! | `udp_out(6)`     | `ip_output`/`ip6_output`, filtered to UDP | as `ip_out`, and the protocol byte | no |
+//! | `udp_out(6)`     | `ip_send_skb(net, skb)`/`ip6_send_skb(skb)`, filtered to UDP | as `ip_out` (socket from `skb->sk`), and the protocol byte | no |
 //! | `exec/fork/exit` | `sched:sched_process_*`          | tracepoint fields                         | yes  |
 //!
 //! At the packet probes `skb->data` points at the IP header (egress: after
@@ -31,9 +31,9 @@
 //! socket-counter accounting counts TCP from `tcp_end` alone, so it leaves
 //! out the per-syscall TCP probe (`tcp_send`), the TCP
 //! ingress probes (`ip_in`, `ip6_in`) and the egress probes of every
-//! protocol (`ip_out`, `ip6_out`), which `udp_out(6)` replace: the same
-//! functions, with an in-kernel filter that discards all but UDP before a
-//! sample is written. Ingress
+//! protocol (`ip_out`, `ip6_out`), which `udp_out(6)` replace: functions
+//! datagrams leave through and TCP segments never do, with an in-kernel
+//! filter that discards all but UDP before a sample is written. Ingress
 //! UDP is counted at `udp_in` instead: at the IP layer a datagram's UDP
 //! header may not be in the linear part of the skb yet (virtio-net with GRO
 //! on 5.10 leaves it in a page fragment, so the bytes read there are not
@@ -424,11 +424,14 @@ pub const PROBES: &[ProbeDecl] = &[
             family: IpFamily::V6,
         },
     ))),
+    // Datagrams leave through these (UDP, and ICMP, raw and ping sockets,
+    // which the filter drops); TCP never does, so its packets hit no probe.
     counters_only(filtered(
         packet(
             "udp_out",
-            &["ip_output"],
-            Fetch::PacketProto {
+            &["ip_send_skb"],
+            Fetch::SentDatagram {
+                skb: "$arg2",
                 at: IPV4_PROTOCOL_OFFSET,
             },
             DecoderKind::UdpEgress {
@@ -440,8 +443,9 @@ pub const PROBES: &[ProbeDecl] = &[
     counters_only(ipv6_only(filtered(
         packet(
             "udp6_out",
-            &["ip6_output"],
-            Fetch::PacketProto {
+            &["ip6_send_skb"],
+            Fetch::SentDatagram {
+                skb: "$arg1",
                 at: IPV6_NEXT_HEADER_OFFSET,
             },
             DecoderKind::UdpEgress {
@@ -585,6 +589,7 @@ mod tests {
                 segs_in: f(4),
                 segs_out: f(4),
                 sk_flags: f(8),
+                skb_sk: f(8),
             }),
         }
     }
