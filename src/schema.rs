@@ -131,6 +131,9 @@ pub enum SampleField {
     SegsOut,
     /// `sock.sk_flags` (`SOCK_DONE`: a FIN was received).
     SkFlags,
+    /// `inet_sock.inet_sport`: the local port (network order), kept after
+    /// a closed socket gave its port number (`sport`) back.
+    InetSport,
     /// The IP protocol (IPv4) or next header (IPv6) byte of a packet.
     Proto,
 }
@@ -169,6 +172,7 @@ impl SampleField {
             SampleField::SegsIn => "segs_in",
             SampleField::SegsOut => "segs_out",
             SampleField::SkFlags => "sk_flags",
+            SampleField::InetSport => "inet_sport",
             SampleField::Proto => "proto",
         }
     }
@@ -191,6 +195,7 @@ impl SampleField {
                 Width::Bytes(8)
             }
             SampleField::SkFlags => Width::Bytes(8),
+            SampleField::InetSport => Width::Bytes(2),
             SampleField::Proto => Width::Bytes(1),
             // `socket->type` is a short on every kernel so far, but its
             // width comes from BTF: any integer is accepted.
@@ -228,6 +233,7 @@ const TCP_CLOSE: &[SampleField] = &[
     SampleField::SegsIn,
     SampleField::SegsOut,
     SampleField::SkFlags,
+    SampleField::InetSport,
 ];
 
 /// How an event's samples are turned into [`crate::model::EventKind`]s.

@@ -96,6 +96,7 @@ pub(super) enum Layout {
         segs_in: Loc,
         segs_out: Loc,
         sk_flags: Loc,
+        inet_sport: Loc,
     },
     Exec {
         filename: Loc,
@@ -274,6 +275,7 @@ impl<'a> FieldFinder<'a> {
                 segs_in: self.get(F::SegsIn)?,
                 segs_out: self.get(F::SegsOut)?,
                 sk_flags: self.get(F::SkFlags)?,
+                inet_sport: self.get(F::InetSport)?,
             },
             DecoderKind::SockClose => Layout::Close {
                 sk: self.get(F::Sk)?,

@@ -364,10 +364,16 @@ impl Decoder {
                 segs_in,
                 segs_out,
                 sk_flags,
+                inet_sport,
             } => {
-                let Some((sock, local, remote)) = sock_ends(&rec, &l)? else {
+                let Some((sock, mut local, remote)) = sock_ends(&rec, &l)? else {
                     return Ok(None);
                 };
+                if local.port() == 0 {
+                    // Closing gave the port number back (`inet_put_port`
+                    // clears `skc_num`); the socket still has it here.
+                    local.set_port(rec.be16(inet_sport)?);
+                }
                 EventKind::TcpClose {
                     sock,
                     local,

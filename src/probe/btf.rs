@@ -138,6 +138,9 @@ pub struct TcpCounterOffsets {
     pub segs_out: Field,
     /// sock.sk_flags, i.e. sock_common.skc_flags (unsigned long).
     pub sk_flags: Field,
+    /// inet_sock.inet_sport: the local port (network order), still set
+    /// when a closed socket's `skc_num` was cleared.
+    pub inet_sport: Field,
     /// sk_buff.sk: the socket of a datagram sent (the UDP egress probe of
     /// socket-counter accounting).
     pub skb_sk: Field,
@@ -157,6 +160,7 @@ impl TcpCounterOffsets {
             segs_out: b.field("tcp_sock", &["segs_out"])?,
             sk_flags,
             skb_sk: b.field("sk_buff", &["sk"])?,
+            inet_sport: b.field("inet_sock", &["inet_sport"])?,
         })
     }
 }
@@ -431,6 +435,7 @@ impl fmt::Display for Offsets {
                     ("tcp_sock.segs_out", t.segs_out),
                     ("sock.sk_flags", t.sk_flags),
                     ("sk_buff.sk", t.skb_sk),
+                    ("inet_sock.inet_sport", t.inet_sport),
                 ] {
                     write!(
                         f,

@@ -83,6 +83,7 @@ fn tcp_close_fields(o: &Offsets, t: &TcpCounterOffsets) -> String {
         member(F::SegsIn, t.segs_in, "$arg1"),
         member(F::SegsOut, t.segs_out, "$arg1"),
         member(F::SkFlags, t.sk_flags, "$arg1"),
+        member(F::InetSport, t.inet_sport, "$arg1"),
     ]
     .join(" ")
 }

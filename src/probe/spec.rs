@@ -590,6 +590,7 @@ mod tests {
                 segs_out: f(4),
                 sk_flags: f(8),
                 skb_sk: f(8),
+                inet_sport: f(2),
             }),
         }
     }

@@ -342,6 +342,16 @@ impl ProcessTable {
     /// A process called exec.
     pub fn on_exec(&mut self, pid: u32, filename: &str) {
         let old = self.get(pid);
+        // The file the exec ran: a re-exec through /proc/*/exe runs the
+        // executable the process had before.
+        let had = old
+            .as_deref()
+            .map(|o| o.executable.as_str())
+            .filter(|e| !e.is_empty() && !is_proc_exe(e));
+        let ran = match had {
+            Some(e) if is_proc_exe(filename) => e.to_string(),
+            _ => filename.to_string(),
+        };
         let mut info = match self.source.read(pid) {
             Ok(s) => self.info_from_snapshot(s),
             Err(_) => {
@@ -350,16 +360,22 @@ impl ProcessTable {
                     pid,
                     ..ProcessInfo::default()
                 });
-                if !is_proc_exe(filename) || info.executable.is_empty() {
-                    // A re-exec through /proc/*/exe runs the executable the
-                    // process had (known from before the exec): keep it.
-                    info.executable = filename.to_string();
-                }
-                info.name = basename(&info.executable).to_string();
+                info.executable = String::new();
+                info.name = String::new();
                 info.args = Vec::new();
                 info
             }
         };
+        // A process read while it exits may have lost its executable link.
+        if info.executable.is_empty() || is_proc_exe(&info.executable) {
+            info.executable = ran;
+        }
+        if info.name.is_empty() || info.name == "exe" {
+            info.name = person_name("exe".to_string(), &info.executable, &info.args);
+            if info.name == "exe" && basename(&info.executable) != "exe" {
+                info.name = basename(&info.executable).to_string();
+            }
+        }
         // Exec keeps the process identity (and the start time we keyed it by).
         if let Some(old) = old {
             info.created = old.created;
