@@ -35,7 +35,8 @@ FLOW_WAIT_S = 90
 OFFSET_ONLY = {"sock.__sk_common"}
 #: Members only BTF gives (socket-counter accounting), never guessed.
 BTF_ONLY = {"tcp_sock.bytes_received", "tcp_sock.bytes_sent", "tcp_sock.bytes_retrans",
-            "tcp_sock.segs_in", "tcp_sock.segs_out", "sock.sk_flags"}
+            "tcp_sock.segs_in", "tcp_sock.segs_out", "sock.sk_flags", "sk_buff.sk",
+            "inet_sock.inet_sport"}
 
 
 def check_offsets(vm, mode: str) -> tuple[str, dict[str, tuple[int, int]]]:
