@@ -76,6 +76,11 @@ SOFTFLOWD_COLLECTOR = "127.0.0.1:9995"
 #: The daemon's Unix socket (default ``server.unix_socket``).
 UNIX_SOCKET = "/run/sockscope/sockscope.sock"
 MONITORS = ("none", "sockscope-tcp", "sockscope-unix", "sockscope-counters", "softflowd")
+#: With ``--baseline BINARY``: the same sockscope monitors run from that other build
+#: (the subscriber stays the measured build's), to compare two builds in one boot.
+BASELINE_MONITORS = ("baseline-tcp", "baseline-unix", "baseline-counters")
+#: Guest path of the baseline build.
+GUEST_BASELINE = "/usr/bin/sockscope-baseline"
 #: Daemon options per sockscope monitor (beyond the test bed's defaults).
 DAEMON_OPTIONS = {"sockscope-counters": ["-E", "socket.accounting=socket_counters"]}
 WORKLOADS = ("churn", "bulk", "udp")
@@ -136,6 +141,15 @@ def guest_files() -> dict[str, Path]:
     return files
 
 
+def is_sockscope(monitor: str) -> bool:
+    return monitor.startswith(("sockscope-", "baseline-"))
+
+
+def sockscope_kind(monitor: str) -> str:
+    """The sockscope monitor a baseline monitor mirrors (``baseline-tcp`` -> ``sockscope-tcp``)."""
+    return "sockscope-" + monitor.removeprefix("baseline-") if monitor.startswith("baseline-") else monitor
+
+
 def field(msg: dict, name: str, default=None):
     """A field of proto3 JSON by its proto name or its lowerCamelCase JSON name."""
     camel = name.split("_")[0] + "".join(x.title() for x in name.split("_")[1:])
@@ -178,10 +192,11 @@ class Bench:
                 raise bed.BedError(f"softflowd exited: {sf.log()}")
             self.spawned = {"softflowd": sf}
             return {"softflowd": sf.pid}
-        options = DAEMON_OPTIONS.get(monitor, [])
-        daemon = vm.start_daemon(options) if options else vm.start_daemon()
+        kind = sockscope_kind(monitor)
+        binary = GUEST_BASELINE if monitor.startswith("baseline-") else bed.GUEST_DAEMON
+        daemon = vm.start_daemon(DAEMON_OPTIONS.get(kind, []), binary=binary)
         self.wait(lambda: vm.run(f"test -S {UNIX_SOCKET}").rc == 0, 30, "the daemon's Unix socket")
-        server = UNIX_SOCKET if monitor == "sockscope-unix" else f"127.0.0.1:{bed.GUEST_GRPC_PORT}"
+        server = UNIX_SOCKET if kind == "sockscope-unix" else f"127.0.0.1:{bed.GUEST_GRPC_PORT}"
         watch = vm.spawn(f"exec {bed.GUEST_DAEMON} watch --server {server} --follow --format json >/dev/null")
         self.wait(lambda: len(self.status().get("subscribers", [])) >= 1 or not watch.alive(), 30,
                   "the subscriber to register")
@@ -195,7 +210,7 @@ class Bench:
             return
         for role, proc in self.spawned.items():
             proc.stop("TERM")
-        if monitor.startswith("sockscope"):
+        if is_sockscope(monitor):
             self.vm.stop_daemon("TERM")
 
     def status(self) -> dict:
@@ -223,6 +238,12 @@ class Bench:
         lines = [f"echo \"{tag} clock $(cut -d' ' -f1 /proc/uptime)\"",
                  f"echo \"{tag} cpu $(head -n1 /proc/stat)\""]
         lines += [f"echo \"{tag} pid {role} $(cat /proc/{pid}/stat 2>/dev/null)\"" for role, pid in pids.items()]
+        if "daemon" in pids:
+            # Per thread of the daemon (ring reader, engine, gRPC workers...): where its CPU goes.
+            # Per thread also its voluntary context switches: how often it slept and woke.
+            lines.append(f"for t in /proc/{pids['daemon']}/task/*; do n=$(tr ' ' _ <$t/comm); "
+                         f"echo \"{tag} thread $n $(cat $t/stat 2>/dev/null)\"; "
+                         f"echo \"{tag} wakes $n $(awk '/^voluntary_ctxt_switches/{{print $2}}' $t/status)\"; done")
         return "\n".join(lines)
 
     @staticmethod
@@ -239,13 +260,22 @@ class Bench:
         snaps: dict[str, dict] = {}
         for line in out.splitlines():
             parts = line.split(" ", 2)
-            if len(parts) < 3 or parts[1] not in ("clock", "cpu", "pid"):
+            if len(parts) < 3 or parts[1] not in ("clock", "cpu", "pid", "thread", "wakes"):
                 continue
-            s = snaps.setdefault(parts[0], {"pids": {}})
+            s = snaps.setdefault(parts[0], {"pids": {}, "threads": {}, "wakes": {}})
             if parts[1] == "clock":
                 s["clock"] = float(parts[2])
             elif parts[1] == "cpu":
                 s["busy"] = guest_busy_ticks(parts[2])
+            elif parts[1] == "wakes":
+                name, _, n = parts[2].partition(" ")
+                if n.strip().isdigit():
+                    s["wakes"][name] = s["wakes"].get(name, 0) + int(n)
+            elif parts[1] == "thread":
+                name, _, rest = parts[2].partition(" ")
+                ticks = cpu_ticks(rest)
+                if ticks is not None:  # threads of one name (the gRPC workers) are summed
+                    s["threads"][name] = s["threads"].get(name, 0) + ticks
             else:
                 role, _, rest = parts[2].partition(" ")
                 s["pids"][role] = cpu_ticks(rest)
@@ -299,6 +329,10 @@ class Bench:
                 raise bed.BedError(f"the monitor's {role} (pid {pids[role]}) exited during {workload}")
             res["cpu_ms"][role] = (c - a) * 1000 / CLK_TCK
             res["cpu_ms_during"][role] = (b - a) * 1000 / CLK_TCK
+        # The daemon's CPU over the whole window per thread name (raw, idle not subtracted).
+        res["daemon_threads_ms"] = {n: (t - s["S0"]["threads"].get(n, 0)) * 1000 / CLK_TCK
+                                    for n, t in s["S2"]["threads"].items()}
+        res["daemon_thread_wakes"] = {n: t - s["S0"]["wakes"].get(n, 0) for n, t in s["S2"]["wakes"].items()}
         if res["units"] != self.p.expected_units(workload):
             raise bed.BedError(f"benchtool {workload}: {res['units']} of {self.p.expected_units(workload)} units "
                                "got through")
@@ -319,14 +353,17 @@ class Bench:
         rec: dict = {"monitor": monitor, "pids": pids, "workloads": {}, "start_s": time.monotonic() - t0}
         time.sleep(STARTUP_QUIET_S)
         for w in self.p.workloads:
-            before = self.status() if monitor.startswith("sockscope") else {}
+            before = self.status() if is_sockscope(monitor) else {}
             res = self.run_workload(w, pids)
-            if monitor.startswith("sockscope"):
+            if is_sockscope(monitor):
                 after = self.status()
                 res["tracked_sockets"] = int(field(after, "tracked_sockets", 0))
                 res["tracked_flows"] = int(field(after, "tracked_flows", 0))
                 res["delivered"] = (sum(int(x.get("delivered", 0)) for x in after.get("subscribers", []))
                                     - sum(int(x.get("delivered", 0)) for x in before.get("subscribers", [])))
+                # StreamFlows responses that carried them (several flows each when packed).
+                res["responses"] = (sum(int(x.get("responses", 0)) for x in after.get("subscribers", []))
+                                    - sum(int(x.get("responses", 0)) for x in before.get("subscribers", [])))
                 res["subscriber_drops"] = sum(int(x.get("drops", 0)) for x in after.get("subscribers", []))
                 res["ring_samples"] = (sum(int(x.get("samples", 0)) for x in after.get("cpus", []))
                                        - sum(int(x.get("samples", 0)) for x in before.get("cpus", [])))
@@ -335,7 +372,7 @@ class Bench:
         rec["peak_rss_kib"] = self.peak_rss_kib(pids)
         if monitor == "softflowd":
             rec["softflowd_statistics"] = self.softflowd_stats()
-        if monitor.startswith("sockscope"):
+        if is_sockscope(monitor):
             st = self.status()
             rec["status"] = {k: field(st, k) for k in ("tracked_sockets", "tracked_flows", "tracked_processes",
                                                         "kretprobe_misses", "decode_errors", "cpus")}
@@ -358,6 +395,12 @@ def params_of(res: dict) -> Params:
     # Results of runs before the counters monitor existed measured these.
     kw["monitors"] = tuple(kw.get("monitors", ("none", "sockscope-tcp", "sockscope-unix", "softflowd")))
     return Params(**kw)
+
+
+def per_thread(rounds: list[dict], m: str, w: str, key: str, factor: float) -> dict[str, float]:
+    """Median over rounds of a per-thread figure of the daemon, per reporting unit."""
+    runs = [rnd["slots"][m]["workloads"][w].get(key, {}) for rnd in rounds]
+    return {n: median([r.get(n, 0) * factor for r in runs]) for n in sorted({n for r in runs for n in r})}
 
 
 def summarize(rounds: list[dict], p: Params) -> dict:
@@ -391,17 +434,21 @@ def summarize(rounds: list[dict], p: Params) -> dict:
                 raw.append(sum(res["cpu_ms"].values()) * factor)
                 for role, v in slot.get("peak_rss_kib", {}).items():
                     rss.setdefault(role, []).append(v)
-            sock = m.startswith("sockscope")
+            sock = is_sockscope(m)
             out[w][m] = {
                 "wall_ratio": median(ratios), "wall_ratio_range": [min(ratios), max(ratios)], "wall_ms": median(walls), "workload_cpu_ratio": median(work_cpu),
                 "monitor_cpu_ms_per_unit": median(net) if roles else None,
                 "monitor_cpu_ms_per_unit_raw": median(raw) if roles else None,
                 "per_role_ms_per_unit": {r: median(v) for r, v in roles.items()},
+                "daemon_threads_ms_per_unit": per_thread(rounds, m, w, "daemon_threads_ms", factor),
+                "daemon_thread_wakes_per_unit": per_thread(rounds, m, w, "daemon_thread_wakes", factor),
                 "idle_ms_per_s": {r: median([rnd["slots"][m]["idle_ms_per_s"][r] for rnd in rounds]) for r in roles},
                 "peak_rss_kib": {r: max(v) for r, v in rss.items()},
                 "tracked_sockets_at_end": median([rnd["slots"][m]["workloads"][w].get("tracked_sockets_at_end", 0)
                                                   for rnd in rounds]) if sock else None,
                 "delivered": median([rnd["slots"][m]["workloads"][w].get("delivered", 0)
+                                     for rnd in rounds]) if sock else None,
+                "responses": median([rnd["slots"][m]["workloads"][w].get("responses", 0)
                                      for rnd in rounds]) if sock else None,
             }
     return out
@@ -434,6 +481,13 @@ def table(suite: str, release: str, summary: dict, p: Params) -> str:
                 f"{_fmt(roles.get('subscriber'), '.0f'):>7}", f"{_fmt(idle, '.1f'):>9}",
                 f"{_fmt(rss and rss / 1024, '.1f', ' MiB'):>9}",
                 f"{_fmt(e['tracked_sockets_at_end'], '.0f'):>7}", f"{_fmt(e['delivered'], '.0f'):>7}"]))
+            threads = e.get("daemon_threads_ms_per_unit") or {}
+            wakes = e.get("daemon_thread_wakes_per_unit") or {}
+            if threads:
+                rows.append(f"{'':<20} {'':<15} daemon threads, raw ms (wakes) per {s['unit']}: "
+                            + ", ".join(f"{n} {v:.0f} ({wakes.get(n, 0):.0f})"
+                                        for n, v in sorted(threads.items(), key=lambda x: -x[1]))
+                            + f"; records in {_fmt(e.get('responses'), '.0f')} responses")
     return "\n".join(rows)
 
 
@@ -514,7 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help=f"comma-separated subset of {','.join(WORKLOADS)}")
     ap.add_argument("--monitors", default=",".join(MONITORS),
-                    help=f"comma-separated subset of {','.join(MONITORS)} (none is always measured)")
+                    help=f"comma-separated subset of {','.join(MONITORS)} (none is always measured), "
+                    f"and with --baseline of {','.join(BASELINE_MONITORS)}")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="BINARY",
+                    help="another sockscope build, measured as the baseline-* monitors in the same boot")
     ap.add_argument("--out", type=Path, default=None, help="JSON output (default target/vm-bed/bench-overhead.json)")
     ap.add_argument("--report", action="store_true",
                     help="boot nothing: print the tables of the JSON output again (with --markdown: one Markdown table)")
@@ -548,14 +605,19 @@ def main(argv: list[str] | None = None) -> int:
     workloads = tuple(w for w in WORKLOADS if w in a.workloads.split(","))
     if not workloads or set(a.workloads.split(",")) - set(WORKLOADS):
         ap.error(f"--workloads: a comma-separated subset of {','.join(WORKLOADS)}")
-    monitors = tuple(m for m in MONITORS if m == "none" or m in a.monitors.split(","))
-    if set(a.monitors.split(",")) - set(MONITORS):
-        ap.error(f"--monitors: a comma-separated subset of {','.join(MONITORS)}")
+    known = MONITORS + (BASELINE_MONITORS if a.baseline else ())
+    monitors = tuple(m for m in known if m == "none" or m in a.monitors.split(","))
+    if set(a.monitors.split(",")) - set(known):
+        ap.error(f"--monitors: a comma-separated subset of {','.join(known)}")
+    if a.baseline and not a.baseline.is_file():
+        ap.error(f"--baseline {a.baseline}: no such file")
     p = Params(a.rounds, a.churn, a.bulk_mib, a.udp, a.udp_size, a.settle, workloads, monitors)
     if bed.daemon_binary() is None:
         print("no daemon binary: cargo build --release (or set SOCKSCOPE_BIN)", file=sys.stderr)
         return 2
     files = guest_files()
+    if a.baseline:
+        files[GUEST_BASELINE] = a.baseline.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {}
     failed = 0
