@@ -25,9 +25,8 @@ use crate::model::{Accounting, Event, KernelTime, Loss, LossSource, Output};
 use crate::ring::clock::{PerfClock, SysClockSource, WallClock};
 use crate::sys;
 
-/// How long the engine waits for a batch before running its timers.
-const ENGINE_WAIT: Duration = Duration::from_millis(100);
-/// How often the engine runs expiry and interim updates.
+/// How often the engine runs expiry and interim updates; between ticks it
+/// sleeps until a batch comes or the next tick is due.
 const TICK_PERIOD: Duration = Duration::from_millis(200);
 
 /// Everything the engine thread owns.
@@ -118,7 +117,7 @@ impl EngineStage {
             if panic_due == Some(true) {
                 panic!("fault injection: engine thread panic ({FAULT_PANIC_AFTER_VAR})");
             }
-            let received = event_rx.recv_timeout(ENGINE_WAIT);
+            let received = event_rx.recv_timeout(TICK_PERIOD.saturating_sub(last_tick.elapsed()));
             drain_dns(&mut engine, &mut dns_rx);
             match received {
                 Ok(batch) => engine.handle_batch(&batch, &mut out),

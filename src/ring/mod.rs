@@ -18,7 +18,14 @@
 //!
 //! The kernel wakes the reader once a quarter of a ring is filled
 //! (`watermark`), not per sample; [`Rings::read`] also returns after its
-//! timeout so latency stays bounded when traffic is low.
+//! timeout so latency stays bounded when traffic is low. A read always
+//! waits for one of the two, even when the rings already hold samples:
+//! at a trickle of samples, draining as soon as anything is there would
+//! wake the reader (and the engine it hands batches to) once per sample or
+//! two, which is most of what a monitor of short connections would spend.
+//! The timeout is therefore the batching period: samples wait at most that
+//! long (plus [`REORDER_SLACK`]), and a ring filling faster wakes the
+//! reader at its watermark, so nothing is lost to the wait.
 //!
 //! # Ordering across CPUs
 //! A sample can be released once no sample with an earlier timestamp can
@@ -468,24 +475,16 @@ impl<S: Sys> Rings<S> {
         }
     }
 
-    /// Waits up to `timeout` (shortened to [`REORDER_SLACK`] while samples
-    /// are queued) for a wakeup, drains every ring and hands `emit` the
-    /// losses and all samples that can be released in order. Returns the
-    /// number of items emitted.
+    /// Waits up to `timeout` for a ring to reach its wakeup watermark (the
+    /// batching period, see the module docs), drains every ring and hands
+    /// `emit` the losses and all samples that can be released in order.
+    /// Returns the number of items emitted.
     pub fn read(
         &mut self,
         timeout: Duration,
         emit: &mut impl FnMut(RingItem<'_>),
     ) -> Result<u64, RingError> {
-        let has_data = self.rings.iter().any(|r| r.map.load_head() != r.tail);
-        if !has_data {
-            let wait = if self.merger.pending() > 0 {
-                timeout.min(REORDER_SLACK)
-            } else {
-                timeout
-            };
-            self.sys.poll(&mut self.pollfds, wait)?;
-        }
+        self.sys.poll(&mut self.pollfds, timeout)?;
         self.drain(emit)
     }
 
