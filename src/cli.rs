@@ -648,8 +648,14 @@ pub fn status_text(s: &proto::GetStatusResponse) -> String {
     t += &format!("subscribers:     {}\n", s.subscribers.len());
     for sub in &s.subscribers {
         t += &format!(
-            "  #{} {}: queue {}/{}, delivered {}, drops {}\n",
-            sub.id, sub.peer, sub.queue_depth, sub.queue_capacity, sub.delivered, sub.drops
+            "  #{} {}: queue {}/{}, delivered {} in {} responses, drops {}\n",
+            sub.id,
+            sub.peer,
+            sub.queue_depth,
+            sub.queue_capacity,
+            sub.delivered,
+            sub.responses,
+            sub.drops
         );
         if let Some(k) = &sub.sink {
             t += &format!(

@@ -875,6 +875,64 @@ async fn receive(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_the_responses_each_stream_produced() {
+    const FLOWS: u64 = 600;
+    const BURST: u64 = 100;
+    let TestServer {
+        tcp,
+        tx,
+        _stop,
+        _dir,
+        ..
+    } = start_with(|_| {}).await;
+    let ch = client::connect(&ServerAddr::Tcp(tcp.to_string()))
+        .await
+        .expect("connect");
+    let mut c = client::flow_client(ch.clone());
+    let mut st = c
+        .stream_flows(proto::StreamFlowsRequest {
+            follow: true,
+            max_flows_per_response: client::FLOWS_PER_RESPONSE,
+            ..Default::default()
+        })
+        .await
+        .expect("follow")
+        .into_inner();
+    wait_subscribers(&ch, 1).await;
+    for id in 1..=FLOWS {
+        assert!(tx.send(record(Rec {
+            id,
+            ..Rec::default()
+        })));
+        if id % BURST == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let (mut flows, mut envelopes) = (0u64, 0u64);
+    while flows < FLOWS {
+        let r = tokio::time::timeout(WAIT, st.next())
+            .await
+            .expect("timed out")
+            .expect("stream ended")
+            .expect("stream error");
+        envelopes += 1;
+        flows += r.flows.len() as u64 + u64::from(matches!(r.event, Some(Event::Flow(_))));
+    }
+    assert_eq!(flows, FLOWS);
+    let status = c
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    let sub = &status.subscribers[0];
+    assert_eq!(sub.delivered, FLOWS, "{sub:?}");
+    assert_eq!(
+        sub.responses, envelopes,
+        "the stream's responses as the client counted them: {sub:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_offered_flow_is_delivered_or_told() {
     const FLOWS: u64 = 4000;
     const BURST: u64 = 100;

@@ -105,6 +105,8 @@ pub struct SubscriberInfo {
     pub drops: u64,
     /// Records delivered to its queue.
     pub delivered: u64,
+    /// Responses its stream produced.
+    pub responses: u64,
     /// A sink's own counters; `None` for gRPC streams.
     pub sink: Option<SinkInfo>,
 }
@@ -186,6 +188,7 @@ pub fn to_proto(
                 queue_capacity: s.queue_capacity,
                 drops: s.drops,
                 delivered: s.delivered,
+                responses: s.responses,
                 sink: s.sink.as_ref().map(|k| proto::SinkStatus {
                     kind: k.kind.clone(),
                     connected: k.connected,

@@ -283,6 +283,8 @@ struct Sub {
     queue_loss: Option<CoalescedLoss>,
     drops: u64,
     delivered: u64,
+    /// Responses its stream produced (counted by the stream).
+    responses: Arc<AtomicU64>,
     pending: HashMap<LossKey, CoalescedLoss>,
     last_sent: HashMap<LossKey, Instant>,
     period_offered: u64,
@@ -293,6 +295,13 @@ struct Sub {
 }
 
 impl Sub {
+    /// Whether this subscriber takes `rec` (updates, end bound, filters).
+    fn takes(&self, rec: &crate::model::FlowRecord) -> bool {
+        (rec.is_final || self.include_updates)
+            && self.until.is_none_or(|u| rec.end <= u)
+            && self.filters.matches(rec)
+    }
+
     fn add_loss(&mut self, key: LossKey, count: u64, first: SystemTime, last: SystemTime) {
         merge_loss(&mut self.pending, key, CoalescedLoss { count, first, last });
     }
@@ -382,20 +391,23 @@ impl Owner {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pipeline_open = true;
         let mut commands_open = true;
+        let mut burst: Vec<Output> = Vec::with_capacity(PIPELINE_BATCH + 1);
+        let mut encoded: Vec<Option<Arc<EncodedFlow>>> = Vec::with_capacity(PIPELINE_BATCH + 1);
         // Runs while the pipeline feeds subscribers or handles can still
         // subscribe.
         while pipeline_open || commands_open {
             tokio::select! {
                 out = pipeline.rx.recv(), if pipeline_open => match out {
                     Some(out) => {
-                        self.handle_output(out);
-                        // Drain what is already queued without re-entering select.
-                        for _ in 0..PIPELINE_BATCH {
+                        // Take what is already queued too, without re-entering select.
+                        burst.push(out);
+                        while burst.len() <= PIPELINE_BATCH {
                             match pipeline.rx.try_recv() {
-                                Ok(out) => self.handle_output(out),
+                                Ok(out) => burst.push(out),
                                 Err(_) => break,
                             }
                         }
+                        self.handle_burst(&mut burst, &mut encoded);
                     }
                     None => {
                         pipeline_open = false;
@@ -422,11 +434,42 @@ impl Owner {
         }
     }
 
-    fn handle_output(&mut self, out: Output) {
+    /// Handles what the pipeline had queued at once. Every flow of the
+    /// burst is encoded first and offered after, so the offers to one
+    /// subscriber's queue follow each other closely: its stream, woken by
+    /// the first, finds the others queued and packs them into one response,
+    /// instead of sending a response per flow while the hub encodes the
+    /// next one.
+    fn handle_burst(
+        &mut self,
+        burst: &mut Vec<Output>,
+        encoded: &mut Vec<Option<Arc<EncodedFlow>>>,
+    ) {
+        encoded.clear();
+        let host = &self.opts.host_name;
+        encoded.extend(burst.iter().map(|out| match out {
+            Output::Flow(rec) if self.wanted(rec) => {
+                Some(Arc::new(EncodedFlow::new(rec.clone(), host)))
+            }
+            _ => None,
+        }));
+        for (out, enc) in burst.drain(..).zip(encoded.drain(..)) {
+            self.handle_output(out, enc);
+        }
+    }
+
+    /// Whether a subscriber or the history takes `rec`.
+    fn wanted(&self, rec: &crate::model::FlowRecord) -> bool {
+        (rec.is_final && self.opts.history_size > 0) || self.subs.iter().any(|s| s.takes(rec))
+    }
+
+    /// Offers one output; `encoded` is the flow's encoding when the burst
+    /// made it already.
+    fn handle_output(&mut self, out: Output, encoded: Option<Arc<EncodedFlow>>) {
         match out {
             Output::Flow(rec) => {
                 self.flows_received += 1;
-                let mut encoded: Option<Arc<EncodedFlow>> = None;
+                let mut encoded = encoded;
                 let host = &self.opts.host_name;
                 let mut get = |rec: &Arc<crate::model::FlowRecord>| {
                     encoded
@@ -434,13 +477,9 @@ impl Owner {
                         .clone()
                 };
                 for s in &mut self.subs {
-                    if (!rec.is_final && !s.include_updates)
-                        || s.until.is_some_and(|u| rec.end > u)
-                        || !s.filters.matches(&rec)
-                    {
-                        continue;
+                    if s.takes(&rec) {
+                        s.offer(get(&rec));
                     }
-                    s.offer(get(&rec));
                 }
                 if rec.is_final && self.opts.history_size > 0 {
                     if self.history.len() >= self.opts.history_size {
@@ -557,6 +596,7 @@ impl Owner {
         }
         let expired = req.until.is_some_and(|u| SystemTime::now() > u);
         let mailbox = Arc::new(LossMailbox::default());
+        let responses = Arc::new(AtomicU64::new(0));
         let (rx, close) = if req.follow && live && !expired {
             let capacity = req.queue_size.unwrap_or(self.opts.queue_size);
             let (tx, rx) = mpsc::channel(capacity.max(1));
@@ -578,6 +618,7 @@ impl Owner {
                 queue_loss: None,
                 drops: 0,
                 delivered: 0,
+                responses: responses.clone(),
                 pending: HashMap::new(),
                 last_sent: HashMap::new(),
                 period_offered: 0,
@@ -602,6 +643,7 @@ impl Owner {
             // shared by all streams would bounce between threads.
             node_name: Arc::from(&*self.node_name),
             sequence: 0,
+            responses,
             done: false,
         }
     }
@@ -620,6 +662,7 @@ impl Owner {
                     queue_capacity: s.tx.max_capacity() as u64,
                     drops: s.drops,
                     delivered: s.delivered,
+                    responses: s.responses.load(Ordering::Relaxed),
                     sink: s.stats.as_ref().map(|k| k.info()),
                 })
                 .collect(),

@@ -34,6 +34,8 @@ pub struct Subscription {
     pub(super) max_flows: usize,
     pub(super) node_name: Arc<str>,
     pub(super) sequence: u64,
+    /// Responses produced, shared with the hub's status.
+    pub(super) responses: Arc<AtomicU64>,
     pub(super) done: bool,
 }
 
@@ -44,6 +46,7 @@ impl Subscription {
         flows: Vec<Arc<EncodedFlow>>,
     ) -> WireResponse {
         self.sequence += 1;
+        self.responses.fetch_add(1, Ordering::Relaxed);
         WireResponse {
             payload,
             flows,

@@ -102,11 +102,16 @@ fn cpu_series(
 type SubscriberField = fn(&SubscriberInfo) -> u64;
 
 /// The per-subscriber gauge families: name, help and the number they show.
-const PER_SUBSCRIBER: [(&str, &str, SubscriberField); 4] = [
+const PER_SUBSCRIBER: [(&str, &str, SubscriberField); 5] = [
     (
         "sockscope_subscriber_delivered",
         "Records delivered to a connected subscriber's queue.",
         |s| s.delivered,
+    ),
+    (
+        "sockscope_subscriber_responses",
+        "StreamFlows responses a connected subscriber's stream produced.",
+        |s| s.responses,
     ),
     (
         "sockscope_subscriber_dropped",
@@ -484,6 +489,7 @@ mod tests {
                     queue_capacity: 64,
                     drops: 10 * id,
                     delivered: 100 * id,
+                    responses: 20 * id,
                     sink: (id == 2).then(|| SinkInfo {
                         kind: "nats".into(),
                         connected: true,
@@ -734,7 +740,7 @@ mod tests {
 
     /// Every family the endpoint has exposed since it exists, with its
     /// type, in order: dashboards and alerts depend on these names.
-    const FAMILIES: [(&str, &str); 33] = [
+    const FAMILIES: [(&str, &str); 34] = [
         ("sockscope_build_info", "gauge"),
         ("sockscope_serving", "gauge"),
         ("sockscope_uptime_seconds", "gauge"),
@@ -755,6 +761,7 @@ mod tests {
         ("sockscope_history_capacity", "gauge"),
         ("sockscope_subscribers", "gauge"),
         ("sockscope_subscriber_delivered", "gauge"),
+        ("sockscope_subscriber_responses", "gauge"),
         ("sockscope_subscriber_dropped", "gauge"),
         ("sockscope_subscriber_queue_depth", "gauge"),
         ("sockscope_subscriber_queue_capacity", "gauge"),
