@@ -23,8 +23,12 @@ use crate::probe;
 
 /// How often the watchdog reads kretprobe misses from tracefs.
 const MISSES_PERIOD: Duration = Duration::from_secs(2);
-/// Worker threads of the gRPC runtime.
-const RUNTIME_WORKERS: usize = 2;
+/// Worker threads of the gRPC runtime. One: the server's work per record
+/// is small next to a thread wake-up, and with a second worker every task
+/// woken from the engine thread also woke an idle worker to steal it
+/// (context switches were most of the runtime's CPU on a churn workload);
+/// encoding is shared by all subscribers, so one core serves many.
+const RUNTIME_WORKERS: usize = 1;
 /// How long each sink may take to deliver the flushed records after the
 /// server stopped.
 const SINK_DRAIN: Duration = Duration::from_secs(5);

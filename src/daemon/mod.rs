@@ -91,6 +91,9 @@ pub fn serve(cfg: Config) -> ExitCode {
     if let Some((thread, after)) = faults.panic {
         tracing::warn!(?thread, ?after, "fault injection: the daemon will panic");
     }
+    if !crate::sys::tune_allocator() {
+        tracing::warn!("the C library refused the allocator settings; keeping its defaults");
+    }
     match run(cfg, faults) {
         Ok(()) => ExitCode::Ok,
         Err(e) => {

@@ -25,6 +25,7 @@
 //! | `mount` | mounting and unmounting tracefs |
 //! | `caps` | effective capabilities |
 //! | `thread` | CPU pinning and thread ids |
+//! | `malloc` | the C allocator's trim and mmap thresholds |
 //! | [`trigger`] | sockets, addresses and credential changes that trigger the offset guesser's probes |
 //! | [`packet`] | AF_PACKET capture sockets |
 //! | `fake` | the in-memory kernel for tests and benchmarks |
@@ -33,6 +34,7 @@ mod caps;
 mod clock;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;
+mod malloc;
 mod mount;
 pub mod packet;
 mod perf;
@@ -50,6 +52,7 @@ pub use caps::{
     CAP_SYS_ADMIN,
 };
 pub use clock::clock_gettime_ns;
+pub use malloc::tune_allocator;
 pub use mount::{mount_fs, umount};
 pub use perf::{PerfEventConfig, RealSys, Sys, Wakeup};
 pub use ring_map::{page_size, RingMap};
