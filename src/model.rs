@@ -363,7 +363,8 @@ pub struct Endpoint {
 pub struct SeqSpace {
     /// Payload bytes the sequence numbers cover, from the first payload
     /// byte (after the SYN when it was seen, else the first byte of the
-    /// first packet seen) to the end of the highest payload seen; the SYN
+    /// first packet seen with payload or a FIN) to the end of the highest
+    /// payload seen; the SYN
     /// and FIN numbers are not payload.
     pub payload_bytes: u64,
     /// Of `payload_bytes`, those no counted packet carried.

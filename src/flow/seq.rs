@@ -44,7 +44,10 @@ pub(super) struct SeqTrack {
     gaps: [(u32, u32); SEQ_GAPS],
     /// A packet with a sequence number was seen.
     seen: bool,
-    /// The first packet seen was this side's SYN.
+    /// `high` is where bytes end: a packet with payload, a SYN or a FIN
+    /// was seen, not only bare ACKs.
+    anchored: bool,
+    /// The packet that anchored `high` was this side's SYN.
     from_syn: bool,
 }
 
@@ -69,16 +72,21 @@ impl SeqTrack {
         // takes the number after the payload, which is no payload.
         let start = s.seq.wrapping_add(u32::from(syn));
         let end = start.wrapping_add(s.payload);
-        if !self.seen {
+        // A bare ACK carries no bytes, and its sequence number need not be
+        // where bytes end: after a FIN it is one past it, a keepalive's is
+        // one before.
+        let bare = s.payload == 0 && flags & (TCP_SYN | TCP_FIN) == 0;
+        if !self.anchored {
             self.seen = true;
-            self.from_syn = syn;
-            self.high = end;
-            self.covered = u64::from(s.payload);
+            if !bare {
+                self.anchored = true;
+                self.from_syn = syn;
+                self.high = end;
+                self.covered = u64::from(s.payload);
+            }
             return;
         }
-        if s.payload == 0 && flags & TCP_FIN == 0 {
-            // A bare ACK carries no bytes, and its sequence number need
-            // not be where bytes end: after a FIN it is one past it.
+        if bare {
             return;
         }
         let ahead = rel(end, self.high);

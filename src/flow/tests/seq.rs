@@ -151,6 +151,21 @@ fn a_missed_start_starts_at_the_first_packet_seen() {
 }
 
 #[test]
+fn an_older_idle_connection_starts_where_its_bytes_do() {
+    // A keepalive (one below the next byte) and bare ACKs come first: the
+    // figures start at the first packet with payload, with no false gap.
+    let s = track(&[
+        (ACK, 99, 0),
+        (ACK, 100, 0),
+        (ACK, 100, 500),
+        (ACK, 600, 500),
+    ]);
+    assert_eq!(s, space(1000, 0, false));
+    // Only bare ACKs: known, nothing covered.
+    assert_eq!(track(&[(ACK, 99, 0), (ACK, 100, 0)]), space(0, 0, false));
+}
+
+#[test]
 fn pure_acks_keepalives_and_resets_change_nothing() {
     let s = track(&[
         (SYN, 0, 0),
