@@ -61,6 +61,7 @@ fn record(i: usize) -> Arc<FlowRecord> {
             packets: 12,
             bytes: 1834,
             domain: None,
+            sequence: None,
         },
         remote: Endpoint {
             ip: "93.184.216.34".parse().expect("ip"),
@@ -68,6 +69,7 @@ fn record(i: usize) -> Arc<FlowRecord> {
             packets: 10,
             bytes: 9120,
             domain: Some("example.com".into()),
+            sequence: None,
         },
         start: now - Duration::from_millis(40),
         end: now,

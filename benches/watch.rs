@@ -28,6 +28,7 @@ fn response() -> proto::StreamFlowsResponse {
             packets: 6,
             bytes: 3312,
             domain: None,
+            sequence: None,
         },
         remote: Endpoint {
             ip: "10.0.0.2".parse().expect("ip"),
@@ -35,6 +36,7 @@ fn response() -> proto::StreamFlowsResponse {
             packets: 4,
             bytes: 1420,
             domain: Some("example.org".into()),
+            sequence: None,
         },
         start: now - Duration::from_millis(3),
         end: now,

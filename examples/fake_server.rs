@@ -56,6 +56,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     packets: 5,
                     bytes: 294,
                     domain: None,
+                    sequence: None,
                 },
                 remote: Endpoint {
                     ip: "151.101.66.217".parse()?,
@@ -63,6 +64,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     packets: 5,
                     bytes: 437,
                     domain: Some("elastic.co".into()),
+                    sequence: None,
                 },
                 start: end - Duration::from_millis(31),
                 end,

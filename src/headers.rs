@@ -193,6 +193,32 @@ pub fn tcp_flags(b: &[u8], offset: usize) -> Option<u8> {
     b.get(offset.checked_add(TCP_FLAGS_AT)?).copied()
 }
 
+/// Offset of the sequence number in a TCP header.
+const TCP_SEQ_AT: usize = 4;
+/// Offset of the data offset byte (high nibble) in a TCP header.
+const TCP_DATA_OFFSET_AT: usize = 12;
+/// Bytes per data offset unit.
+const TCP_DATA_OFFSET_UNIT: usize = 4;
+/// Shortest TCP header (data offset 5).
+pub const TCP_MIN_HEADER_LEN: usize = 20;
+
+/// The sequence number of the TCP header at `offset` and where its
+/// payload starts (the offset plus the header length its data offset
+/// gives), when both are present in `b` and the data offset is valid.
+pub fn tcp_seq(b: &[u8], offset: usize) -> Option<(u32, usize)> {
+    let at = offset.checked_add(TCP_SEQ_AT)?;
+    let seq = b.get(at..at.checked_add(4)?)?;
+    let doff = b.get(offset.checked_add(TCP_DATA_OFFSET_AT)?)?;
+    let len = usize::from(doff >> 4) * TCP_DATA_OFFSET_UNIT;
+    if len < TCP_MIN_HEADER_LEN {
+        return None;
+    }
+    Some((
+        u32::from_be_bytes([seq[0], seq[1], seq[2], seq[3]]),
+        offset.checked_add(len)?,
+    ))
+}
+
 /// A UDP header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UdpHeader {

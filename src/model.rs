@@ -127,10 +127,26 @@ pub struct Packet {
     /// The TCP flags byte ([`TCP_SYN`], [`TCP_ACK`], …) when the packet is
     /// TCP and its header was within the fetched bytes.
     pub tcp_flags: Option<u8>,
+    /// The TCP sequence number and payload length, when the packet is TCP
+    /// and its header was within the fetched bytes.
+    pub tcp_seq: Option<TcpSeq>,
 }
 
-/// TCP flag: synchronize (opens a connection).
+/// Where a TCP packet's bytes lie in its sender's sequence space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSeq {
+    /// The header's sequence number (the SYN's own number on a SYN).
+    pub seq: u32,
+    /// Payload bytes: the IP length less the IP and TCP headers.
+    pub payload: u32,
+}
+
+/// TCP flag: no more data from the sender (takes one sequence number).
+pub const TCP_FIN: u8 = 0x01;
+/// TCP flag: synchronize (opens a connection; takes one sequence number).
 pub const TCP_SYN: u8 = 0x02;
+/// TCP flag: reset the connection.
+pub const TCP_RST: u8 = 0x04;
 /// TCP flag: the acknowledgment field is significant.
 pub const TCP_ACK: u8 = 0x10;
 
@@ -332,6 +348,31 @@ pub struct Endpoint {
     pub bytes: u64,
     /// DNS name this endpoint's address was resolved from, if known.
     pub domain: Option<String>,
+    /// What the TCP sequence numbers of this endpoint's counted packets
+    /// show; `None` when not known or not applicable (UDP, socket-counter
+    /// accounting, no TCP packet of this endpoint counted).
+    pub sequence: Option<SeqSpace>,
+}
+
+/// An endpoint's TCP sequence space as its counted packets show it: the
+/// payload bytes from the first sequence number seen to the highest, and
+/// how many of those no counted packet carried (packets sent or received
+/// whose samples were lost). The counted packets and bytes are left as
+/// counted; this says by how much they fall short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SeqSpace {
+    /// Payload bytes the sequence numbers cover, from the first payload
+    /// byte (after the SYN when it was seen, else the first byte of the
+    /// first packet seen with payload or a FIN) to the end of the highest
+    /// payload seen; the SYN
+    /// and FIN numbers are not payload.
+    pub payload_bytes: u64,
+    /// Of `payload_bytes`, those no counted packet carried.
+    pub uncounted_bytes: u64,
+    /// The figures start at this endpoint's SYN; false: at the first
+    /// packet of it seen (a connection older than the daemon, or a lost
+    /// SYN sample).
+    pub from_syn: bool,
 }
 
 /// What is known of the process that owns a flow's socket.

@@ -108,6 +108,7 @@ fn delivered_datagrams_carry_their_socket_and_headers() {
             dst: "10.0.2.15:9181".parse().unwrap(),
             ip_len: 228,
             tcp_flags: None,
+            tcp_seq: None,
         }))
     );
     let v6 = decode(&dec, 0, &udp_in(0xffff_9c39_ffbc_ca80, 100, &V6_HDR));
@@ -121,6 +122,7 @@ fn delivered_datagrams_carry_their_socket_and_headers() {
             dst: "[::1]:9182".parse().unwrap(),
             ip_len: 148,
             tcp_flags: None,
+            tcp_seq: None,
         }))
     );
 }

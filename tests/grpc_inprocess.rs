@@ -127,6 +127,7 @@ fn record(r: Rec) -> Output {
         packets: n,
         bytes: n * 100,
         domain: d.map(str::to_string),
+        sequence: None,
     };
     Output::Flow(Arc::new(FlowRecord {
         id: r.id,

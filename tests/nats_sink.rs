@@ -278,6 +278,7 @@ fn flow(id: u64) -> Output {
         packets: 2,
         bytes: 120,
         domain: None,
+        sequence: None,
     };
     Output::Flow(Arc::new(FlowRecord {
         id,

@@ -33,6 +33,7 @@ fn flow(id: u64, remote_port: u16, name: &str, is_final: bool) -> Output {
         packets: 2,
         bytes: 120,
         domain: None,
+        sequence: None,
     };
     Output::Flow(Arc::new(FlowRecord {
         id,

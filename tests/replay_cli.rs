@@ -106,6 +106,16 @@ fn check_replay(kernel: &str, rec: &Path) {
             "{kernel}: flow {c} -> {s}"
         );
         assert_eq!(doc["flow"]["complete"], true, "{kernel}: {c} -> {s}");
+        // Nothing was lost: each end's sequence numbers, from its SYN,
+        // show no byte that no counted packet carried.
+        for side in ["client", "server"] {
+            let q = &doc[side]["sequence_space"];
+            assert_eq!(
+                (q["uncounted_bytes"].as_u64(), q["from_syn"].as_bool()),
+                (Some(0), Some(true)),
+                "{kernel}: {c} -> {s}: {side} {q}"
+            );
+        }
         let server_side =
             doc["server"]["port"] == SERVER_PORT && doc["network"]["direction"] == "inbound";
         let client_side =

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::headers::IPPROTO_UDP;
 use crate::model::{
-    Creds, Event, EventKind, Packet, PacketDir, RawSample, Task, TcpSockCounters, Transport,
+    Creds, Event, EventKind, Packet, PacketDir, RawSample, Task, TcpSeq, TcpSockCounters, Transport,
 };
 pub use crate::schema::Width;
 pub use crate::schema::{DecoderKind, IpFamily, UDP_DELIVER_WINDOW};
@@ -329,9 +329,17 @@ impl Decoder {
                     // Counted at delivery, where its header is readable.
                     return Ok(None);
                 }
-                let Some((transport, src, dst, tcp_flags)) = parse_ip(h, family, s.event)? else {
+                let Some((transport, src, dst, tcp_flags, seq)) = parse_ip(h, family, s.event)?
+                else {
                     return Ok(None);
                 };
+                // The payload is what the IP length leaves after the
+                // headers; an IP length shorter than them is no sequence
+                // figure.
+                let tcp_seq = seq.and_then(|(seq, payload_at)| {
+                    let payload = ip_len.checked_sub(u32::try_from(payload_at).ok()?)?;
+                    Some(TcpSeq { seq, payload })
+                });
                 EventKind::Packet(Packet {
                     sock,
                     dir,
@@ -340,6 +348,7 @@ impl Decoder {
                     dst,
                     ip_len,
                     tcp_flags,
+                    tcp_seq,
                 })
             }
             Layout::UdpDeliver { sk, len, hdr } => {
@@ -354,6 +363,7 @@ impl Decoder {
                     dst,
                     ip_len,
                     tcp_flags: None,
+                    tcp_seq: None,
                 })
             }
             Layout::TcpClose {

@@ -32,9 +32,16 @@ pub(super) fn canonical(a: Ipv6Addr) -> IpAddr {
     }
 }
 
-/// A packet's transport, both ends and TCP flags (when TCP and fetched), or
-/// None for a protocol not tracked.
-pub(super) type Parsed = Option<(Transport, SocketAddr, SocketAddr, Option<u8>)>;
+/// A packet's transport, both ends, TCP flags and TCP sequence number with
+/// the offset its payload starts at (when TCP and fetched), or None for a
+/// protocol not tracked.
+pub(super) type Parsed = Option<(
+    Transport,
+    SocketAddr,
+    SocketAddr,
+    Option<u8>,
+    Option<(u32, usize)>,
+)>;
 
 fn transport_of(proto: u8) -> Option<Transport> {
     match proto {
@@ -77,15 +84,19 @@ pub(super) fn parse_ip(h: &[u8], family: IpFamily, event: u32) -> Result<Parsed,
         return Err(DecodeError::Fragment { event });
     }
     let (sp, dp) = headers::ports(h, ip.transport_offset).map_err(bad(event))?;
-    let flags = match t {
-        Transport::Tcp => headers::tcp_flags(h, ip.transport_offset),
-        Transport::Udp => None,
+    let (flags, seq) = match t {
+        Transport::Tcp => (
+            headers::tcp_flags(h, ip.transport_offset),
+            headers::tcp_seq(h, ip.transport_offset),
+        ),
+        Transport::Udp => (None, None),
     };
     Ok(Some((
         t,
         SocketAddr::new(ip.src, sp),
         SocketAddr::new(ip.dst, dp),
         flags,
+        seq,
     )))
 }
 

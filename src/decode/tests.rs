@@ -102,15 +102,43 @@ fn tcp_flags_come_from_the_fetched_header() {
     h[9] = 6;
     h[20..24].copy_from_slice(&[0x1f, 0x90, 0xa0, 0x28]);
     h[33] = 0x12;
-    let (t, src, _, flags) = parse_ip(&h, IpFamily::V4, 1).unwrap().unwrap();
+    let (t, src, _, flags, _) = parse_ip(&h, IpFamily::V4, 1).unwrap().unwrap();
     assert_eq!((t, src.port(), flags), (Transport::Tcp, 8080, Some(0x12)));
     h[0] = 0x4f;
     h[60..64].copy_from_slice(&[0x1f, 0x90, 0xa0, 0x28]);
-    let (_, _, _, flags) = parse_ip(&h, IpFamily::V4, 1).unwrap().unwrap();
-    assert_eq!(flags, None);
+    let (_, _, _, flags, seq) = parse_ip(&h, IpFamily::V4, 1).unwrap().unwrap();
+    assert_eq!((flags, seq), (None, None));
     // UDP carries none.
     h[0] = 0x45;
     h[9] = 17;
-    let (_, _, _, flags) = parse_ip(&h, IpFamily::V4, 1).unwrap().unwrap();
-    assert_eq!(flags, None);
+    let (_, _, _, flags, seq) = parse_ip(&h, IpFamily::V4, 1).unwrap().unwrap();
+    assert_eq!((flags, seq), (None, None));
+}
+
+#[test]
+fn tcp_sequence_numbers_come_from_the_fetched_header() {
+    use super::sample::parse_ip;
+    // IPv4 (IHL 5) + TCP header, seq 0xfffffff0, data offset 8 (32 bytes
+    // with options): the payload starts at 52.
+    let mut h = vec![0u8; 64];
+    h[0] = 0x45;
+    h[9] = 6;
+    h[20..24].copy_from_slice(&[0x1f, 0x90, 0xa0, 0x28]);
+    h[24..28].copy_from_slice(&0xffff_fff0u32.to_be_bytes());
+    h[32] = 0x80;
+    let (_, _, _, _, seq) = parse_ip(&h, IpFamily::V4, 1).unwrap().unwrap();
+    assert_eq!(seq, Some((0xffff_fff0, 52)));
+    // A data offset below 5 is no TCP header.
+    h[32] = 0x40;
+    let (_, _, _, _, seq) = parse_ip(&h, IpFamily::V4, 1).unwrap().unwrap();
+    assert_eq!(seq, None);
+    // IPv6 + TCP: the data offset byte at 40 + 12 is within 64 bytes.
+    let mut h = vec![0u8; 64];
+    h[0] = 0x60;
+    h[6] = 6;
+    h[40..44].copy_from_slice(&[0x1f, 0x90, 0xa0, 0x28]);
+    h[44..48].copy_from_slice(&7u32.to_be_bytes());
+    h[52] = 0x50;
+    let (_, _, _, _, seq) = parse_ip(&h, IpFamily::V6, 1).unwrap().unwrap();
+    assert_eq!(seq, Some((7, 60)));
 }

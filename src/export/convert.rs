@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::export::proto;
 use crate::model::{
     Accounting, Creds, Endpoint, FlowDirection, FlowRecord, Loss, LossSource, ProcessInfo,
-    Transport,
+    SeqSpace, Transport,
 };
 
 /// Which endpoint of a flow initiated it: `true` when the local end is the
@@ -153,6 +153,11 @@ fn endpoint(e: &Endpoint) -> proto::FlowEndpoint {
         packets: e.packets,
         bytes: e.bytes,
         domain: e.domain.clone().unwrap_or_default(),
+        sequence_space: e.sequence.map(|q| proto::SequenceSpace {
+            payload_bytes: q.payload_bytes,
+            uncounted_bytes: q.uncounted_bytes,
+            from_syn: q.from_syn,
+        }),
     }
 }
 
@@ -281,6 +286,11 @@ fn endpoint_back(
         packets: e.packets,
         bytes: e.bytes,
         domain: (!e.domain.is_empty()).then(|| e.domain.clone()),
+        sequence: e.sequence_space.as_ref().map(|q| SeqSpace {
+            payload_bytes: q.payload_bytes,
+            uncounted_bytes: q.uncounted_bytes,
+            from_syn: q.from_syn,
+        }),
     })
 }
 

@@ -37,6 +37,18 @@ fn endpoint(e: &Endpoint) -> Value {
     if let Some(d) = &e.domain {
         m.insert("domain".into(), json!(d));
     }
+    // Not ECS: what the endpoint's TCP sequence numbers show, absent when
+    // unknown or not applicable.
+    if let Some(q) = &e.sequence {
+        m.insert(
+            "sequence_space".into(),
+            json!({
+                "payload_bytes": q.payload_bytes,
+                "uncounted_bytes": q.uncounted_bytes,
+                "from_syn": q.from_syn,
+            }),
+        );
+    }
     Value::Object(m)
 }
 
@@ -189,6 +201,7 @@ mod tests {
                 packets: 5,
                 bytes: 294,
                 domain: None,
+                sequence: None,
             },
             remote: Endpoint {
                 ip: "151.101.66.217".parse().expect("ip"),
@@ -196,6 +209,11 @@ mod tests {
                 packets: 5,
                 bytes: 437,
                 domain: Some("elastic.co".into()),
+                sequence: Some(crate::model::SeqSpace {
+                    payload_bytes: 1200,
+                    uncounted_bytes: 100,
+                    from_syn: true,
+                }),
             },
             start,
             end: start + Duration::from_nanos(30_728_600),
@@ -235,6 +253,14 @@ mod tests {
         assert_eq!(d["client"], d["source"]);
         assert_eq!(d["destination"]["ip"], "151.101.66.217");
         assert_eq!(d["destination"]["domain"], "elastic.co");
+        assert_eq!(
+            d["destination"]["sequence_space"],
+            serde_json::json!({"payload_bytes": 1200, "uncounted_bytes": 100, "from_syn": true})
+        );
+        assert!(
+            d["source"].get("sequence_space").is_none(),
+            "absent when unknown"
+        );
         assert_eq!(d["server"], d["destination"]);
         assert_eq!(d["network"]["packets"], 10);
         assert_eq!(d["network"]["bytes"], 731);

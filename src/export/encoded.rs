@@ -167,6 +167,7 @@ mod tests {
                 packets: 5,
                 bytes: 294,
                 domain: None,
+                sequence: None,
             },
             remote: Endpoint {
                 ip: "151.101.66.217".parse().expect("ip"),
@@ -174,6 +175,7 @@ mod tests {
                 packets: 5,
                 bytes: 437,
                 domain: Some("elastic.co".into()),
+                sequence: None,
             },
             start: t,
             end: t + Duration::from_millis(31),

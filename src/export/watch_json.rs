@@ -172,6 +172,14 @@ fn endpoint(o: &mut Obj<'_>, name: &str, e: Option<&FlowEndpoint>) {
     x.u64("packets", e.packets);
     x.u64("bytes", e.bytes);
     x.str("domain", &e.domain);
+    if let Some(q) = e.sequence_space.as_ref() {
+        x.key("sequenceSpace");
+        let mut y = Obj::new(x.out);
+        y.u64("payloadBytes", q.payload_bytes);
+        y.u64("uncountedBytes", q.uncounted_bytes);
+        y.bool("fromSyn", q.from_syn);
+        y.end();
+    }
     x.end();
 }
 
@@ -321,6 +329,7 @@ pub fn response_line(r: &StreamFlowsResponse, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use crate::export::client::proto_json;
+    use crate::export::proto::SequenceSpace;
 
     const NAME: &str = "sockscope.v1.StreamFlowsResponse";
 
@@ -369,6 +378,11 @@ mod tests {
                 packets: self.big(),
                 bytes: self.big(),
                 domain: self.text(),
+                sequence_space: self.some().then(|| SequenceSpace {
+                    payload_bytes: self.big(),
+                    uncounted_bytes: self.big(),
+                    from_syn: self.some(),
+                }),
             })
         }
         fn flow(&mut self) -> Flow {

@@ -136,6 +136,7 @@ mod keys;
 mod naming;
 mod preexisting;
 mod records;
+mod seq;
 mod slab;
 mod table;
 mod tcp;

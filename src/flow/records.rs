@@ -14,7 +14,8 @@ use super::table::Flow;
 use super::{Clock, Engine};
 use crate::enrich::community_id::community_id;
 use crate::model::{
-    Endpoint, FlowDirection, FlowRecord, KernelTime, Loss, LossSource, Output, SockAddr, Transport,
+    Accounting, Endpoint, FlowDirection, FlowRecord, KernelTime, Loss, LossSource, Output,
+    SockAddr, Transport,
 };
 
 /// Evictions of one table not reported yet: how many, and when the first
@@ -164,6 +165,9 @@ impl<C: Clock> Engine<C> {
             return None;
         }
         let (lip, rip) = (fl.local.ip_addr(), fl.remote.ip_addr());
+        // Sequence figures exist where packets were counted; with the
+        // socket's own counters there are none to compare.
+        let seq = fl.transport == Transport::Tcp && fl.accounting == Accounting::Packets;
         Some(FlowRecord {
             id: fl.id,
             is_final,
@@ -176,6 +180,7 @@ impl<C: Clock> Engine<C> {
                 packets: fl.out_packets,
                 bytes: fl.out_bytes,
                 domain: None,
+                sequence: fl.seq_out.space().filter(|_| seq),
             },
             remote: Endpoint {
                 ip: rip,
@@ -183,6 +188,7 @@ impl<C: Clock> Engine<C> {
                 packets: fl.in_packets,
                 bytes: fl.in_bytes,
                 domain: fl.domain.as_deref().map(str::to_string),
+                sequence: fl.seq_in.space().filter(|_| seq),
             },
             start: self.clock.wall(fl.first),
             end: self.clock.wall(fl.last),

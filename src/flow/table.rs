@@ -18,10 +18,11 @@ use std::sync::Arc;
 
 use super::expiry::{HEAP_SLACK_FACTOR, HEAP_SLACK_MIN};
 use super::keys::{Ep, Tuple};
+use super::seq::SeqTrack;
 use super::slab::NIL;
 use super::{Clock, Engine};
 use crate::model::{
-    Accounting, FlowDirection, KernelTime, Output, PacketDir, ProcessInfo, SockAddr, Task,
+    Accounting, FlowDirection, KernelTime, Output, Packet, PacketDir, ProcessInfo, SockAddr, Task,
     Transport,
 };
 
@@ -52,6 +53,10 @@ pub(super) struct Flow {
     pub(super) reported_packets: u64,
     /// How the counters were obtained.
     pub(super) accounting: Accounting,
+    /// TCP sequence space of what the local end sent.
+    pub(super) seq_out: SeqTrack,
+    /// TCP sequence space of what the remote end sent.
+    pub(super) seq_in: SeqTrack,
     prev: u32,
     pub(super) next: u32,
 }
@@ -70,6 +75,18 @@ impl Flow {
         }
         if t > self.last {
             self.last = t;
+        }
+    }
+
+    /// Counts a TCP packet, and its sequence numbers when it has them.
+    #[inline]
+    pub(super) fn count_tcp(&mut self, p: &Packet, t: KernelTime) {
+        self.count(p.dir, p.ip_len, t);
+        if let Some(s) = p.tcp_seq {
+            match p.dir {
+                PacketDir::Egress => self.seq_out.add(p.tcp_flags, s),
+                PacketDir::Ingress => self.seq_in.add(p.tcp_flags, s),
+            }
         }
     }
 
@@ -215,6 +232,8 @@ impl<C: Clock> Engine<C> {
             } else {
                 Accounting::Packets
             },
+            seq_out: SeqTrack::default(),
+            seq_in: SeqTrack::default(),
             prev: NIL,
             next: head,
         });

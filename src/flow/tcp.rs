@@ -21,6 +21,7 @@
 use std::cmp::Reverse;
 
 use super::keys::{Tuple, TupleRef};
+use super::seq::SeqTrack;
 use super::slab::NIL;
 use super::table::NewFlow;
 use super::{Clock, Engine};
@@ -79,6 +80,10 @@ pub(super) struct Embryo {
     pub(super) last: KernelTime,
     pub(super) hint: Option<SockAddr>,
     pub(super) opening: Opening,
+    /// Sequence space of the local end's packets.
+    pub(super) seq_out: SeqTrack,
+    /// Sequence space of the remote end's packets.
+    pub(super) seq_in: SeqTrack,
 }
 
 impl<C: Clock> Engine<C> {
@@ -204,7 +209,7 @@ impl<C: Clock> Engine<C> {
                     .get_mut(f)
                     .filter(|fl| fl.local == tuple.local && fl.remote == tuple.remote)
                 {
-                    fl.count(p.dir, p.ip_len, t);
+                    fl.count_tcp(p, t);
                     return;
                 }
             }
@@ -231,7 +236,7 @@ impl<C: Clock> Engine<C> {
                 f
             };
             if let Some(f) = self.flows.get_mut(flow) {
-                f.count(p.dir, p.ip_len, t);
+                f.count_tcp(p, t);
             }
             return;
         }
@@ -261,7 +266,7 @@ impl<C: Clock> Engine<C> {
                         self.bind_tuple(t, s, tuple, FlowDirection::Unknown, false, out)
                     {
                         if let Some(f) = self.flows.get_mut(f) {
-                            f.count(p.dir, p.ip_len, t);
+                            f.count_tcp(p, t);
                         }
                     }
                     return;
@@ -309,6 +314,8 @@ impl<C: Clock> Engine<C> {
                     last: t,
                     hint: None,
                     opening: Opening::Unseen,
+                    seq_out: SeqTrack::default(),
+                    seq_in: SeqTrack::default(),
                 });
                 self.embryo_index.insert(tuple, e);
                 self.embryo_due
@@ -317,15 +324,20 @@ impl<C: Clock> Engine<C> {
             }
         };
         if let Some(em) = self.embryos.get_mut(e) {
-            match p.dir {
+            let seq = match p.dir {
                 PacketDir::Egress => {
                     em.out_packets += 1;
                     em.out_bytes += u64::from(p.ip_len);
+                    &mut em.seq_out
                 }
                 PacketDir::Ingress => {
                     em.in_packets += 1;
                     em.in_bytes += u64::from(p.ip_len);
+                    &mut em.seq_in
                 }
+            };
+            if let Some(s) = p.tcp_seq {
+                seq.add(p.tcp_flags, s);
             }
             em.last = em.last.max(t);
             em.opening = em.opening.with(p);
@@ -374,6 +386,14 @@ impl<C: Clock> Engine<C> {
                 fl.out_bytes += em.out_bytes;
                 fl.in_packets += em.in_packets;
                 fl.in_bytes += em.in_bytes;
+                // The embryo's packets came first: a new flow has seen
+                // no sequence number of its own yet.
+                if fl.seq_out.space().is_none() {
+                    fl.seq_out = em.seq_out;
+                }
+                if fl.seq_in.space().is_none() {
+                    fl.seq_in = em.seq_in;
+                }
                 fl.first = fl.first.min(em.first);
                 fl.last = fl.last.max(em.last);
                 self.stats.embryonic_claimed += 1;

@@ -380,10 +380,20 @@ class Scenario:
         assert self.misses is not None and not self.result["judged"], "records expected outside the scenario"
         self.expected.append((list(records), proto, want))
 
-    def _sizes(self, proto: str, src: tuple[str, int], dst: tuple[str, int], sent: bool) -> list[int]:
+    def _side(self, proto: str, src: tuple[str, int], dst: tuple[str, int], sent: bool) -> list:
         src, dst = oracle._norm(src), oracle._norm(dst)
-        return [p.ip_len for p in self.capture.packets
+        return [p for p in self.capture.packets
                 if p.proto == proto and p.src == src and p.dst == dst and (p.loopback or p.outgoing == sent)]
+
+    def _sizes(self, proto: str, src: tuple[str, int], dst: tuple[str, int], sent: bool) -> list[int]:
+        return [p.ip_len for p in self._side(proto, src, dst, sent)]
+
+    def _sequence_problems(self, f, side: str, short_packets: int, short_bytes: int,
+                           src: tuple[str, int], dst: tuple[str, int]) -> list[str]:
+        """The side's sequence-space figures against the capture (see :func:`sequence_problems`)."""
+        ep = getattr(f, side)
+        return sequence_problems(f, ep, side, self._side("tcp", src, dst, sent=(side == "local")),
+                                 short_packets, short_bytes)
 
     def verdict(self, stream: "FlowStream | None" = None) -> dict:
         """Judge every expected record once; fails listing the problems (with ``stream``'s
@@ -411,6 +421,8 @@ class Scenario:
                     ("remote", f.remote.packets, f.remote.bytes, truth.remote,
                      (f.remote.ip, f.remote.port), (f.local.ip, f.local.port))):
                 dp, db = want_c.packets - got_p, want_c.bytes - got_b
+                if proto == "tcp" and dp >= 0 and db >= 0:
+                    p += self._sequence_problems(f, side, dp, db, src, dst)
                 if dp == 0 and db == 0:
                     continue
                 where = f"{side} side {got_p} packets/{got_b} bytes, capture {want_c.packets}/{want_c.bytes}"
@@ -449,6 +461,47 @@ class Scenario:
             raise AssertionError(f"{len(problems)} problems in {len(self.expected)} flows (packet-probe misses "
                                  f"measured in the kernel: {self.misses}):\n" + "\n".join(problems[:10]) + context)
         return self.result
+
+
+def sequence_problems(f, ep, side: str, packets: list, short_packets: int, short_bytes: int) -> list[str]:
+    """Problems of one TCP record side's ``sequence_space`` against that side's captured ``packets``.
+
+    Socket-counter accounting has no packet samples to compare: the figures must be absent.
+    Per-packet accounting: present once the side counted a packet. A side that counted every
+    captured packet covers exactly the capture's payload span (:func:`oracle.tcp_payload_span`,
+    from its SYN) and reports nothing uncounted. A side short of the capture by ``short_packets``
+    packets and ``short_bytes`` IP bytes: the payload it counted (covered less uncounted) is the
+    capture's span less the payload of those missing packets, whose headers (IP length less
+    payload, per captured packet) make up the rest of ``short_bytes``; so the shortfall it
+    reports is what the capture carried and no counted packet did.
+    """
+    name = f"{side} side sequence space"
+    if not hasattr(ep, "HasField"):
+        return []  # a stand-in record of the host-only tests, no protobuf message
+    has = ep.HasField("sequence_space")
+    if f.accounting != 0:  # ACCOUNTING_PACKETS
+        return [f"{name} present under socket-counter accounting"] if has else []
+    if not has:
+        return [f"{name} missing"] if ep.packets else []
+    q = ep.sequence_space
+    span = oracle.tcp_payload_span(packets)
+    problems = []
+    if q.uncounted_bytes > q.payload_bytes:
+        problems.append(f"{name}: {q.uncounted_bytes} uncounted of {q.payload_bytes}")
+    if short_packets == 0 and short_bytes == 0:
+        if q.uncounted_bytes:
+            problems.append(f"{name}: {q.uncounted_bytes} bytes uncounted, none missing from the capture")
+        if span is not None and (not q.from_syn or q.payload_bytes != span):
+            problems.append(f"{name}: {q.payload_bytes} bytes (from_syn {q.from_syn}), capture span {span}")
+        return problems
+    if span is None or not q.from_syn:
+        return problems  # the start was not counted: nothing exact to compare
+    missing_payload = span - (q.payload_bytes - q.uncounted_bytes)
+    if q.uncounted_bytes > missing_payload or not explainable(
+            short_bytes - missing_payload, short_packets, [p.ip_len - p.tcp_payload for p in packets]):
+        problems.append(f"{name}: {q.payload_bytes} covered, {q.uncounted_bytes} uncounted; capture span "
+                        f"{span}, {short_packets} packets / {short_bytes} bytes missing")
+    return problems
 
 
 @contextlib.contextmanager

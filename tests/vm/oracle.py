@@ -52,6 +52,8 @@ class PacketRecord:
     udp_payload: bytes = dataclasses.field(default=b"", repr=False)
     #: TCP payload bytes (from the IP length and the TCP data offset).
     tcp_payload: int = 0
+    #: TCP sequence number, when the header holds it.
+    tcp_seq: int | None = None
 
 
 def _ip(packet: bytes, ts: float, outgoing: bool, loopback: bool, ifindex: int | None) -> PacketRecord | None:
@@ -85,10 +87,35 @@ def _ip(packet: bytes, ts: float, outgoing: bool, loopback: bool, ifindex: int |
     flags = packet[l4 + 13] if proto == IPPROTO_TCP and len(packet) > l4 + 13 else 0
     payload = packet[l4 + 8:total] if proto == IPPROTO_UDP else b""
     tcp_payload = 0
+    tcp_seq = None
     if proto == IPPROTO_TCP and len(packet) > l4 + 12:
         tcp_payload = max(0, total - l4 - (packet[l4 + 12] >> 4) * 4)
+        tcp_seq = struct.unpack_from("!I", packet, l4 + 4)[0]
     return PacketRecord(ts, outgoing, loopback, ifindex, "tcp" if proto == IPPROTO_TCP else "udp",
-                        (src, sport), (dst, dport), total, flags, payload, tcp_payload)
+                        (src, sport), (dst, dport), total, flags, payload, tcp_payload, tcp_seq)
+
+
+TCP_FIN_SYN_RST = (0x01, 0x02, 0x04)
+SEQ_MOD = 1 << 32
+
+
+def tcp_payload_span(packets: list[PacketRecord]) -> int | None:
+    """Payload bytes one side's sequence numbers cover in a capture: from the byte after its
+    SYN to the end of its highest payload (retransmitted bytes once); None without its SYN."""
+    fin, syn, rst = TCP_FIN_SYN_RST
+    syns = [p for p in packets if p.tcp_flags & syn and p.tcp_seq is not None]
+    if not syns:
+        return None
+    start = (syns[0].tcp_seq + 1) % SEQ_MOD
+    end = 0
+    for p in packets:
+        # Bytes end where a payload or a FIN does; a bare ACK after the FIN is one past it.
+        if p.tcp_seq is None or p.tcp_flags & rst or not (p.tcp_payload or p.tcp_flags & fin):
+            continue
+        at = (p.tcp_seq + (1 if p.tcp_flags & syn else 0) - start) % SEQ_MOD
+        if at < SEQ_MOD // 2:
+            end = max(end, at + p.tcp_payload)
+    return end
 
 
 def parse_pcap(data: bytes) -> list[PacketRecord]:

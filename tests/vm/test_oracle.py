@@ -173,6 +173,47 @@ def test_shortfall_bytes_must_be_some_missing_packets():
     assert flowlib.explainable(156, 3, sizes) and not flowlib.explainable(157, 3, sizes)
 
 
+def test_sequence_space_is_judged_against_the_capture():
+    import types
+    import flowlib
+    SYN, ACK, FIN = 0x02, 0x10, 0x01
+
+    def pkt(seq, payload, flags=ACK, ip_len=None):
+        return oracle.PacketRecord(0.0, True, True, None, "tcp", ("127.0.0.1", 1), ("127.0.0.1", 2),
+                                   ip_len if ip_len is not None else 52 + payload, flags,
+                                   tcp_payload=payload, tcp_seq=seq)
+
+    # SYN at 2^32 - 10: the span wraps; the bare ACK after the FIN is one past it.
+    isn = (1 << 32) - 10
+    side = [pkt(isn, 0, SYN, 60), pkt(isn + 1, 1000), pkt((isn + 1001) % (1 << 32), 1000),
+            pkt((isn + 2001) % (1 << 32), 0, FIN | ACK), pkt((isn + 2002) % (1 << 32), 0)]
+    assert oracle.tcp_payload_span(side) == 2000
+    assert oracle.tcp_payload_span(side[1:]) is None
+
+    def record(covered, uncounted, from_syn=True, accounting=0, present=True):
+        q = types.SimpleNamespace(payload_bytes=covered, uncounted_bytes=uncounted, from_syn=from_syn)
+        ep = types.SimpleNamespace(packets=5, sequence_space=q, HasField=lambda name: present)
+        return types.SimpleNamespace(accounting=accounting), ep
+
+    def problems(rec, short_packets=0, short_bytes=0):
+        f, ep = rec
+        return flowlib.sequence_problems(f, ep, "local", side, short_packets, short_bytes)
+
+    assert problems(record(2000, 0)) == []
+    assert problems(record(2000, 1)), "a shortfall with nothing missing"
+    assert problems(record(1999, 0)), "not the capture's span"
+    assert problems(record(2000, 0, from_syn=False)), "the SYN was counted"
+    assert problems(record(0, 0, present=False)), "missing under per-packet accounting"
+    assert problems(record(0, 0, accounting=1)), "present under socket-counter accounting"
+    assert problems(record(0, 0, accounting=1, present=False)) == []
+    # The second data segment (1052 IP bytes) missing: 1000 payload bytes no counted packet carried.
+    assert problems(record(2000, 1000), 1, 1052) == []
+    assert problems(record(2000, 999), 1, 1052)
+    assert problems(record(2000, 0), 1, 1052)
+    # The first one and the FIN missing: 1000 uncounted, the FIN's 52 header bytes the rest.
+    assert problems(record(2000, 1000), 2, 1104) == []
+
+
 def test_packet_probe_of_each_flow_side():
     import flowlib
     assert flowlib.packet_probe("tcp", "127.0.0.1", True) == "ip_out"

@@ -20,6 +20,7 @@ mod handshake;
 mod naming;
 mod preexisting;
 mod records;
+mod seq;
 mod socket_counters;
 mod table;
 mod tcp;
@@ -192,6 +193,7 @@ impl H {
             dst: sa(dst),
             ip_len: len,
             tcp_flags: None,
+            tcp_seq: None,
         };
         self.ev(t, None, EventKind::Packet(p));
     }
@@ -214,6 +216,7 @@ impl H {
             dst: sa(dst),
             ip_len: len,
             tcp_flags: Some(flags),
+            tcp_seq: None,
         };
         self.ev(t, None, EventKind::Packet(p));
     }

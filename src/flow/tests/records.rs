@@ -80,6 +80,7 @@ fn attribution_ignores_packet_tasks_and_keeps_first_owner_per_flow() {
             dst: sa("10.0.0.1:999"),
             ip_len: 90,
             tcp_flags: None,
+            tcp_seq: None,
         }),
     );
     // Another process sends on the socket (e.g. after fd passing).
