@@ -542,12 +542,12 @@ class VM:
 
     # ---- daemon
     def start_daemon(self, args: list[str] | None = None, wait: bool = True,
-                     timeout: float = DAEMON_READY_TIMEOUT_S, binary: str = GUEST_DAEMON) -> Spawned:
-        """Start ``sockscope serve`` (the guest's ``binary``) in the guest; wait until gRPC
-        health says SERVING."""
+                     timeout: float = DAEMON_READY_TIMEOUT_S, binary: str | None = None) -> Spawned:
+        """Start ``sockscope serve`` (the guest's ``binary``, default GUEST_DAEMON) in the
+        guest; wait until gRPC health says SERVING."""
         if not self.with_daemon:
             raise BedError("this VM was booted without the daemon binary")
-        argv = [binary, "serve", "-E", f"server.listen=0.0.0.0:{GUEST_GRPC_PORT}",
+        argv = [binary or GUEST_DAEMON, "serve", "-E", f"server.listen=0.0.0.0:{GUEST_GRPC_PORT}",
                 "-E", "server.insecure_listen=true"] + list(args or [])
         cmd = " ".join(f"'{a}'" for a in argv)
         self.daemon = self.spawn(f"exec {cmd} >{GUEST_DAEMON_LOG} 2>&1")
