@@ -141,6 +141,17 @@ fn run(cfg: Config, faults: FaultPlan) -> Result<(), DaemonError> {
     sinks::check_filters(&cfg)?;
     probe::install::install_panic_hook();
     let setup = probe::setup(&cfg.socket)?;
+    if let probe::btf::Provenance::Guess { why } = &setup.offsets.provenance {
+        // One line, the fields as `sockscope check` prints them.
+        let fields: Vec<String> = setup
+            .offsets
+            .to_string()
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        tracing::info!(why = %why, offsets = %fields.join("; "), "struct offsets guessed");
+    }
     // Opened before any probe is installed: a missing privilege fails the
     // start with nothing to undo.
     let dns_capture = DnsCapture::open_if_enabled(&cfg.socket.dns)?;

@@ -190,7 +190,7 @@ impl<C: Clock> Engine<C> {
             so.data_seen = true;
             so.last = so.last.max(t);
         }
-        self.attribute(s, task);
+        self.attribute_use(s, task);
     }
 
     fn on_packet(&mut self, t: KernelTime, p: &Packet, hint: u32, out: &mut Vec<Output>) {

@@ -86,7 +86,9 @@
 //! with a task); events without a task (packets) never attribute. A flow
 //! keeps the first owner it was attributed to (a snapshot of the process at
 //! that moment, immune to pid reuse); new flows take the socket's latest
-//! owner. Flows owned by the daemon's own pid are tracked but not reported
+//! owner. One exception: a send or receive by a child forked from a flow's
+//! owner hands the flow to that child (a forking server's parent accepts,
+//! the child serves the connection). Flows owned by the daemon's own pid are tracked but not reported
 //! unless `include_self`; so are TCP flows without an owner whose local
 //! port is one the daemon listens on (`own_tcp_ports`: a connection to the
 //! daemon whose handshake was seen but no syscall on it yet).
@@ -274,6 +276,9 @@ pub struct EngineStats {
     pub socket_counted: u64,
     /// TCP flows whose owner came from the start-up socket snapshot.
     pub seeded_owners: u64,
+    /// Flows handed from their owner to a child it forked that used their
+    /// socket.
+    pub handed_to_children: u64,
     /// TCP flows of socket-counter accounting that ended before their
     /// socket's counters came (reported as uncounted).
     pub uncounted_flows: u64,

@@ -10,7 +10,10 @@
 //! socket ends its flows. A socket whose address is reused ends, unless it
 //! is a closed TCP socket in its termination wait, which is retired (see
 //! [`Engine::reuse`]). Ownership comes from syscall-context events only
-//! ([`Engine::attribute`]); a flow keeps the first owner it was given.
+//! ([`Engine::attribute`]); a flow keeps the first owner it was given,
+//! unless a child forked from that owner sends or receives on the socket
+//! ([`Engine::attribute_use`]): a forking server's child serves the
+//! connection its parent accepted, and the flow is the child's.
 
 use std::cmp::Reverse;
 use std::net::SocketAddr;
@@ -373,7 +376,35 @@ impl<C: Clock> Engine<C> {
     /// Sets the socket's owner from a syscall-context task and gives it to
     /// the socket's flows that have none yet.
     pub(super) fn attribute(&mut self, s: u32, task: Option<Task>) {
-        let Some(task) = task else { return };
+        self.set_owner(s, task);
+    }
+
+    /// [`Engine::attribute`] for a send or receive on the socket: its flows
+    /// owned by the process that forked the sender move to the sender. A
+    /// forking server accepts in the parent and serves in the child (which
+    /// may exec another program, as inetd's children do); the flow is the
+    /// child's. Another process using the socket (descriptor passing, a
+    /// process that shares it otherwise) does not take existing flows over.
+    pub(super) fn attribute_use(&mut self, s: u32, task: Option<Task>) {
+        let Some(info) = self.set_owner(s, task) else {
+            return;
+        };
+        let mut f = self.sockets.get(s).map_or(NIL, |so| so.first_flow);
+        while f != NIL {
+            let Some(fl) = self.flows.get_mut(f) else {
+                break;
+            };
+            if fl.owner.as_deref().is_some_and(|o| forked_from(&info, o)) {
+                fl.owner = Some(Arc::clone(&info));
+                self.stats.handed_to_children += 1;
+            }
+            f = fl.next;
+        }
+    }
+
+    /// Sets the socket's owner; returns the new owner when it changed.
+    fn set_owner(&mut self, s: u32, task: Option<Task>) -> Option<Arc<ProcessInfo>> {
+        let task = task?;
         let info = self.procs.lookup(task.pid);
         if self
             .sockets
@@ -381,14 +412,12 @@ impl<C: Clock> Engine<C> {
             .and_then(|so| so.owner.as_ref())
             .is_some_and(|o| Arc::ptr_eq(o, &info))
         {
-            return;
+            return None;
         }
-        let Some(so) = self.sockets.get_mut(s) else {
-            return;
-        };
+        let so = self.sockets.get_mut(s)?;
         so.owner = Some(Arc::clone(&info));
         if so.unowned_flows == 0 {
-            return;
+            return Some(info);
         }
         so.unowned_flows = 0;
         let mut f = so.first_flow;
@@ -401,5 +430,17 @@ impl<C: Clock> Engine<C> {
             }
             f = fl.next;
         }
+        Some(info)
     }
+}
+
+/// Whether `child` is a process forked by `parent` (its parent pid, and not
+/// older than it when both start times are known).
+fn forked_from(child: &ProcessInfo, parent: &ProcessInfo) -> bool {
+    child.pid != parent.pid
+        && child.ppid == parent.pid
+        && match (child.created, parent.created) {
+            (Some(c), Some(p)) => c >= p,
+            _ => true,
+        }
 }

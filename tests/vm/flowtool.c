@@ -1,9 +1,9 @@
 /*
  * flowtool: deterministic TCP/UDP workloads for the VM flow scenarios.
  *
- * Every mode runs in the calling process (no fork), so the process that
- * owns the sockets is the process the test spawned. Built statically on
- * the host and copied into the guest.
+ * Every mode but tcp-fork-serve runs in the calling process (no fork), so
+ * the process that owns the sockets is the process the test spawned. Built
+ * statically on the host and copied into the guest.
  *
  *   flowtool [-u UID:GID] MODE ARGS...
  *
@@ -11,6 +11,12 @@
  *                                    read each up to a newline, answer "ok\n",
  *                                    read until the client closes, close
  *   tcp-recv    ADDR PORT N          like tcp-serve but never writes (receive-only)
+ *   tcp-fork-serve ADDR PORT N       accept N connections; fork a child per
+ *                                    connection, print "child PID", close the
+ *                                    accepted socket in the parent and accept
+ *                                    the next; the child closes the listener,
+ *                                    serves as tcp-serve and exits; the parent
+ *                                    reaps every child and fails if one did
  *   tcp-source  ADDR PORT SECONDS    accept one connection, write a 4 KiB block
  *                                    every 100 ms for SECONDS, close
  *   tcp-client  ADDR PORT N SIZE     N connections one after the other: send SIZE
@@ -45,6 +51,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -185,6 +192,41 @@ static void tcp_serve(const char *ip, int port, long n, int reply) {
     close(lfd);
 }
 
+static void tcp_fork_serve(const char *ip, int port, long n) {
+    int lfd = bound(SOCK_STREAM, ip, port);
+    int failed = 0;
+    for (long i = 0; i < n; i++) {
+        int fd = accept(lfd, NULL, NULL);
+        if (fd < 0)
+            die("accept");
+        pid_t child = fork();
+        if (child < 0)
+            die("fork");
+        if (child == 0) {
+            close(lfd);
+            read_line(fd);
+            write_all(fd, "ok\n", 3);
+            drain(fd);
+            close(fd);
+            _exit(0);
+        }
+        printf("child %d\n", (int)child);
+        close(fd);
+    }
+    close(lfd);
+    for (long i = 0; i < n; i++) {
+        int status;
+        if (wait(&status) < 0)
+            die("wait");
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+            failed = 1;
+    }
+    if (failed) {
+        fprintf(stderr, "flowtool: a child failed\n");
+        exit(2);
+    }
+}
+
 static void tcp_source(const char *ip, int port, long seconds) {
     static char block[BLOCK];
     int lfd = bound(SOCK_STREAM, ip, port);
@@ -320,6 +362,8 @@ int main(int argc, char **argv) {
         tcp_serve(ip, port, n, 1);
     else if (strcmp(mode, "tcp-recv") == 0)
         tcp_serve(ip, port, n, 0);
+    else if (strcmp(mode, "tcp-fork-serve") == 0)
+        tcp_fork_serve(ip, port, n);
     else if (strcmp(mode, "tcp-source") == 0)
         tcp_source(ip, port, n);
     else if (strcmp(mode, "tcp-client") == 0 && argc - a == 5)

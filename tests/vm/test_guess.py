@@ -7,17 +7,30 @@ to guessing and says so, `btf` fails; and the daemon running on guessed
 offsets reports a loopback TCP flow whose counters equal the packet capture
 (short only by packet-probe hits the kernel counted as missed, see
 :class:`flowlib.Scenario`).
+
+Guessing again and again in one boot (``GUESS_REPEATS`` daemon starts,
+``SOCKSCOPE_GUESS_REPEATS`` overrides): every daemon guesses offsets equal
+to BTF's (as it logs them), serves, reports a loopback flow equal to the
+capture and exits 0 on SIGTERM, leaving no kprobe, ftrace instance or
+address behind, and the guest answers at once after each run. After them,
+the kernel has logged no warning in the whole boot and is not tainted by
+one (known to fail on 5.10, see :func:`test_no_kernel_warning_in_the_boot`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
 
 import grpc
+import pytest
 
+import bed
 import flowlib
 import grpc_client
+from flowlib import CLIENT_USER, SERVER_USER, FlowStream
 
 GUEST_BIN = "/usr/bin/sockscope"
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
@@ -118,3 +131,114 @@ def test_flow_on_guessed_offsets_matches_capture(vm):
     assert client_flow.network.direction == pb.DIRECTION_EGRESS
     assert flows[(HTTP_PORT, client[1][1])].network.direction == pb.DIRECTION_INGRESS
     assert vm.stop_daemon("TERM") == 0
+
+
+#: Daemon starts on guessed offsets per kernel in the suite: enough to catch
+#: a guess that fails or leaves something behind once in a few runs, while
+#: a run takes 9-17 s under TCG (about 4 minutes for the four kernels); the
+#: 20-run figures of the README came from ``SOCKSCOPE_GUESS_REPEATS=20``.
+GUESS_REPEATS = int(os.environ.get("SOCKSCOPE_GUESS_REPEATS", "5"))
+#: Guest port of the repeated-guess flow.
+REPEAT_PORT = 9120
+#: The daemon's log line with the offsets it guessed.
+GUESSED_LINE = re.compile(r"struct offsets guessed .*?(?<![.\w])offsets=(.*)$", re.M)
+#: ANSI colours of the daemon's log.
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: Guessed offsets in that line: "sock_common.skc_family offset 16 size 2".
+GUESSED_FIELD = re.compile(r"(\S+) offset (\d+) size (\d+)")
+#: Guest console lines that say the kernel is in trouble.
+KERNEL_TROUBLE = re.compile(r"BUG: |Oops: |WARNING: |Call Trace:|soft lockup|hard LOCKUP|detected stalls?\b|"
+                            r"blocked for more than")
+#: Longest a trivial command may take in the guest right after a run.
+RESPONSIVE_S = 10
+
+
+def test_repeated_guessing(vm):
+    _, btf = check_offsets(vm, "btf")
+    btf = {k: v for k, v in btf.items() if k not in BTF_ONLY}
+    flowlib.install_guest_tools(vm)
+    runs, problems = [], []
+    for i in range(GUESS_REPEATS):
+        run = {"run": i + 1}
+        t0 = time.monotonic()
+        flowlib.start_daemon(vm, "guess", ["-E", "socket.flow_termination_timeout=1s"])
+        run["serving_s"] = round(time.monotonic() - t0, 2)
+        log = ANSI.sub("", vm.daemon_log())
+        m = GUESSED_LINE.search(log)
+        assert m, f"run {i + 1}: the daemon did not log its guessed offsets:\n{log}"
+        guessed = {f: (int(o), int(sz)) for f, o, sz in GUESSED_FIELD.findall(m.group(1))}
+        diffs = {k: (btf.get(k), guessed.get(k)) for k in set(btf) | set(guessed)
+                 if btf.get(k) is None or guessed.get(k) is None or btf[k][0] != guessed[k][0]
+                 or (k not in OFFSET_ONLY and btf[k][1] != guessed[k][1])}
+        if diffs:
+            problems.append(f"run {i + 1}: guessed offsets differ from BTF (btf, guess): {diffs}")
+        pb, rpc = grpc_client.load_stubs()
+        with grpc.insecure_channel(f"127.0.0.1:{vm.grpc_port}") as ch:
+            src = rpc.FlowServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=30).offsets_source
+        run["guess_ms"] = round(sum(float(x) for x in re.findall(r" in ([\d.]+) ms,", src)), 1)
+        # How skc_prot was found (see the guess's note).
+        run["skc_prot_by"] = ("addresses" if "by the protocols' addresses" in src
+                              else "pointee names" if "by the pointee's name" in src else "?")
+        stream = FlowStream(vm)
+        try:
+            with flowlib.scenario(vm, f"tcp port {REPEAT_PORT}") as sc:
+                server = flowlib.spawn_server(vm, SERVER_USER, f"tcp-serve 127.0.0.1 {REPEAT_PORT} 1")
+                client, locals_ = flowlib.run_client(vm, CLIENT_USER, f"tcp-client 127.0.0.1 {REPEAT_PORT} 1 100")
+                assert server.wait(flowlib.WORKLOAD_WAIT_S) == 0, server.log()
+            srv = ("127.0.0.1", REPEAT_PORT)
+            got = stream.wait_finals(pb.TRANSPORT_TCP, [(locals_[0], srv), (srv, locals_[0])])
+            sc.expect(got[(locals_[0], srv)], "tcp", direction=pb.DIRECTION_EGRESS, pid=client.pid,
+                      user=CLIENT_USER)
+            sc.expect(got[(srv, locals_[0])], "tcp", direction=pb.DIRECTION_INGRESS, pid=server.pid,
+                      user=SERVER_USER)
+            sc.verdict(stream)
+        finally:
+            stream.close()
+        t1 = time.monotonic()
+        rc = vm.stop_daemon("TERM")
+        run["stop_s"] = round(time.monotonic() - t1, 2)
+        if rc != 0:
+            problems.append(f"run {i + 1}: the daemon exited {rc}")
+        events = vm.run("cat /sys/kernel/tracing/kprobe_events", check=True).out
+        instances = vm.run("ls /sys/kernel/tracing/instances", check=True).out
+        ula = [w for w in vm.run("ip -6 addr show dev lo", check=True).out.split()
+               if w.lower().startswith("fd") and not w.lower().startswith("fd00:5c0:")]
+        if "sockscope" in events or "sockscope" in instances or ula:
+            problems.append(f"run {i + 1}: left behind: kprobes {events!r}, instances {instances!r}, "
+                            f"addresses on lo {ula}")
+        t2 = time.monotonic()
+        assert vm.run("true", timeout=RESPONSIVE_S).rc == 0
+        run["responsive_ms"] = round((time.monotonic() - t2) * 1e3)
+        run["total_s"] = round(time.monotonic() - t0, 2)
+        runs.append(run)
+        print(f"[guess-repeat] {vm.suite} {run}")
+    summary = {"suite": vm.suite, "kernel": vm.kernel.release, "runs": runs, "problems": problems}
+    out = bed.logs_root() / f"guess-repeat-{vm.suite}.json"
+    out.write_text(json.dumps(summary, indent=1))
+    print(f"[guess-repeat] {vm.suite}: {len(runs)} runs, {len(problems)} problems; {out}")
+    assert not problems, "\n".join(problems)
+
+
+#: Kernel taint bit of a WARN (``TAINT_WARN``) in /proc/sys/kernel/tainted.
+TAINT_WARN = 1 << 9
+
+
+def test_no_kernel_warning_in_the_boot(vm, request):
+    """Whatever ran in this boot before (every guess of this module and of the flow scenarios on
+    guessed offsets), the kernel logged no lockup, stall, oops or warning and is not tainted by one.
+    The kernel warns only once per boot, so this looks at the whole boot, not at one test.
+
+    Known on 5.10: the ``sk_buff`` guess (like ``msghdr``) reads the memory every dumped word points
+    at; a word that is no pointer but a non-canonical value passes the kernel's address check on a
+    CPU that reports 57-bit virtual addresses while the kernel runs 4-level paging (this TCG guest),
+    and the read faults: fixed up, but the kernel warns ("General protection fault in user access.
+    Non-canonical address?") and is tainted."""
+    if vm.suite == "bullseye":
+        request.applymarker(pytest.mark.xfail(
+            reason="5.10: a guess's pointee read of a non-canonical word makes the kernel warn",
+            strict=False))
+    tainted = int(vm.run("cat /proc/sys/kernel/tainted", check=True).out.strip())
+    console = vm.console_log.read_text(errors="replace")
+    trouble = [line for line in console.splitlines() if KERNEL_TROUBLE.search(line)]
+    assert not tainted & TAINT_WARN and not trouble, (
+        f"kernel tainted {tainted:#x}; console:\n" + "\n".join(trouble[:20]))

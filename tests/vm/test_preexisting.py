@@ -8,6 +8,11 @@ packet probes counted (an inbound SYN to the listener), not from the
 accept event. Judged like every flow scenario: against the capture, within
 the kernel-measured packet-probe misses (:class:`flowlib.Scenario`), with
 the right process and user.
+
+A forking server blocked in ``accept()`` when the daemon starts: each
+connection is served by a child forked for it; its flow is the child's,
+whether the parent's accept began before the probes (the first
+connection) or after (the second).
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ from flowlib import CLIENT_USER, SERVER_USER, FlowStream
 TCP_PORT = 9110
 #: Guest port of the established-connection scenario.
 ESTABLISHED_PORT = 9111
+#: Guest port of the forking-server scenario.
+FORK_PORT = 9112
+#: Connections to the forking server: the first accepted by the accept
+#: that began before the daemon, the second by one that began after.
+FORK_CONNECTIONS = 2
 #: Bytes the client sends.
 CLIENT_BYTES = 3000
 
@@ -50,6 +60,43 @@ def test_server_blocked_in_accept_before_the_daemon_started(vm):
         sc.expect(got[(srv, local)], "tcp", direction=pb.DIRECTION_INGRESS, pid=server.pid, user=SERVER_USER)
         sc.expect(got[(local, srv)], "tcp", direction=pb.DIRECTION_EGRESS, pid=client.pid, user=CLIENT_USER)
         sc.verdict(stream)
+    finally:
+        stream.close()
+    assert vm.stop_daemon("TERM") == 0
+
+
+def test_forking_server_started_before_the_daemon(vm):
+    """Each connection is served by a child forked for it (it reads the request, answers, exits):
+    the server flow is the child's (its pid, the server as parent, the name it inherited), inbound
+    and complete, equal to the capture; the client flows are the client's."""
+    flowlib.install_guest_tools(vm)
+    server = flowlib.spawn_server(vm, SERVER_USER, f"tcp-fork-serve 127.0.0.1 {FORK_PORT} {FORK_CONNECTIONS}")
+    flowlib.wait_until(lambda: flowlib.syscall_of(vm, server) in SYS_ACCEPTS, flowlib.READY_WAIT_S,
+                       f"server {server.pid} to block in accept")
+    flowlib.start_daemon(vm, "btf")
+    assert flowlib.syscall_of(vm, server) in SYS_ACCEPTS, "the server left accept before the probes"
+    stream = FlowStream(vm)
+    pb = stream.pb
+    try:
+        with flowlib.scenario(vm, f"tcp port {FORK_PORT}") as sc:
+            client, locals_ = flowlib.run_client(
+                vm, CLIENT_USER, f"tcp-client 127.0.0.1 {FORK_PORT} {FORK_CONNECTIONS} {CLIENT_BYTES}")
+            assert server.wait(flowlib.WORKLOAD_WAIT_S) == 0, server.log()
+        children = [int(line.split()[1]) for line in server.log().splitlines() if line.startswith("child ")]
+        assert len(locals_) == FORK_CONNECTIONS, client.log()
+        assert len(children) == FORK_CONNECTIONS and server.pid not in children, server.log()
+        srv = ("127.0.0.1", FORK_PORT)
+        pairs = [p for local in locals_ for p in ((local, srv), (srv, local))]
+        got = stream.wait_finals(pb.TRANSPORT_TCP, pairs)
+        problems = []
+        for local, child in zip(locals_, children):
+            sc.expect(got[(srv, local)], "tcp", direction=pb.DIRECTION_INGRESS, pid=child, user=SERVER_USER)
+            sc.expect(got[(local, srv)], "tcp", direction=pb.DIRECTION_EGRESS, pid=client.pid, user=CLIENT_USER)
+            for f in got[(srv, local)]:
+                if f.process.ppid != server.pid:
+                    problems.append(f"server flow of {local}: parent pid {f.process.ppid}, want {server.pid}")
+        sc.verdict(stream)
+        assert not problems, "\n".join(problems)
     finally:
         stream.close()
     assert vm.stop_daemon("TERM") == 0
@@ -89,7 +136,8 @@ APPLET_HTTP_PORT = 8091
 
 def test_busybox_applets_are_named_as_a_person_would(vm):
     """busybox's shell starts applets by re-executing ``/proc/self/exe``, so their command name is
-    ``exe``. A running applet (``httpd``) is named by its ``argv[0]``, with busybox as executable.
+    ``exe``. A running applet (``httpd``, whose child forked per connection serves it) is named by
+    its ``argv[0]``, with busybox as executable.
     One that is gone before the daemon reads ``/proc`` (``wget``, done in a few milliseconds) keeps
     the executable it had before the re-exec and is named after it, unless ``/proc`` was read in
     time: never ``exe`` and never a ``/proc/*/exe`` path."""
@@ -112,9 +160,11 @@ def test_busybox_applets_are_named_as_a_person_would(vm):
         got = stream.wait_finals(pb.TRANSPORT_TCP, [(local, srv), (srv, local)])
         c, s = got[(local, srv)][0], got[(srv, local)][0]
         problems = []
-        if (s.process.pid, s.process.name, s.process.executable) != (server.pid, "httpd", busybox):
-            problems.append(f"httpd: process {s.process.pid} {s.process.name!r} {s.process.executable!r}, "
-                            f"want {server.pid} 'httpd' {busybox!r}")
+        # httpd serves each connection in a child it forks: the flow is that child's.
+        if (s.process.pid == server.pid or (s.process.ppid, s.process.name, s.process.executable)
+                != (server.pid, "httpd", busybox)):
+            problems.append(f"httpd: process {s.process.pid} (parent {s.process.ppid}) {s.process.name!r} "
+                            f"{s.process.executable!r}, want a child of {server.pid} 'httpd' {busybox!r}")
         # Gone in milliseconds: what /proc still showed, else what the exec and the process's
         # earlier identity say; never the re-exec's "exe" or /proc path.
         if (c.process.pid != wget_pid or c.process.name in ("", "exe") or not c.process.executable

@@ -132,3 +132,49 @@ fn without_a_snapshot_nothing_is_guessed() {
     assert!(r.process.is_none());
     assert_eq!(r.direction, FlowDirection::Unknown);
 }
+
+#[test]
+fn a_forking_servers_child_takes_the_connection_its_blocked_accept_returned() {
+    let mut h = seeded();
+    let (cli, srv) = ("10.0.0.2:41000", "10.0.0.1:5432");
+    let (request, conn) = (0xb000, 0xc000);
+    h.seg(S, None, In, (cli, srv), 60, TCP_SYN);
+    h.seg(
+        S + MS,
+        Some(request),
+        Out,
+        (srv, cli),
+        60,
+        TCP_SYN | TCP_ACK,
+    );
+    h.seg(S + 2 * MS, None, In, (cli, srv), 52, TCP_ACK);
+    // The request, on the accepted socket, whose accept returned
+    // unreported: the socket is not known yet, the packet waits with the
+    // handshake.
+    h.seg(S + 3 * MS, Some(conn), In, (cli, srv), 200, TCP_ACK);
+    // The server forks a child for the connection; the child answers,
+    // closes and exits.
+    h.ev(
+        S + 4 * MS,
+        Some(200),
+        EventKind::Fork {
+            parent: 200,
+            child: 201,
+        },
+    );
+    h.activity(S + 5 * MS, 201, conn, Tcp, SockOp::Send);
+    h.seg(S + 5 * MS, Some(conn), Out, (srv, cli), 500, TCP_ACK);
+    h.close(S + 6 * MS, Some(201), conn);
+    h.ev(S + 7 * MS, None, EventKind::Exit { tid: 201, pid: 201 });
+    h.tick(100 * S);
+    let r = only(h.flows());
+    assert_eq!(r.direction, FlowDirection::Ingress);
+    assert!(r.complete, "the SYN was counted");
+    let p = r.process.as_ref().expect("owner");
+    assert_eq!((p.pid, p.ppid, p.name.as_str()), (201, 200, "nginx"));
+    assert_eq!(counters(&r), (2, 560, 3, 312));
+    // The child's send made the socket known: the flow starts as the
+    // child's, neither the listener's owner nor a hand-over is needed.
+    assert_eq!(h.eng.stats().seeded_owners, 0);
+    assert_eq!(h.eng.stats().handed_to_children, 0);
+}

@@ -117,6 +117,73 @@ fn attribution_ignores_packet_tasks_and_keeps_first_owner_per_flow() {
 }
 
 #[test]
+fn a_forking_servers_child_takes_the_flow_its_parent_accepted() {
+    let mut h = H::new();
+    let (ls, conn) = (0x5000, 0x5100);
+    let (cli, srv) = ("10.0.0.2:41000", "10.0.0.1:8080");
+    h.create(S, 200, ls, Some(Tcp));
+    h.pkt(S + MS, None, Tcp, In, (cli, srv), 60);
+    h.pkt(S + MS, Some(0x5200), Tcp, Out, (srv, cli), 60);
+    h.pkt(S + 2 * MS, None, Tcp, In, (cli, srv), 52);
+    h.accept(S + 3 * MS, 200, conn, srv, cli);
+    h.ev(
+        S + 4 * MS,
+        Some(200),
+        EventKind::Fork {
+            parent: 200,
+            child: 201,
+        },
+    );
+    h.pkt(S + 5 * MS, Some(conn), Tcp, In, (cli, srv), 100);
+    // The child answers; it exec'd another program first (as inetd's
+    // children do): still the child's.
+    h.src.set(ProcSnapshot {
+        ppid: 200,
+        start: Some(wall(S + 4 * MS)),
+        ..proc_snap(201, "echod")
+    });
+    h.ev(
+        S + 5 * MS,
+        Some(201),
+        EventKind::Exec {
+            pid: 201,
+            filename: "/usr/bin/echod".into(),
+        },
+    );
+    h.activity(S + 6 * MS, 201, conn, Tcp, SockOp::Send);
+    h.pkt(S + 6 * MS, Some(conn), Tcp, Out, (srv, cli), 300);
+    // The parent closing its descriptor releases nothing; the child's does.
+    h.close(S + 7 * MS, Some(201), conn);
+    h.tick(100 * S);
+    let r = only(h.flows());
+    assert_eq!(r.direction, FlowDirection::Ingress);
+    let p = r.process.as_ref().expect("owner");
+    assert_eq!((p.pid, p.ppid, p.name.as_str()), (201, 200, "echod"));
+    assert_eq!(counters(&r), (2, 360, 3, 212));
+}
+
+#[test]
+fn a_process_that_did_not_fork_the_owner_takes_no_flow_over() {
+    let mut h = H::new();
+    let conn = 0x5100;
+    let (cli, srv) = ("10.0.0.2:41000", "10.0.0.1:8080");
+    h.accept(S, 200, conn, srv, cli);
+    h.pkt(S + MS, Some(conn), Tcp, In, (cli, srv), 100);
+    // The parent of the owner (or any unrelated process) sends on it.
+    h.src.set(ProcSnapshot {
+        ppid: 1,
+        ..proc_snap(199, "supervisor")
+    });
+    h.activity(S + 2 * MS, 199, conn, Tcp, SockOp::Send);
+    h.pkt(S + 2 * MS, Some(conn), Tcp, Out, (srv, cli), 300);
+    h.close(S + 3 * MS, Some(199), conn);
+    h.tick(100 * S);
+    let r = only(h.flows());
+    assert_eq!(r.process.expect("owner").pid, 200);
+    assert_eq!(h.eng.stats().handed_to_children, 0);
+}
+
+#[test]
 fn socket_without_owner_gets_one_from_later_syscall_event() {
     let mut h = H::new();
     let sk = 0x2200;

@@ -7,7 +7,7 @@
 //! | `sock_addresses`   | `tcp_connect` (first 512 bytes of sock)     | TCP connect v4 and v6, random addr/ports  | skc_family, skc_daddr, skc_rcv_saddr, skc_dport, skc_num, skc_v6_daddr, skc_v6_rcv_saddr |
 //! | `sock_type`        | `tcp_connect`, `udp_sendmsg` (1 KiB of sock)| TCP connect, UDP and UDP-Lite sends       | sk_type, sk_protocol |
 //! | `proto_name`       | `@tcp_prot`, `@udp_prot` memory             | TCP connect                               | proto.name |
-//! | `sock_prot`        | `tcp_connect`, `udp_sendmsg`: name via each word | TCP v4/v6 connect, UDP send          | skc_prot |
+//! | `sock_prot`        | `tcp_connect`, `udp_sendmsg`: the word equal to `tcp_prot`/`tcpv6_prot`/`udp_prot` (`/proc/kallsyms`); name via each word when addresses are hidden | TCP v4/v6 connect, UDP send | skc_prot |
 //! | `socket`           | `inet_release` (socket), sk from connect/send | TCP connect + close, UDP send + close   | socket.sk, socket.type |
 //! | `sk_buff`          | `ip_output`, `ip_local_deliver` (skb + each word's pointee) | UDP datagram of random length | len, data, head, network_header, transport_header |
 //! | `cred`             | `commit_creds` (cred)                       | thread changes to random ids              | uid, gid, euid, egid |
