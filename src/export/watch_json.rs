@@ -54,7 +54,7 @@ impl<'a> Obj<'a> {
     fn u32(&mut self, name: &str, v: u32) {
         if v != 0 {
             self.key(name);
-            let _ = write!(self.out, "{v}");
+            uint(self.out, u64::from(v));
         }
     }
 
@@ -62,7 +62,9 @@ impl<'a> Obj<'a> {
     fn u64(&mut self, name: &str, v: u64) {
         if v != 0 {
             self.key(name);
-            let _ = write!(self.out, "\"{v}\"");
+            self.out.push(b'"');
+            uint(self.out, v);
+            self.out.push(b'"');
         }
     }
 
@@ -80,7 +82,8 @@ impl<'a> Obj<'a> {
             match known {
                 Some(n) => string(self.out, n),
                 None => {
-                    let _ = write!(self.out, "{v}");
+                    self.out
+                        .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
                 }
             }
         }
@@ -99,8 +102,32 @@ impl<'a> Obj<'a> {
 }
 
 fn string(out: &mut Vec<u8>, s: &str) {
-    // serde_json's escaping, written into the buffer.
-    let _ = serde_json::to_writer(&mut *out, s);
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        // Nothing to escape (the common case): copied as it is.
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // serde_json's escaping, written into the buffer.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// An unsigned integer in decimal.
+fn uint(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+}
+
+/// `v` in decimal with leading zeros to `width` digits (wider when it
+/// needs more).
+fn padded(out: &mut Vec<u8>, v: u64, width: usize) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(v).as_bytes();
+    out.extend(std::iter::repeat_n(
+        b'0',
+        width.saturating_sub(digits.len()),
+    ));
+    out.extend_from_slice(digits);
 }
 
 /// Fractional seconds as proto3 JSON writes them: none, or 3, 6 or 9
@@ -109,12 +136,14 @@ fn fraction(out: &mut Vec<u8>, nanos: u32) {
     if nanos == 0 {
         return;
     }
+    out.push(b'.');
+    let nanos = u64::from(nanos);
     if nanos % 1_000_000 == 0 {
-        let _ = write!(out, ".{:03}", nanos / 1_000_000);
+        padded(out, nanos / 1_000_000, 3);
     } else if nanos % 1_000 == 0 {
-        let _ = write!(out, ".{:06}", nanos / 1_000);
+        padded(out, nanos / 1_000, 6);
     } else {
-        let _ = write!(out, ".{nanos:09}");
+        padded(out, nanos, 9);
     }
 }
 
@@ -125,13 +154,25 @@ fn timestamp(out: &mut Vec<u8>, t: &prost_types::Timestamp) {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    let _ = write!(
-        out,
-        "\"{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    );
+    out.push(b'"');
+    match u64::try_from(y) {
+        Ok(y) => padded(out, y, 4),
+        Err(_) => {
+            let _ = write!(out, "{y:04}");
+        }
+    }
+    // Within a day: fits any integer type.
+    let rem = rem as u64;
+    for (sep, v) in [
+        (b'-', u64::from(m)),
+        (b'-', u64::from(d)),
+        (b'T', rem / 3600),
+        (b':', rem % 3600 / 60),
+        (b':', rem % 60),
+    ] {
+        out.push(sep);
+        padded(out, v, 2);
+    }
     fraction(out, nanos);
     out.extend_from_slice(b"Z\"");
 }
@@ -158,7 +199,12 @@ fn duration(out: &mut Vec<u8>, d: &prost_types::Duration) {
     if neg {
         out.push(b'-');
     }
-    let _ = write!(out, "{}", abs / NANOS as u128);
+    match u64::try_from(abs / NANOS as u128) {
+        Ok(secs) => uint(out, secs),
+        Err(_) => {
+            let _ = write!(out, "{}", abs / NANOS as u128);
+        }
+    }
     fraction(out, (abs % NANOS as u128) as u32);
     out.extend_from_slice(b"s\"");
 }
@@ -284,7 +330,7 @@ fn loss(out: &mut Vec<u8>, l: &LossNotice) {
     if let Some(cpu) = l.cpu {
         // Explicit presence: written even when zero.
         o.key("cpu");
-        let _ = write!(o.out, "{cpu}");
+        uint(o.out, u64::from(cpu));
     }
     o.u64("count", l.count);
     o.timestamp("first", l.first.as_ref());
