@@ -373,12 +373,6 @@ impl<C: Clock> Engine<C> {
         }
     }
 
-    /// Sets the socket's owner from a syscall-context task and gives it to
-    /// the socket's flows that have none yet.
-    pub(super) fn attribute(&mut self, s: u32, task: Option<Task>) {
-        self.set_owner(s, task);
-    }
-
     /// [`Engine::attribute`] for a send or receive on the socket: its flows
     /// owned by the process that forked the sender move to the sender. A
     /// forking server accepts in the parent and serves in the child (which
@@ -386,7 +380,7 @@ impl<C: Clock> Engine<C> {
     /// child's. Another process using the socket (descriptor passing, a
     /// process that shares it otherwise) does not take existing flows over.
     pub(super) fn attribute_use(&mut self, s: u32, task: Option<Task>) {
-        let Some(info) = self.set_owner(s, task) else {
+        let Some(info) = self.attribute(s, task) else {
             return;
         };
         let mut f = self.sockets.get(s).map_or(NIL, |so| so.first_flow);
@@ -402,8 +396,10 @@ impl<C: Clock> Engine<C> {
         }
     }
 
-    /// Sets the socket's owner; returns the new owner when it changed.
-    fn set_owner(&mut self, s: u32, task: Option<Task>) -> Option<Arc<ProcessInfo>> {
+    /// Sets the socket's owner from a syscall-context task and gives it to
+    /// the socket's flows that have none yet; returns the new owner when it
+    /// changed.
+    pub(super) fn attribute(&mut self, s: u32, task: Option<Task>) -> Option<Arc<ProcessInfo>> {
         let task = task?;
         let info = self.procs.lookup(task.pid);
         if self
