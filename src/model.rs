@@ -249,6 +249,18 @@ pub enum EventKind {
         /// Path of the executed file as the kernel saw it.
         filename: String,
     },
+    /// A new program image is about to run: its argument count and its
+    /// leading arguments as the exec'ing process passed them (as many as
+    /// the probe fetches; an argument that could not be read is empty). Arrives right before the [`EventKind::Exec`] of
+    /// the same process.
+    ExecArgs {
+        /// Process id.
+        pid: u32,
+        /// `argc` as the new image sees it.
+        argc: u32,
+        /// The first `argc` arguments, at most as many as were fetched.
+        args: Vec<String>,
+    },
     /// A process or thread was created.
     Fork {
         /// Parent process id.

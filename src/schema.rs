@@ -136,7 +136,29 @@ pub enum SampleField {
     InetSport,
     /// The IP protocol (IPv4) or next header (IPv6) byte of a packet.
     Proto,
+    /// `argc` of a new program image, read from its user stack.
+    Argc,
+    /// `argv[0]` of a new program image (a user-space string).
+    Argv0,
+    /// `argv[1]`.
+    Argv1,
+    /// `argv[2]`.
+    Argv2,
+    /// `argv[3]`.
+    Argv3,
 }
+
+/// How many leading arguments the exec probe fetches
+/// ([`SampleField::Argv0`] to [`SampleField::Argv3`]).
+pub const EXEC_ARGV_FETCHED: usize = 4;
+
+/// The argument fields of the exec probe, in order.
+pub const EXEC_ARGV: [SampleField; EXEC_ARGV_FETCHED] = [
+    SampleField::Argv0,
+    SampleField::Argv1,
+    SampleField::Argv2,
+    SampleField::Argv3,
+];
 
 impl SampleField {
     /// The field's name in the format file (and in the fetch argument).
@@ -174,6 +196,11 @@ impl SampleField {
             SampleField::SkFlags => "sk_flags",
             SampleField::InetSport => "inet_sport",
             SampleField::Proto => "proto",
+            SampleField::Argc => "argc",
+            SampleField::Argv0 => "argv0",
+            SampleField::Argv1 => "argv1",
+            SampleField::Argv2 => "argv2",
+            SampleField::Argv3 => "argv3",
         }
     }
 
@@ -189,7 +216,7 @@ impl SampleField {
             SampleField::Uid | SampleField::Gid | SampleField::Euid | SampleField::Egid => {
                 Width::Bytes(4)
             }
-            SampleField::Pid | SampleField::ChildPid => Width::Bytes(4),
+            SampleField::Pid | SampleField::ChildPid | SampleField::Argc => Width::Bytes(4),
             SampleField::SegsIn | SampleField::SegsOut => Width::Bytes(4),
             SampleField::BytesReceived | SampleField::BytesSent | SampleField::BytesRetrans => {
                 Width::Bytes(8)
@@ -201,6 +228,9 @@ impl SampleField {
             // width comes from BTF: any integer is accepted.
             SampleField::SockType | SampleField::Hdr => Width::Array,
             SampleField::Prot | SampleField::Filename => Width::DataLoc,
+            SampleField::Argv0 | SampleField::Argv1 | SampleField::Argv2 | SampleField::Argv3 => {
+                Width::DataLoc
+            }
         }
     }
 }
@@ -293,6 +323,11 @@ pub enum DecoderKind {
     },
     /// `sched_process_exec`.
     Exec,
+    /// `start_thread(regs, ip, sp)`: a new program image about to run, with
+    /// `argc` and the first [`EXEC_ARGV_FETCHED`] arguments read from the
+    /// user stack at `sp`. It fires in the exec'ing task right before
+    /// `sched_process_exec`, whose file name it complements.
+    ExecArgs,
     /// `sched_process_fork`.
     Fork,
     /// `sched_process_exit`.
@@ -333,6 +368,7 @@ impl DecoderKind {
             DecoderKind::UdpEgress { .. } => &[F::Sk, F::Len, F::Hdr, F::Proto],
             DecoderKind::Creds => &[F::Uid, F::Gid, F::Euid, F::Egid],
             DecoderKind::Exec => &[F::Filename, F::Pid],
+            DecoderKind::ExecArgs => &[F::Argc, F::Argv0, F::Argv1, F::Argv2, F::Argv3],
             DecoderKind::Fork => &[F::ChildPid],
             DecoderKind::Exit => &[F::Pid],
         }
@@ -353,8 +389,9 @@ mod tests {
     use super::*;
 
     /// A kind of each shape, so every declared field list is looked at.
-    const KINDS: [DecoderKind; 12] = [
+    const KINDS: [DecoderKind; 13] = [
         DecoderKind::SockCreate,
+        DecoderKind::ExecArgs,
         DecoderKind::TcpClose,
         DecoderKind::UdpEgress {
             family: IpFamily::V4,

@@ -370,6 +370,34 @@ fn workload_problems(d: &Decoded, procs: &[Value]) -> Vec<String> {
                         bad(format!("connect not by a child of the loop: {e:?}"));
                     }
                 }
+                // Each child is busybox's shell re-executing itself as the
+                // `wget` applet: the exec probe read its arguments from the
+                // new image's stack, right before the exec event.
+                let connectors: HashSet<u32> =
+                    connects.iter().filter_map(|(e, _)| pid_of(e)).collect();
+                for &child in &connectors {
+                    let execs: Vec<&EventKind> = ev
+                        .iter()
+                        .filter(|e| match &e.kind {
+                            EventKind::ExecArgs { pid, .. } | EventKind::Exec { pid, .. } => {
+                                *pid == child
+                            }
+                            _ => false,
+                        })
+                        .map(|e| &e.kind)
+                        .collect();
+                    let ok = matches!(
+                        execs.as_slice(),
+                        [EventKind::ExecArgs { argc, args, .. }, EventKind::Exec { filename, .. }]
+                            if args.first().map(String::as_str) == Some("wget")
+                                && *argc as usize >= args.len()
+                                && args.len() >= 2
+                                && filename.starts_with("/proc/")
+                    );
+                    if !ok {
+                        bad(format!("child {child}: exec events {execs:?}"));
+                    }
+                }
             }
             other => bad(format!("unknown role {other}")),
         }

@@ -8,7 +8,10 @@
 //! does not fetch.
 
 use crate::model::{PacketDir, SockOp, Transport};
-use crate::schema::{DecoderKind, IpFamily, SampleField as F, Width, UDP_DELIVER_WINDOW};
+use crate::schema::{
+    DecoderKind, IpFamily, SampleField as F, Width, EXEC_ARGV, EXEC_ARGV_FETCHED,
+    UDP_DELIVER_WINDOW,
+};
 
 use super::format::{FieldKind, Format};
 use super::SetupError;
@@ -101,6 +104,10 @@ pub(super) enum Layout {
     Exec {
         filename: Loc,
         pid: Loc,
+    },
+    ExecArgs {
+        argc: Loc,
+        argv: [Loc; EXEC_ARGV_FETCHED],
     },
     Fork {
         child: Loc,
@@ -285,6 +292,16 @@ impl<'a> FieldFinder<'a> {
                 filename: self.get(F::Filename)?,
                 pid: self.get(F::Pid)?,
             },
+            DecoderKind::ExecArgs => {
+                let mut argv = [Loc { off: 0, size: 0 }; EXEC_ARGV_FETCHED];
+                for (loc, &f) in argv.iter_mut().zip(EXEC_ARGV.iter()) {
+                    *loc = self.get(f)?;
+                }
+                Layout::ExecArgs {
+                    argc: self.get(F::Argc)?,
+                    argv,
+                }
+            }
             DecoderKind::Fork => Layout::Fork {
                 child: self.get(F::ChildPid)?,
             },

@@ -410,6 +410,18 @@ impl Decoder {
                 pid: rec.uint(pid)? as u32,
                 filename: String::from_utf8_lossy(rec.str_bytes(filename)?).into_owned(),
             },
+            Layout::ExecArgs { argc, argv } => {
+                let argc = usize::try_from(rec.uint(argc)? as u32).unwrap_or(usize::MAX);
+                let mut args = Vec::with_capacity(argc.min(argv.len()));
+                for &l in argv.iter().take(argc) {
+                    args.push(String::from_utf8_lossy(rec.str_bytes(l)?).into_owned());
+                }
+                EventKind::ExecArgs {
+                    pid: s.pid,
+                    argc: argc.try_into().unwrap_or(u32::MAX),
+                    args,
+                }
+            }
             Layout::Fork { child } => EventKind::Fork {
                 parent: s.pid,
                 child: rec.uint(child)? as u32,

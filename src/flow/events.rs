@@ -143,6 +143,7 @@ impl<C: Clock> Engine<C> {
                 self.sock_due
                     .push(Reverse((t.saturating_add(self.termination), s, gen)));
             }
+            EventKind::ExecArgs { pid, args, .. } => self.procs.on_exec_args(*pid, args.clone()),
             EventKind::Exec { pid, filename } => self.procs.on_exec(*pid, filename),
             EventKind::Fork { parent, child } => {
                 let wall = self.clock.wall(t);

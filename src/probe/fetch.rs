@@ -2,7 +2,7 @@
 //! from the kernel's struct offsets, one per field its decoder kind
 //! declares ([`crate::schema`]).
 
-use crate::schema::{SampleField as F, PACKET_HEADER_BYTES, UDP_DELIVER_WINDOW};
+use crate::schema::{SampleField as F, EXEC_ARGV, PACKET_HEADER_BYTES, UDP_DELIVER_WINDOW};
 
 use super::btf::{Field, Offsets, TcpCounterOffsets};
 
@@ -152,6 +152,24 @@ pub enum Fetch {
     },
     /// `commit_creds(new)`.
     Creds,
+    /// `start_thread(regs, new_ip, new_sp)`: `argc` and the leading
+    /// `argv` strings of the new image, read from user memory at `new_sp`
+    /// (`argc`, then the `argv` pointers), where the ELF loader has just
+    /// laid them out. Entries past `argc` are read too (the NULL after
+    /// the last one fails to read, an environment string may follow): the
+    /// decoder keeps only the first `argc`.
+    ExecArgs,
+}
+
+/// Fields of the exec argument probe (`start_thread(regs, ip, sp)`).
+fn exec_args_fields() -> String {
+    let sp = "$arg3";
+    let mut v = vec![arg(F::Argc, &format!("+u0({sp})"), "u32")];
+    v.extend(EXEC_ARGV.iter().zip(1u32..).map(|(&f, slot)| {
+        let ptr = format!("+u{}({sp})", slot * 8);
+        arg(f, &format!("+u0({ptr})"), "string")
+    }));
+    v.join(" ")
 }
 
 impl Fetch {
@@ -188,6 +206,7 @@ impl Fetch {
             ]
             .join(" "),
             Fetch::TcpClose => tcp_close_fields(o, o.tcp.as_ref()?),
+            Fetch::ExecArgs => exec_args_fields(),
             Fetch::SentDatagram { skb, at } => {
                 let sk = deref(o.tcp.as_ref()?.skb_sk.offset, skb);
                 let data = deref(o.skb_data.offset, skb);

@@ -20,6 +20,7 @@
 //! | `tcp_end`        | `tcp_v4_destroy_sock(sk)` (IPv6 sockets too) | sock fields, the socket's byte and segment counters, `sk_flags` | no |
 //! | `udp_out(6)`     | `ip_send_skb(net, skb)`/`ip6_send_skb(skb)`, filtered to UDP | as `ip_out` (socket from `skb->sk`), and the protocol byte | no |
 //! | `exec/fork/exit` | `sched:sched_process_*`          | tracepoint fields                         | yes  |
+//! | `exec_args`      | `start_thread(regs, ip, sp)` (x86-64 ELF loader) | argc, argv[0..4] from the new user stack | yes |
 //!
 //! At the packet probes `skb->data` points at the IP header (egress: after
 //! the header was pushed; ingress: before it is pulled), so the header and
@@ -470,6 +471,12 @@ pub const PROBES: &[ProbeDecl] = &[
     ),
     kprobe("creds", &["commit_creds"], Fetch::Creds, DecoderKind::Creds),
     tracepoint("exec", "sched_process_exec", DecoderKind::Exec),
+    kprobe(
+        "exec_args",
+        &["start_thread"],
+        Fetch::ExecArgs,
+        DecoderKind::ExecArgs,
+    ),
     tracepoint("fork", "sched_process_fork", DecoderKind::Fork),
     tracepoint("exit", "sched_process_exit", DecoderKind::Exit),
 ];

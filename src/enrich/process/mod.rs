@@ -10,9 +10,12 @@
 //!   start time, until it calls exec. Thread creation also arrives as a fork
 //!   (the event cannot tell them apart); those entries are removed as soon as
 //!   the thread exits.
-//! * `Exec`: the entry is re-read from `/proc/<pid>`; when that fails (the
-//!   process is already gone) the executable and name come from the event's
-//!   file name and the arguments are left empty.
+//! * `Exec`: the event carries the file run and (from the exec probe, just
+//!   before it) the first arguments; the entry is re-read from
+//!   `/proc/<pid>` for the rest. When that fails (the process is already
+//!   gone), or `/proc` shows other arguments (a later exec), the event's
+//!   file name and arguments stand. A re-exec through `/proc/<pid|self>/exe`
+//!   keeps the executable the process had and is named by `argv[0]`.
 //! * `Creds`: the credentials and the user and group names are replaced.
 //! * `Exit` of a group leader: the entry stays resolvable for a grace period
 //!   (events such as the final close of its sockets arrive after the exit
@@ -43,6 +46,9 @@ pub const MAX_CGROUP_BYTES: u64 = 64 << 10;
 /// Slack of the eviction order queue before it is compacted, as a multiple
 /// of the table bound.
 const ORDER_COMPACT_FACTOR: usize = 2;
+/// Most exec argument samples kept while their exec event is awaited (one
+/// per process between the two samples of an exec).
+pub const MAX_PENDING_EXEC_ARGS: usize = 4096;
 
 /// Errors reading process information.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +149,8 @@ pub struct ProcessTable {
     evictions: u64,
     pending_evictions: u64,
     read_failures: u64,
+    /// Arguments of execs whose exec event has not arrived yet, by pid.
+    pending_args: HashMap<u32, Vec<String>>,
 }
 
 impl std::fmt::Debug for ProcessTable {
@@ -194,6 +202,7 @@ impl ProcessTable {
             evictions: 0,
             pending_evictions: 0,
             read_failures: 0,
+            pending_args: HashMap::new(),
         }
     }
 
@@ -339,9 +348,28 @@ impl ProcessTable {
         self.insert(info, true);
     }
 
+    /// The leading arguments of the image process `pid` is about to run
+    /// (the exec probe's sample, right before the exec event itself).
+    pub fn on_exec_args(&mut self, pid: u32, args: Vec<String>) {
+        if self.pending_args.len() >= MAX_PENDING_EXEC_ARGS && !self.pending_args.contains_key(&pid)
+        {
+            // Only exec events that never arrived (lost samples, counted as
+            // such) leave arguments behind: forget them.
+            self.pending_args.clear();
+        }
+        self.pending_args.insert(pid, args);
+    }
+
     /// A process called exec.
+    ///
+    /// The event names the file run and, through [`Self::on_exec_args`],
+    /// the leading arguments; `/proc/<pid>` adds what they lack (the full
+    /// command line, credentials, container). Where `/proc` shows other
+    /// leading arguments (a later exec, a rewritten command line), or
+    /// cannot be read (the process is gone), the event's arguments stand.
     pub fn on_exec(&mut self, pid: u32, filename: &str) {
         let old = self.get(pid);
+        let event_args = self.pending_args.remove(&pid);
         // The file the exec ran: a re-exec through /proc/*/exe runs the
         // executable the process had before.
         let had = old
@@ -352,8 +380,11 @@ impl ProcessTable {
             Some(e) if is_proc_exe(filename) => e.to_string(),
             _ => filename.to_string(),
         };
-        let mut info = match self.source.read(pid) {
-            Ok(s) => self.info_from_snapshot(s),
+        let (mut info, comm) = match self.source.read(pid) {
+            Ok(s) => {
+                let comm = s.name.clone();
+                (self.info_from_snapshot(s), comm)
+            }
             Err(_) => {
                 self.read_failures += 1;
                 let mut info = old.as_deref().cloned().unwrap_or(ProcessInfo {
@@ -361,20 +392,27 @@ impl ProcessTable {
                     ..ProcessInfo::default()
                 });
                 info.executable = String::new();
-                info.name = String::new();
                 info.args = Vec::new();
-                info
+                // The kernel names the new image after the file it ran.
+                (info, basename(filename).to_string())
             }
         };
+        if let Some(args) = event_args {
+            if !info.args.starts_with(&args) {
+                info.args = args;
+            }
+        }
         // A process read while it exits may have lost its executable link.
         if info.executable.is_empty() || is_proc_exe(&info.executable) {
             info.executable = ran;
         }
-        if info.name.is_empty() || info.name == "exe" {
-            info.name = person_name("exe".to_string(), &info.executable, &info.args);
-            if info.name == "exe" && basename(&info.executable) != "exe" {
-                info.name = basename(&info.executable).to_string();
-            }
+        info.name = if comm.is_empty() {
+            basename(&info.executable).to_string()
+        } else {
+            person_name(comm, &info.executable, &info.args)
+        };
+        if info.name == "exe" && basename(&info.executable) != "exe" {
+            info.name = basename(&info.executable).to_string();
         }
         // Exec keeps the process identity (and the start time we keyed it by).
         if let Some(old) = old {
@@ -393,6 +431,7 @@ impl ProcessTable {
 
     /// A task exited at kernel time `now`.
     pub fn on_exit(&mut self, pid: u32, tid: u32, now: KernelTime) {
+        self.pending_args.remove(&tid);
         if tid != pid {
             // A thread: drop an entry its creation made, if any.
             if let Some(&k) = self.current.get(&tid) {
@@ -520,6 +559,77 @@ mod tests {
         let p = t.lookup(30);
         assert_eq!(p.executable, "/bin/busybox");
         assert_eq!(p.name, "busybox");
+    }
+
+    #[test]
+    fn an_applet_gone_before_its_exec_is_read_is_named_by_the_events_argv0() {
+        let src = FakeProcSource::default();
+        let mut t = table(&src, 16);
+        let mut sh = snap(30, "sh", 100, 1000);
+        sh.exe = "/bin/busybox".into();
+        src.set(sh);
+        t.scan().unwrap();
+        src.remove(30);
+        t.on_exec_args(30, vec!["wget".into(), "-q".into()]);
+        t.on_exec(30, "/proc/self/exe");
+        let p = t.lookup(30);
+        assert_eq!(
+            (p.name.as_str(), p.executable.as_str(), p.args.clone()),
+            (
+                "wget",
+                "/bin/busybox",
+                vec!["wget".to_string(), "-q".to_string()]
+            )
+        );
+        // A plain exec of a vanished process: the kernel's name (the
+        // file's base name) and the event's arguments.
+        t.on_fork(10, 31, UNIX_EPOCH);
+        t.on_exec_args(31, vec!["tool".into(), "--once".into()]);
+        t.on_exec(31, "/opt/bin/tool-1.2");
+        let p = t.lookup(31);
+        assert_eq!(
+            (p.name.as_str(), p.executable.as_str(), p.args.len()),
+            ("tool-1.2", "/opt/bin/tool-1.2", 2)
+        );
+    }
+
+    #[test]
+    fn proc_adds_the_arguments_past_the_fetched_ones_and_nothing_else() {
+        let src = FakeProcSource::default();
+        let mut t = table(&src, 16);
+        let mut s = snap(40, "cc", 100, 1000);
+        s.args = ["cc", "-O2", "-c", "a.c", "-o", "a.o"]
+            .map(String::from)
+            .to_vec();
+        src.set(s.clone());
+        t.on_exec_args(40, ["cc", "-O2", "-c", "a.c"].map(String::from).to_vec());
+        t.on_exec(40, "/usr/bin/cc");
+        assert_eq!(
+            t.lookup(40).args,
+            s.args,
+            "/proc continues the event's arguments"
+        );
+        // /proc already shows a later image: the event's arguments stand.
+        t.on_exec_args(40, vec!["cc".into(), "-E".into()]);
+        t.on_exec(40, "/usr/bin/cc");
+        assert_eq!(t.lookup(40).args, vec!["cc".to_string(), "-E".to_string()]);
+    }
+
+    #[test]
+    fn exec_arguments_wait_for_their_exec_only_as_long_as_the_process_lives() {
+        let src = FakeProcSource::default();
+        let mut t = table(&src, 16);
+        t.on_exec_args(50, vec!["lost".into()]);
+        t.on_exit(50, 50, 1);
+        t.on_exec(50, "/bin/true");
+        assert!(
+            t.lookup(50).args.is_empty(),
+            "arguments of an earlier image"
+        );
+        for pid in 0..=MAX_PENDING_EXEC_ARGS as u32 {
+            t.on_exec_args(1000 + pid, vec!["x".into()]);
+        }
+        assert!(t.pending_args.len() <= MAX_PENDING_EXEC_ARGS);
     }
 
     fn snap(pid: u32, name: &str, start_s: u64, uid: u32) -> ProcSnapshot {

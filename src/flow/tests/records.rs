@@ -163,6 +163,62 @@ fn a_forking_servers_child_takes_the_flow_its_parent_accepted() {
 }
 
 #[test]
+fn an_applet_that_exits_before_proc_is_read_is_named_from_its_exec_events() {
+    let mut h = H::new();
+    h.src.set(ProcSnapshot {
+        exe: "/bin/busybox".into(),
+        ..proc_snap(310, "sh")
+    });
+    h.ev(
+        S,
+        Some(310),
+        EventKind::Fork {
+            parent: 310,
+            child: 311,
+        },
+    );
+    // busybox's shell re-executes itself as the applet; the applet is gone
+    // before anything reads /proc/311.
+    h.ev(
+        S + MS,
+        Some(311),
+        EventKind::ExecArgs {
+            pid: 311,
+            argc: 3,
+            args: vec!["wget".into(), "-q".into(), "http://10.0.0.1/".into()],
+        },
+    );
+    h.ev(
+        S + MS,
+        Some(311),
+        EventKind::Exec {
+            pid: 311,
+            filename: "/proc/self/exe".into(),
+        },
+    );
+    let sk = 0x5310;
+    h.create(S + 2 * MS, 311, sk, Some(Tcp));
+    h.connect(S + 2 * MS, 311, sk, "10.0.0.2:40000", "10.0.0.1:80");
+    h.pkt(
+        S + 3 * MS,
+        Some(sk),
+        Tcp,
+        Out,
+        ("10.0.0.2:40000", "10.0.0.1:80"),
+        60,
+    );
+    h.close(S + 4 * MS, Some(311), sk);
+    h.tick(100 * S);
+    let r = only(h.flows());
+    let p = r.process.as_ref().expect("owner");
+    assert_eq!(
+        (p.pid, p.ppid, p.name.as_str(), p.executable.as_str()),
+        (311, 310, "wget", "/bin/busybox")
+    );
+    assert_eq!(p.args, ["wget", "-q", "http://10.0.0.1/"]);
+}
+
+#[test]
 fn a_process_that_did_not_fork_the_owner_takes_no_flow_over() {
     let mut h = H::new();
     let conn = 0x5100;
