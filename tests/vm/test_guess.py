@@ -25,7 +25,6 @@ import re
 import time
 
 import grpc
-import pytest
 
 import bed
 import flowlib
@@ -223,20 +222,15 @@ def test_repeated_guessing(vm):
 TAINT_WARN = 1 << 9
 
 
-def test_no_kernel_warning_in_the_boot(vm, request):
+def test_no_kernel_warning_in_the_boot(vm):
     """Whatever ran in this boot before (every guess of this module and of the flow scenarios on
     guessed offsets), the kernel logged no lockup, stall, oops or warning and is not tainted by one.
     The kernel warns only once per boot, so this looks at the whole boot, not at one test.
 
-    Known on 5.10: the ``sk_buff`` guess (like ``msghdr``) reads the memory every dumped word points
-    at; a word that is no pointer but a non-canonical value passes the kernel's address check on a
-    CPU that reports 57-bit virtual addresses while the kernel runs 4-level paging (this TCG guest),
-    and the read faults: fixed up, but the kernel warns ("General protection fault in user access.
-    Non-canonical address?") and is tainted."""
-    if vm.suite == "bullseye":
-        request.applymarker(pytest.mark.xfail(
-            reason="5.10: a guess's pointee read of a non-canonical word makes the kernel warn",
-            strict=False))
+    On 5.10 in this TCG guest (a CPU reporting 57-bit virtual addresses, the kernel on 4-level
+    paging) a guess that read the pointee of a dumped word holding a non-canonical value made the
+    kernel warn ("General protection fault in user access. Non-canonical address?"); the guesses
+    now read pointees only of words their pointer pre-pass saw holding kernel addresses."""
     tainted = int(vm.run("cat /proc/sys/kernel/tainted", check=True).out.strip())
     console = vm.console_log.read_text(errors="replace")
     trouble = [line for line in console.splitlines() if KERNEL_TROUBLE.search(line)]

@@ -9,9 +9,14 @@
 //! | `proto_name`       | `@tcp_prot`, `@udp_prot` memory             | TCP connect                               | proto.name |
 //! | `sock_prot`        | `tcp_connect`, `udp_sendmsg`: the word equal to `tcp_prot`/`tcpv6_prot`/`udp_prot` (`/proc/kallsyms`); name via each word when addresses are hidden | TCP v4/v6 connect, UDP send | skc_prot |
 //! | `socket`           | `inet_release` (socket), sk from connect/send | TCP connect + close, UDP send + close   | socket.sk, socket.type |
-//! | `sk_buff`          | `ip_output`, `ip_local_deliver` (skb + each word's pointee) | UDP datagram of random length | len, data, head, network_header, transport_header |
+//! | `sk_buff_pointers` | `ip_output`, `ip_local_deliver` (skb words) | UDP datagram                              | the words holding kernel addresses in every sample |
+//! | `sk_buff`          | `ip_output`, `ip_local_deliver` (skb + the pointee of each of those words) | UDP datagram of random length | len, data, head, network_header, transport_header |
 //! | `cred`             | `commit_creds` (cred)                       | thread changes to random ids              | uid, gid, euid, egid |
-//! | `msghdr`           | `udp_sendmsg`, `udpv6_sendmsg` (msghdr + pointees) | UDP sendto v4 and v6               | msg_name, msg_namelen, sin(6)_port, sin(6)_addr |
+//! | `msghdr_pointers`  | `udp_sendmsg`, `udpv6_sendmsg` (msghdr words) | UDP sendto v4 and v6                    | the words holding kernel addresses in every sample |
+//! | `msghdr`           | `udp_sendmsg`, `udpv6_sendmsg` (msghdr + the pointee of each of those words) | UDP sendto v4 and v6 | msg_name, msg_namelen, sin(6)_port, sin(6)_addr |
+//!
+//! A guess reads a pointee only where its pre-pass (`*_pointers`) saw a
+//! kernel address in that word of every sample ([`kernel_words`]).
 //!
 //! No probe of the set hooks a system call, so no syscall argument
 //! convention needs guessing.
@@ -30,18 +35,21 @@ mod socket;
 
 use std::net::{IpAddr, SocketAddr};
 
-use super::search::{Intersection, Resolution};
+use super::search::{self, Intersection, Resolution};
 use super::session::GuessProbe;
 use super::{need, Ctx, GuessError, GuessRecord, Known};
 use crate::probe::btf::{Field, Offsets, Provenance};
 
 use cred::{cred_probes, cred_rep, CRED_FIELDS};
-use msghdr::{msghdr_probes, msghdr_rep, MSGHDR_FIELDS};
+use msghdr::{
+    msghdr_pointer_probes, msghdr_pointer_rep, msghdr_pointers, msghdr_probes, msghdr_rep,
+    MSGHDR_FIELDS,
+};
 use proto::{
     proto_name_probes, proto_name_rep, sock_prot_probes, sock_prot_rep, PROTO_NAME_FIELDS,
     SOCK_PROT_FIELDS,
 };
-use skb::{skb_probes, skb_rep, SKB_FIELDS};
+use skb::{skb_pointer_probes, skb_pointer_rep, skb_pointers, skb_probes, skb_rep, SKB_FIELDS};
 use sock::{
     sk_common_finish, sock_addr_probes, sock_addr_rep, sock_type_finish, sock_type_probes,
     sock_type_rep, SK_COMMON, SOCK_ADDR_FIELDS, SOCK_TYPE_FIELDS,
@@ -173,6 +181,69 @@ fn be16(v: u16) -> [u8; 2] {
     v.to_be_bytes()
 }
 
+/// Lowest address of the kernel half with 4-level paging (48-bit
+/// canonical).
+const KERNEL_HALF_4LEVEL: u64 = 0xffff_8000_0000_0000;
+/// Lowest address of the kernel half with 5-level paging (57-bit
+/// canonical).
+const KERNEL_HALF_5LEVEL: u64 = 0xff00_0000_0000_0000;
+
+/// Names of the dumped words found to hold kernel addresses, `<struct>.word<N>`.
+macro_rules! word_names {
+    ($prefix:literal: $($i:literal)*) => {
+        [$(concat!($prefix, ".word", $i)),*]
+    };
+}
+use word_names;
+
+/// Offsets of the words of `dump` that are addresses in the kernel half of
+/// this kernel's address space, told by `own`, an address the kernel is
+/// known to use (the dumped struct's own): 4-level paging puts every
+/// kernel object at or above [`KERNEL_HALF_4LEVEL`], 5-level puts the
+/// direct map below it. Only such words are dereferenced by a guess: a
+/// word outside the kernel half is no kernel pointer, and a non-canonical
+/// one can pass the kernel's own address check on a CPU whose virtual
+/// address width exceeds the paging mode's, so that the read faults with a
+/// general protection fault the kernel logs as a warning.
+fn kernel_words(dump: &[u8], own: u64) -> search::Offsets {
+    let half = if own >= KERNEL_HALF_4LEVEL {
+        KERNEL_HALF_4LEVEL
+    } else {
+        KERNEL_HALF_5LEVEL
+    };
+    (0..dump.len() / WORD as usize)
+        .filter_map(|i| {
+            let at = i * WORD as usize;
+            let v = search::u64_at(dump, at)?;
+            (v >= half).then(|| u32::try_from(at).ok()).flatten()
+        })
+        .collect()
+}
+
+/// The fields a pointer pre-pass resolved: one per word of `field`'s
+/// surviving candidates, named from `names` (by word index).
+fn pointer_words(
+    guess: &'static str,
+    field: &'static str,
+    names: &[&'static str],
+    x: &Intersection,
+) -> Result<Resolved, GuessError> {
+    let words: Resolved = x
+        .get(field)
+        .into_iter()
+        .flatten()
+        .filter_map(|&off| Some((*names.get((off / WORD) as usize)?, plain(off, WORD))))
+        .collect();
+    if words.is_empty() {
+        return Err(GuessError::NoCandidate {
+            guess,
+            field,
+            repetitions: 0,
+        });
+    }
+    Ok(words)
+}
+
 /// Every guess, in dependency order.
 pub(crate) const DEFS: &[Def] = &[
     Def {
@@ -224,6 +295,14 @@ pub(crate) const DEFS: &[Def] = &[
         custom_finish: None,
     },
     Def {
+        name: "sk_buff_pointers",
+        fields: &[],
+        min_reps: super::MIN_REPETITIONS,
+        probes_fn: Some(skb_pointer_probes),
+        rep: skb_pointer_rep,
+        custom_finish: Some(skb_pointers),
+    },
+    Def {
         name: "sk_buff",
         fields: SKB_FIELDS,
         min_reps: super::MIN_REPETITIONS + 1,
@@ -238,6 +317,14 @@ pub(crate) const DEFS: &[Def] = &[
         probes_fn: Some(cred_probes),
         rep: cred_rep,
         custom_finish: None,
+    },
+    Def {
+        name: "msghdr_pointers",
+        fields: &[],
+        min_reps: super::MIN_REPETITIONS,
+        probes_fn: Some(msghdr_pointer_probes),
+        rep: msghdr_pointer_rep,
+        custom_finish: Some(msghdr_pointers),
     },
     Def {
         name: "msghdr",
@@ -290,6 +377,7 @@ pub(crate) fn offsets_from(k: &Known, provenance: Provenance) -> Result<Offsets,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::guess::search::Offsets;
     use crate::probe::spec::MAX_FETCHARGS;
     use proto::PROTO_NAME_LEN;
 
@@ -324,6 +412,48 @@ mod tests {
             }
         }
         assert!(probes >= 10, "{probes}");
+    }
+
+    #[test]
+    fn only_words_in_this_kernels_half_are_dereferenced() {
+        let words: [u64; 6] = [
+            0xffff_8880_0123_4500, // 4-level direct map
+            0xff11_0000_0123_4500, // 5-level direct map
+            0x8000_0000_0000_0001, // non-canonical either way
+            0x0000_7fff_1234_5678, // user space
+            0xffff_ffff_8100_0000, // kernel text
+            0x0000_0000_0000_05dc, // a length
+        ];
+        let dump: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let four = kernel_words(&dump, 0xffff_8881_0000_0000);
+        assert_eq!(four.into_iter().collect::<Vec<_>>(), [0, 32]);
+        let five = kernel_words(&dump, 0xff11_0001_0000_0000);
+        assert_eq!(five.into_iter().collect::<Vec<_>>(), [0, 8, 32]);
+        // A torn dump: the partial word is not read.
+        assert_eq!(kernel_words(&dump[..12], 0xffff_8881_0000_0000).len(), 1);
+    }
+
+    #[test]
+    fn a_pre_pass_names_each_pointer_word_or_fails() {
+        const NAMES: [&str; 4] = word_names!("s": 0 1 2 3);
+        let mut x = Intersection::default();
+        x.add("s.pointers", [8, 24, 800].into_iter().collect());
+        let got = pointer_words("s_pointers", "s.pointers", &NAMES, &x).unwrap();
+        let names: Vec<&str> = got.iter().map(|f| f.0).collect();
+        assert_eq!(
+            names,
+            ["s.word1", "s.word3"],
+            "a word past the names is dropped"
+        );
+        assert_eq!(got[1].1.offset, 24);
+        x.add("s.pointers", Offsets::new());
+        assert!(matches!(
+            pointer_words("s_pointers", "s.pointers", &NAMES, &x),
+            Err(GuessError::NoCandidate {
+                field: "s.pointers",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -5,11 +5,16 @@
 use std::net::IpAddr;
 
 use crate::probe::guess::net;
-use crate::probe::guess::search::{find_bytes, find_u32, u16_at, Intersection, Offsets as Cands};
+use crate::probe::guess::search::{
+    find_bytes, find_u32, u16_at, u64_at, Intersection, Offsets as Cands,
+};
 use crate::probe::guess::session::GuessProbe;
 use crate::probe::guess::{Ctx, GuessError, GuessRecord, Known};
 
-use super::{be16, deref, dump, mine, v4_of, v6_of, AF_INET, AF_INET6, MAX_PAYLOAD, WORD};
+use super::{
+    be16, deref, dump, kernel_words, mine, pointer_words, v4_of, v6_of, word_names, Resolved,
+    AF_INET, AF_INET6, MAX_PAYLOAD, WORD,
+};
 
 /// Words of a `msghdr` dumped.
 const MSGHDR_WORDS: u32 = 8;
@@ -19,6 +24,10 @@ const MSGHDR_POINTEE: u32 = 32;
 const SOCKADDR_IN_LEN: u32 = 16;
 /// sizeof(struct sockaddr_in6).
 const SOCKADDR_IN6_LEN: u32 = 28;
+/// Candidates of the pointer pre-pass.
+const POINTERS: &str = "msghdr.pointers";
+/// Names of the `msghdr` words found to hold kernel addresses.
+const MSGHDR_WORD_NAMES: [&str; MSGHDR_WORDS as usize] = word_names!("msghdr": 0 1 2 3 4 5 6 7);
 
 /// Fields of the `msghdr` guess, with their sizes in bytes.
 pub(super) const MSGHDR_FIELDS: &[(&str, u32)] = &[
@@ -30,29 +39,73 @@ pub(super) const MSGHDR_FIELDS: &[(&str, u32)] = &[
     ("sockaddr_in6.sin6_addr", 16),
 ];
 
-fn msghdr_args() -> String {
+/// The `msghdr` words, and the pointee of each word the pre-pass found
+/// holding a kernel address (`known`).
+fn msghdr_args(known: &Known) -> String {
     let mut v = vec![dump("m", "$arg2", 0, MSGHDR_WORDS)];
     v.extend(
         (0..MSGHDR_WORDS)
+            .filter(|&i| known.contains_key(MSGHDR_WORD_NAMES[i as usize]))
             .map(|i| format!("n{i}=+0({}):u8[{MSGHDR_POINTEE}]", deref(i * WORD, "$arg2"))),
     );
     v.join(" ")
 }
 
-/// Probes of the `msghdr` guess.
-pub(super) fn msghdr_probes(_: &Known) -> Result<Vec<GuessProbe>, GuessError> {
-    Ok(vec![
+/// The probes of both `msghdr` passes, fetching `args`.
+fn msghdr_guess_probes(args: &str) -> Vec<GuessProbe> {
+    vec![
         GuessProbe {
             name: "g_udp_send",
             functions: &["udp_sendmsg"],
-            fetchargs: msghdr_args(),
+            fetchargs: args.to_string(),
         },
         GuessProbe {
             name: "g_udp6_send",
             functions: &["udpv6_sendmsg"],
-            fetchargs: msghdr_args(),
+            fetchargs: args.to_string(),
         },
-    ])
+    ]
+}
+
+/// Probes of the `msghdr` pointer pre-pass: the words and the `msghdr`
+/// address itself.
+pub(super) fn msghdr_pointer_probes(_: &Known) -> Result<Vec<GuessProbe>, GuessError> {
+    Ok(msghdr_guess_probes(&format!(
+        "{} p=$arg2:x64",
+        dump("m", "$arg2", 0, MSGHDR_WORDS)
+    )))
+}
+
+/// One repetition of the pointer pre-pass: a v4 and a v6 `sendto`; the
+/// words holding kernel addresses in the `msghdr` of each.
+pub(super) fn msghdr_pointer_rep(
+    ctx: &mut Ctx<'_, '_>,
+    x: &mut Intersection,
+) -> Result<(), GuessError> {
+    let (fd, _) = net::udp_socket(IpAddr::V4(net::random_v4()), 0, false)?;
+    let dst = net::v4(net::random_v4(), net::random_port());
+    net::send_to(&fd, dst, fastrand::usize(1..=MAX_PAYLOAD))?;
+    let mut recs = ctx.collect("UDP send", |r| mine(ctx, r, 0))?;
+    drop(fd);
+    let (fd, _) = net::udp_socket(IpAddr::V6(ctx.pool.fresh()?), 0, false)?;
+    let dst = net::v6(ctx.pool.fresh()?, net::random_port());
+    net::send_to(&fd, dst, fastrand::usize(1..=MAX_PAYLOAD))?;
+    recs.extend(ctx.collect("UDPv6 send", |r| mine(ctx, r, 1))?);
+    for r in &recs {
+        let own = u64_at(ctx.field(r, "p"), 0).unwrap_or(0);
+        x.add(POINTERS, kernel_words(ctx.field(r, "m"), own));
+    }
+    Ok(())
+}
+
+/// The pre-pass's result: one field per word to dereference.
+pub(super) fn msghdr_pointers(x: &Intersection) -> Result<Resolved, GuessError> {
+    pointer_words("msghdr_pointers", POINTERS, &MSGHDR_WORD_NAMES, x)
+}
+
+/// Probes of the `msghdr` guess.
+pub(super) fn msghdr_probes(known: &Known) -> Result<Vec<GuessProbe>, GuessError> {
+    Ok(msghdr_guess_probes(&msghdr_args(known)))
 }
 
 /// (word index, port offsets, address offsets) of pointees holding the

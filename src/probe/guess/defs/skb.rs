@@ -9,7 +9,9 @@ use crate::probe::guess::search::{find_u16, find_u32, u64_at, Intersection, Offs
 use crate::probe::guess::session::GuessProbe;
 use crate::probe::guess::{Ctx, GuessError, GuessRecord, Known};
 
-use super::{be16, deref, dump, v4_of, MAX_PAYLOAD, WORD};
+use super::{
+    be16, deref, dump, kernel_words, pointer_words, v4_of, word_names, Resolved, MAX_PAYLOAD, WORD,
+};
 
 /// Words of an `sk_buff` dumped (covers every field used on 5.x–7.x).
 const SKB_WORDS: u32 = 32;
@@ -22,6 +24,11 @@ const UDP_HEADER: u32 = 8;
 /// Smallest kernel address: the x86-64 upper half with 5-level paging
 /// (0xff00…; 4-level kernels start higher, at 0xffff8…).
 const KERNEL_ADDR_MIN: u64 = 0xff00_0000_0000_0000;
+/// Candidates of the pointer pre-pass.
+const POINTERS: &str = "sk_buff.pointers";
+/// Names of the `sk_buff` words found to hold kernel addresses.
+const SKB_WORD_NAMES: [&str; SKB_WORDS as usize] = word_names!("sk_buff":
+    0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31);
 
 /// Fields of the `sk_buff` guess, with their sizes in bytes.
 pub(super) const SKB_FIELDS: &[(&str, u32)] = &[
@@ -32,28 +39,75 @@ pub(super) const SKB_FIELDS: &[(&str, u32)] = &[
     ("sk_buff.transport_header", 2),
 ];
 
-fn skb_args(skb: &str) -> String {
+/// The `sk_buff` words, and the pointee of each word the pre-pass found
+/// holding a kernel address (`known`).
+fn skb_args(skb: &str, known: &Known) -> String {
     let mut v = vec![dump("s", skb, 0, SKB_WORDS)];
     v.extend(
-        (0..SKB_WORDS).map(|i| format!("d{i}=+0({}):u8[{SKB_POINTEE}]", deref(i * WORD, skb))),
+        (0..SKB_WORDS)
+            .filter(|&i| known.contains_key(SKB_WORD_NAMES[i as usize]))
+            .map(|i| format!("d{i}=+0({}):u8[{SKB_POINTEE}]", deref(i * WORD, skb))),
     );
     v.join(" ")
 }
 
-/// Probes of the `sk_buff` guess.
-pub(super) fn skb_probes(_: &Known) -> Result<Vec<GuessProbe>, GuessError> {
-    Ok(vec![
+/// The probes of both `sk_buff` passes: `args` for `ip_output`'s and
+/// `ip_local_deliver`'s `skb` argument.
+fn skb_guess_probes(args: impl Fn(&str) -> String) -> Vec<GuessProbe> {
+    vec![
         GuessProbe {
             name: "g_ip_out",
             functions: &["ip_output"],
-            fetchargs: skb_args("$arg3"),
+            fetchargs: args("$arg3"),
         },
         GuessProbe {
             name: "g_ip_in",
             functions: &["ip_local_deliver"],
-            fetchargs: skb_args("$arg1"),
+            fetchargs: args("$arg1"),
         },
-    ])
+    ]
+}
+
+/// Probes of the `sk_buff` pointer pre-pass: the words and the `skb`
+/// address itself.
+pub(super) fn skb_pointer_probes(_: &Known) -> Result<Vec<GuessProbe>, GuessError> {
+    Ok(skb_guess_probes(|skb| {
+        format!("{} p={skb}:x64", dump("s", skb, 0, SKB_WORDS))
+    }))
+}
+
+/// One repetition of the pointer pre-pass: a datagram out and in; every
+/// `sk_buff` seen (ours or not: `data` and `head` point into the kernel in
+/// each) keeps the words holding kernel addresses.
+pub(super) fn skb_pointer_rep(
+    ctx: &mut Ctx<'_, '_>,
+    x: &mut Intersection,
+) -> Result<(), GuessError> {
+    let (rx, dst) = net::udp_socket(IpAddr::V4(net::random_v4()), 0, false)?;
+    let (tx, _) = net::udp_socket(IpAddr::V4(net::random_v4()), 0, false)?;
+    net::send_to(&tx, dst, fastrand::usize(1..=MAX_PAYLOAD))?;
+    let mut seen = [false; 2];
+    while !(seen[0] && seen[1]) {
+        for r in ctx.collect("UDP datagram", |r| r.probe < 2 && !seen[r.probe])? {
+            if let Some(f) = seen.get_mut(r.probe) {
+                *f = true;
+            }
+            let own = u64_at(ctx.field(&r, "p"), 0).unwrap_or(0);
+            x.add(POINTERS, kernel_words(ctx.field(&r, "s"), own));
+        }
+    }
+    net::drain(&rx);
+    Ok(())
+}
+
+/// The pre-pass's result: one field per word to dereference.
+pub(super) fn skb_pointers(x: &Intersection) -> Result<Resolved, GuessError> {
+    pointer_words("sk_buff_pointers", POINTERS, &SKB_WORD_NAMES, x)
+}
+
+/// Probes of the `sk_buff` guess.
+pub(super) fn skb_probes(known: &Known) -> Result<Vec<GuessProbe>, GuessError> {
+    Ok(skb_guess_probes(|skb| skb_args(skb, known)))
 }
 
 /// Word indexes whose pointee is the IPv4/UDP header we sent.
