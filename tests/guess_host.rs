@@ -89,8 +89,10 @@ fn auto_without_btf_guesses_and_reports_every_failure() {
             "proto_name",
             "sock_prot",
             "socket",
+            "sk_buff_pointers",
             "sk_buff",
             "cred",
+            "msghdr_pointers",
             "msghdr"
         ]
     );

@@ -161,12 +161,15 @@ pub enum Fetch {
     ExecArgs,
 }
 
+/// Bytes of a user-space word (`argc`, an `argv` pointer) on x86-64.
+const USER_WORD: u32 = 8;
+
 /// Fields of the exec argument probe (`start_thread(regs, ip, sp)`).
 fn exec_args_fields() -> String {
     let sp = "$arg3";
     let mut v = vec![arg(F::Argc, &format!("+u0({sp})"), "u32")];
     v.extend(EXEC_ARGV.iter().zip(1u32..).map(|(&f, slot)| {
-        let ptr = format!("+u{}({sp})", slot * 8);
+        let ptr = format!("+u{}({sp})", slot * USER_WORD);
         arg(f, &format!("+u0({ptr})"), "string")
     }));
     v.join(" ")
