@@ -185,7 +185,7 @@ fn be16(v: u16) -> [u8; 2] {
 /// canonical).
 const KERNEL_HALF_4LEVEL: u64 = 0xffff_8000_0000_0000;
 /// Lowest address of the kernel half with 5-level paging (57-bit
-/// canonical).
+/// canonical); 4-level kernels start higher, at [`KERNEL_HALF_4LEVEL`].
 const KERNEL_HALF_5LEVEL: u64 = 0xff00_0000_0000_0000;
 
 /// Names of the dumped words found to hold kernel addresses, `<struct>.word<N>`.

@@ -10,7 +10,8 @@ use crate::probe::guess::session::GuessProbe;
 use crate::probe::guess::{Ctx, GuessError, GuessRecord, Known};
 
 use super::{
-    be16, deref, dump, kernel_words, pointer_words, v4_of, word_names, Resolved, MAX_PAYLOAD, WORD,
+    be16, deref, dump, kernel_words, pointer_words, v4_of, word_names, Resolved,
+    KERNEL_HALF_5LEVEL, MAX_PAYLOAD, WORD,
 };
 
 /// Words of an `sk_buff` dumped (covers every field used on 5.x–7.x).
@@ -21,9 +22,6 @@ const SKB_POINTEE: u32 = 28;
 const IPV4_HEADER: u32 = 20;
 /// UDP header.
 const UDP_HEADER: u32 = 8;
-/// Smallest kernel address: the x86-64 upper half with 5-level paging
-/// (0xff00…; 4-level kernels start higher, at 0xffff8…).
-const KERNEL_ADDR_MIN: u64 = 0xff00_0000_0000_0000;
 /// Candidates of the pointer pre-pass.
 const POINTERS: &str = "sk_buff.pointers";
 /// Names of the `sk_buff` words found to hold kernel addresses.
@@ -170,7 +168,7 @@ pub(super) fn skb_rep(ctx: &mut Ctx<'_, '_>, x: &mut Intersection) -> Result<(),
                 let Some(p) = u64_at(sd, (h * WORD) as usize) else {
                     continue;
                 };
-                if p < KERNEL_ADDR_MIN || p >= data {
+                if p < KERNEL_HALF_5LEVEL || p >= data {
                     continue;
                 }
                 let Ok(off) = u16::try_from(data - p) else {
