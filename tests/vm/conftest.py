@@ -121,6 +121,7 @@ def accounting_totals(scenarios: list[dict]) -> dict:
     return {"scenarios": len(scenarios), "flows": sum(sc["flows"] for sc in scenarios),
             "packet_probe_misses": sum(misses.values()), "misses_by_probe": dict(misses),
             "flows_short": sum(sc["flows_short"] for sc in scenarios),
+            "flows_absent": sum(sc.get("flows_absent", 0) for sc in scenarios),
             "packets_short": sum(sc["packets_short"] for sc in scenarios),
             "bytes_short": sum(sc["bytes_short"] for sc in scenarios)}
 
@@ -130,7 +131,8 @@ def accounting_line(acc: dict) -> str:
     by = ", ".join(f"{k} {v}" for k, v in sorted(acc["misses_by_probe"].items()) if v)
     return (f"flows vs capture: {acc['flows']} flows in {acc['scenarios']} scenarios; packet-probe misses "
             f"measured {acc['packet_probe_misses']}{f' ({by})' if by else ''}; {acc['flows_short']} flows "
-            f"needed the allowance ({acc['packets_short']} packets, {acc['bytes_short']} bytes)")
+            f"needed the allowance ({acc['packets_short']} packets, {acc['bytes_short']} bytes"
+            + (f"; {acc['flows_absent']} of them with no record" if acc["flows_absent"] else "") + ")")
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -162,7 +164,9 @@ def pytest_terminal_summary(terminalreporter):
                 if sc["flows_short"]:
                     tr.write_line(f"       allowance used by {sc['test']}: {sc['flows_short']} flows, "
                                   f"{sc['packets_short']} packets, {sc['bytes_short']} bytes "
-                                  f"(misses {sc['misses_total']})")
+                                  f"(misses {sc['misses_total']}"
+                                  + (f"; {sc['flows_absent']} flows with no record" if sc.get("flows_absent") else "")
+                                  + ")")
         missing = facts.get("filter_functions_missing")
         if missing is not None:
             tr.write_line(f"     not in available_filter_functions: {', '.join(missing) or 'none'}")

@@ -112,7 +112,7 @@ def test_udp_connected_unconnected_multi_peer(vm, offsets):
         for addr, echo, clients in echoes:
             for _c, loc in clients:
                 pairs += [(loc, (addr, UDP_ECHO_PORT)), ((addr, UDP_ECHO_PORT), loc)]
-        got = stream.wait_finals(pb.TRANSPORT_UDP, pairs)
+        got = stream.wait_finals(pb.TRANSPORT_UDP, pairs, scenario=sc)
         sc.expect(got[(l1[0], server_recv)], "udp", direction=pb.DIRECTION_EGRESS, pid=c1.pid,
                   user=CLIENT_USER)
         sc.expect(got[(server_recv, l1[0])], "udp", direction=pb.DIRECTION_INGRESS, pid=recv.pid,
@@ -177,7 +177,7 @@ def test_virtio_tcp_udp_from_host(vm, offsets):
         assert all(not p.loopback for p in sc.packets), "virtio traffic was captured on a loopback device"
         tcp_local, udp_local = (GUEST_V4, VIRTIO_TCP_PORT), (GUEST_V4, VIRTIO_UDP_PORT)
         got_t = stream.wait_finals(pb.TRANSPORT_TCP, [(tcp_local, peers["tcp"])])
-        got_u = stream.wait_finals(pb.TRANSPORT_UDP, [(udp_local, peers["udp"])])
+        got_u = stream.wait_finals(pb.TRANSPORT_UDP, [(udp_local, peers["udp"])], scenario=sc)
         # The capture saw the whole payload arrive (plus headers); the
         # verdict then holds the record to the capture.
         received = t.flow("tcp", tcp_local, peers["tcp"]).remote

@@ -294,3 +294,46 @@ def test_verdict_allowance_is_the_probes_kernel_misses():
         _verdict(flows, {"ip_out": 1})
     result, _ = _verdict(flows, {"ip_out": 2})
     assert (result["flows_short"], result["packets_short"]) == (2, 2)
+
+
+def _udp_scenario(misses: dict[str, int]):
+    """A scenario over a synthetic capture of three 228-byte datagrams from the host to a
+    guest UDP server, with ``misses`` counted by the kernel over it."""
+    import types
+
+    import flowlib
+    host, guest = ("10.0.2.2", 50000), ("10.0.2.15", 9181)
+    pkts = [oracle.PacketRecord(0, False, False, 1, "udp", host, guest, 228, 0) for _ in range(3)]
+    vm = types.SimpleNamespace(accounting=[])
+    sc = flowlib.Scenario(vm, "sockscope_1", {p: 0 for p in flowlib.PACKET_PROBES})
+    sc._close(types.SimpleNamespace(packets=pkts, totals=oracle.Totals(pkts)),
+              {p: misses.get(p, 0) for p in flowlib.PACKET_PROBES})
+    return sc, (guest, host)
+
+
+def test_a_flow_without_record_is_allowed_only_when_the_kernel_missed_all_its_packets():
+    import types
+
+    import flowlib
+    pb = types.SimpleNamespace(TRANSPORT_TCP=1, TRANSPORT_UDP=2)
+    # Two misses cannot have taken three datagrams; misses at another probe count for nothing.
+    for misses in ({"udp_in": 2}, {"ip_in": 3}):
+        sc, pair = _udp_scenario(misses)
+        assert not sc.misses_explain(pb, pb.TRANSPORT_UDP, [pair])
+    # A flow the capture never saw is not explained by misses either.
+    sc, (guest, host) = _udp_scenario({"udp_in": 3})
+    assert not sc.misses_explain(pb, pb.TRANSPORT_UDP, [(guest, ("10.0.2.2", 50001))])
+    # Three misses at udp_in: the absent flow is judged as zero packets, charged to them.
+    assert sc.misses_explain(pb, pb.TRANSPORT_UDP, [(guest, host)])
+    sc.expect([flowlib.AbsentFlow(guest, host)], "udp")
+    result = sc.verdict()
+    assert (result["flows_absent"], result["flows_short"], result["packets_short"], result["bytes_short"]) \
+        == (1, 1, 3, 684)
+    # The budget is shared: an absent flow and a short one cannot both live on three misses.
+    sc, pair = _udp_scenario({"udp_in": 3})
+    sc.expect([flowlib.AbsentFlow(*pair)], "udp")
+    sc.expect([types.SimpleNamespace(local=types.SimpleNamespace(ip=pair[0][0], port=pair[0][1], packets=0, bytes=0),
+                                     remote=types.SimpleNamespace(ip=pair[1][0], port=pair[1][1], packets=2,
+                                                                  bytes=456))], "udp")
+    with pytest.raises(AssertionError, match="udp_in: 4 missing, 3 missed"):
+        sc.verdict()

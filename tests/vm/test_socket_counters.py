@@ -142,7 +142,7 @@ def test_socket_counters_against_the_capture(vm):
         assert not problems, "\n".join(problems)
         # UDP stays per packet: judged like every flow scenario.
         srv = ("127.0.0.1", UDP_PORT)
-        ugot = stream.wait_finals(pb.TRANSPORT_UDP, [(uloc[0], srv), (srv, uloc[0])])
+        ugot = stream.wait_finals(pb.TRANSPORT_UDP, [(uloc[0], srv), (srv, uloc[0])], scenario=sc)
         for recs in ugot.values():
             assert all(r.accounting == pb.ACCOUNTING_PACKETS for r in recs), recs
         sc.expect(ugot[(uloc[0], srv)], "udp", direction=pb.DIRECTION_EGRESS, pid=uc.pid, user=CLIENT_USER)
