@@ -414,6 +414,17 @@ pub struct ProcessInfo {
     pub pod_uid: Option<String>,
 }
 
+/// Pid of `kthreadd`, the parent of every kernel thread.
+pub const KTHREADD_PID: u32 = 2;
+
+impl ProcessInfo {
+    /// Whether this is a kernel thread: `kthreadd` or one of its children,
+    /// with no command line (a user process has at least its `argv[0]`).
+    pub fn is_kernel_thread(&self) -> bool {
+        (self.pid == KTHREADD_PID || self.ppid == KTHREADD_PID) && self.args.is_empty()
+    }
+}
+
 /// A flow as reported to subscribers: interim (`is_final == false`, counters
 /// cumulative since the flow's start) or final.
 #[derive(Debug, Clone, PartialEq, Eq)]

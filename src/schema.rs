@@ -296,7 +296,8 @@ pub enum DecoderKind {
         family: IpFamily,
     },
     /// An ingress packet at the IP layer of which only TCP is reported
-    /// (UDP is counted at delivery to its socket, [`DecoderKind::UdpDeliver`]).
+    /// (UDP is counted at delivery to its socket, [`DecoderKind::UdpDeliver`]);
+    /// the protocol byte is fetched apart so the kernel can filter on it.
     TcpIngress {
         /// IP version of the probed function.
         family: IpFamily,
@@ -360,8 +361,10 @@ impl DecoderKind {
             DecoderKind::Packet {
                 dir: PacketDir::Ingress,
                 ..
-            }
-            | DecoderKind::TcpIngress { .. } => &[F::Len, F::Hdr],
+            } => &[F::Len, F::Hdr],
+            // The protocol byte is for the kernel's filter; recordings made
+            // before it was fetched decode as well.
+            DecoderKind::TcpIngress { .. } => &[F::Len, F::Hdr, F::Proto],
             DecoderKind::UdpDeliver => &[F::Sk, F::Len, F::Hdr],
             DecoderKind::SockClose => &[F::Sk, F::Family],
             DecoderKind::TcpClose => TCP_CLOSE,

@@ -116,12 +116,46 @@ fn packet_problems(
 ) -> Vec<String> {
     let mut got: HashMap<Key, Count> = HashMap::new();
     let mut problems = Vec::new();
+    // The processes each socket saw a syscall-context event of (these
+    // recordings were made with the per-call send and receive probes too).
+    let mut users: HashMap<u64, HashSet<u32>> = HashMap::new();
+    for ev in &d.events {
+        let sock = match &ev.kind {
+            EventKind::SockCreate { sock, .. }
+            | EventKind::TcpConnect { sock, .. }
+            | EventKind::TcpAccept { sock, .. }
+            | EventKind::SockActivity { sock, .. }
+            | EventKind::UdpRecv { sock, .. }
+            | EventKind::SockClose { sock } => *sock,
+            _ => continue,
+        };
+        if let Some(t) = ev.task {
+            users.entry(sock).or_default().insert(t.pid);
+        }
+    }
+    let mut egress_with_task = 0;
     for ev in &d.events {
         let EventKind::Packet(p) = &ev.kind else {
             continue;
         };
-        if ev.task.is_some() {
-            problems.push(format!("packet with a task: {ev:?}"));
+        match (p.dir, ev.task) {
+            (PacketDir::Ingress, Some(_)) => {
+                problems.push(format!("ingress packet with a task: {ev:?}"))
+            }
+            // An egress packet sampled in a task: the kernel sent it in a
+            // syscall of a process that uses the socket.
+            (PacketDir::Egress, Some(t)) => {
+                egress_with_task += 1;
+                if !p
+                    .sock
+                    .is_some_and(|sk| users.get(&sk).is_some_and(|u| u.contains(&t.pid)))
+                {
+                    problems.push(format!(
+                        "egress packet in a task that made no call on its socket: {ev:?}"
+                    ));
+                }
+            }
+            _ => {}
         }
         if p.dir == PacketDir::Ingress && p.transport == Transport::Udp && p.sock.is_none() {
             problems.push(format!("delivered datagram without its socket: {ev:?}"));
@@ -161,6 +195,10 @@ fn packet_problems(
              reported missed or lost"
         ));
     }
+    if egress_with_task == 0 {
+        problems.push("no egress packet was sampled in a task".into());
+    }
+    eprintln!("{ctx}: {egress_with_task} egress packets sampled in the task that sent them");
     problems
 }
 

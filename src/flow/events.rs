@@ -16,7 +16,7 @@ use super::slab::NIL;
 use super::{Clock, Engine};
 use crate::model::{
     Event, EventKind, FlowDirection, KernelTime, Output, Packet, PacketDir, SockAddr, SockOp, Task,
-    Transport,
+    Transport, TCP_SYN,
 };
 
 /// Events per group in [`Engine::handle_batch`].
@@ -77,7 +77,7 @@ impl<C: Clock> Engine<C> {
     fn handle_hinted(&mut self, ev: &Event, hint: u32, out: &mut Vec<Output>) {
         let t = ev.time;
         if let EventKind::Packet(p) = &ev.kind {
-            self.on_packet(t, p, hint, out);
+            self.on_packet(t, ev.task, p, hint, out);
             return;
         }
         match &ev.kind {
@@ -194,7 +194,59 @@ impl<C: Clock> Engine<C> {
         self.attribute_use(s, task);
     }
 
-    fn on_packet(&mut self, t: KernelTime, p: &Packet, hint: u32, out: &mut Vec<Output>) {
+    /// An egress packet sampled in the task that sent it (a send, a
+    /// connect's SYN, a receive's window update, a close's FIN): that task
+    /// uses the socket, as a send call would have said, and this comes
+    /// before the packet is counted, so a flow the packet starts is the
+    /// sender's. A closed socket, or one of the other transport, is left to
+    /// the packet path (a reused address), and kernel threads never take a
+    /// socket this way (with threaded NAPI, receive-path replies are sent
+    /// from one).
+    fn on_egress_in_task(
+        &mut self,
+        t: KernelTime,
+        task: Task,
+        sa: SockAddr,
+        (transport, syn): (Transport, Option<u8>),
+        hint: u32,
+        out: &mut Vec<Output>,
+    ) {
+        if self.procs.lookup(task.pid).is_kernel_thread() {
+            return;
+        }
+        // A SYN is a connect's, not a send: it says who uses the socket but
+        // not that it carries data, which would bind the tuple to it before
+        // the handshake gives the flow its direction.
+        let opening = transport == Transport::Tcp && syn.is_some_and(|f| f & TCP_SYN != 0);
+        let Some(s) = self.sock_slot(sa, hint) else {
+            if !opening {
+                self.on_activity(t, Some(task), sa, transport, SockOp::Send, out);
+            }
+            return;
+        };
+        let Some(so) = self.sockets.get_mut(s) else {
+            return;
+        };
+        if so.closed_at.is_some() || so.transport.is_some_and(|tr| tr != transport) {
+            return;
+        }
+        so.transport = Some(transport);
+        so.data_seen |= !opening;
+        so.last = so.last.max(t);
+        self.attribute_use(s, Some(task));
+    }
+
+    fn on_packet(
+        &mut self,
+        t: KernelTime,
+        task: Option<Task>,
+        p: &Packet,
+        hint: u32,
+        out: &mut Vec<Output>,
+    ) {
+        if let (PacketDir::Egress, Some(task), Some(sa)) = (p.dir, task, p.sock) {
+            self.on_egress_in_task(t, task, sa, (p.transport, p.tcp_flags), hint, out);
+        }
         let (local, remote) = match p.dir {
             PacketDir::Egress => (&p.src, &p.dst),
             PacketDir::Ingress => (&p.dst, &p.src),

@@ -83,7 +83,9 @@
 //!
 //! A socket's owner is the process of the last syscall-context event on it
 //! (`SockCreate`, `TcpConnect`, `TcpAccept`, `SockActivity`, `SockClose`
-//! with a task); events without a task (packets) never attribute. A flow
+//! with a task, and an egress packet sampled in the task that sent it, which
+//! counts as a send; not a kernel thread's); events without a task (ingress
+//! packets, anything from a softirq) never attribute. A flow
 //! keeps the first owner it was attributed to (a snapshot of the process at
 //! that moment, immune to pid reuse); new flows take the socket's latest
 //! owner. One exception: a send or receive by a child forked from a flow's

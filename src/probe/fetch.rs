@@ -56,6 +56,13 @@ fn packet_fields(o: &Offsets, skb: &str, sk: Option<&str>) -> String {
     v.join(" ")
 }
 
+/// The protocol (IPv4) or next header (IPv6) byte at `at` of the IP header
+/// at `skb->data`.
+fn proto_field(o: &Offsets, skb: &str, at: u32) -> String {
+    let data = deref(o.skb_data.offset, skb);
+    arg(F::Proto, &format!("+{at}({data})"), "u8")
+}
+
 /// Fields of the UDP delivery probe (`sk`, `skb` arguments): the socket,
 /// the payload length and the bytes before the payload (UDP and IP
 /// headers).
@@ -136,6 +143,15 @@ pub enum Fetch {
         /// The `struct sock *` argument, when the function has one.
         sk: Option<&'static str>,
     },
+    /// A packet delivered at the IP layer: the fields of [`Fetch::Packet`]
+    /// without a socket, and the protocol byte at `at` of the IP header,
+    /// fetched apart so that the kernel can filter on it.
+    ReceivedPacket {
+        /// The `struct sk_buff *` argument.
+        skb: &'static str,
+        /// Offset of the protocol (IPv4) or next header (IPv6) byte.
+        at: u32,
+    },
     /// `__udp_enqueue_schedule_skb(sk, skb)`.
     UdpDeliver,
     /// `tcp_v4_destroy_sock(sk)`: the socket and its counters.
@@ -200,6 +216,9 @@ impl Fetch {
             Fetch::Sk(sk) => pointer(F::Sk, sk),
             Fetch::UdpSend { v6 } => udp_send_fields(o, v6),
             Fetch::Packet { skb, sk } => packet_fields(o, skb, sk),
+            Fetch::ReceivedPacket { skb, at } => {
+                [packet_fields(o, skb, None), proto_field(o, skb, at)].join(" ")
+            }
             Fetch::UdpDeliver => udp_delivery_fields(o),
             Fetch::Creds => [
                 member(F::Uid, o.cred_uid, "$arg1"),
@@ -212,12 +231,7 @@ impl Fetch {
             Fetch::ExecArgs => exec_args_fields(),
             Fetch::SentDatagram { skb, at } => {
                 let sk = deref(o.tcp.as_ref()?.skb_sk.offset, skb);
-                let data = deref(o.skb_data.offset, skb);
-                [
-                    packet_fields(o, skb, Some(&sk)),
-                    arg(F::Proto, &format!("+{at}({data})"), "u8"),
-                ]
-                .join(" ")
+                [packet_fields(o, skb, Some(&sk)), proto_field(o, skb, at)].join(" ")
             }
         })
     }

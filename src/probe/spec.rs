@@ -7,18 +7,17 @@
 //! | `tcp_connect`    | `tcp_connect(sk)`                | sk, family, both addresses and ports      | yes  |
 //! | `tcp_accept`     | `inet_csk_accept` return         | `$retval` sock, family, addresses, ports  | yes  |
 //! | `sock_close`     | `inet_release(socket)`           | socket->sk, family                        | yes  |
-//! | `tcp_send`       | `tcp_sendmsg`                    | sk                                        | yes  |
-//! | `tcp_recv`       | `tcp_recvmsg` (retired: installed in no mode, replays old recordings) | sk | yes |
-//! | `udp_send(6)`    | `udp_sendmsg`/`udpv6_sendmsg`    | sk, msg_namelen, msg_name family/port/addr| yes  |
-//! | `udp_recv(6)`    | `udp_recvmsg`/`udpv6_recvmsg`    | sock fields (bound local address, port)   | yes  |
-//! | `ip_out`         | `ip_output(net, sk, skb)`        | sk, skb->len, 64 bytes at skb->data (IPv4 header + ports) | no |
-//! | `ip6_out`        | `ip6_output(net, sk, skb)`       | sk, skb->len, 64 bytes at skb->data (IPv6 header + ports) | no |
-//! | `ip_in`          | `ip_local_deliver(skb)`          | skb->len, 64 bytes at skb->data (TCP only) | no  |
-//! | `ip6_in`         | `ip6_input(skb)`                 | skb->len, 64 bytes at skb->data (TCP only) | no  |
+//! | `tcp_send`, `tcp_recv` | `tcp_sendmsg`, `tcp_recvmsg` (retired: installed in no mode, replays old recordings) | sk | yes |
+//! | `udp_send(6)`    | `udp_sendmsg`/`udpv6_sendmsg` (retired, as above) | sk, msg_namelen, msg_name family/port/addr| yes  |
+//! | `udp_recv(6)`    | `udp_recvmsg`/`udpv6_recvmsg` (retired, as above) | sock fields (bound local address, port)   | yes  |
+//! | `ip_out`         | `ip_output(net, sk, skb)`        | sk, skb->len, 64 bytes at skb->data (IPv4 header + ports) | when sent in a syscall |
+//! | `ip6_out`        | `ip6_output(net, sk, skb)`       | sk, skb->len, 64 bytes at skb->data (IPv6 header + ports) | when sent in a syscall |
+//! | `ip_in`          | `ip_local_deliver(skb)`, filtered to TCP | skb->len, 64 bytes at skb->data, the protocol byte | no  |
+//! | `ip6_in`         | `ip6_input(skb)`, filtered to TCP | skb->len, 64 bytes at skb->data, the next header byte | no  |
 //! | `udp_in`         | `__udp_enqueue_schedule_skb(sk, skb)` | sk, skb->len, 64 bytes before skb->data (IP + UDP headers) | no |
 //! | `creds`          | `commit_creds(new)`              | uid, gid, euid, egid                      | yes  |
 //! | `tcp_end`        | `tcp_v4_destroy_sock(sk)` (IPv6 sockets too) | sock fields, the socket's byte and segment counters, `sk_flags` | no |
-//! | `udp_out(6)`     | `ip_send_skb(net, skb)`/`ip6_send_skb(skb)`, filtered to UDP | as `ip_out` (socket from `skb->sk`), and the protocol byte | no |
+//! | `udp_out(6)`     | `ip_send_skb(net, skb)`/`ip6_send_skb(skb)`, filtered to UDP | as `ip_out` (socket from `skb->sk`), and the protocol byte | when sent in a syscall |
 //! | `exec/fork/exit` | `sched:sched_process_*`          | tracepoint fields                         | yes  |
 //! | `exec_args`      | `start_thread(regs, ip, sp)` (x86-64 ELF loader) | argc, argv[0..4] from the new user stack | yes |
 //!
@@ -27,10 +26,16 @@
 //! the first four transport bytes (the ports) are at fixed offsets from it;
 //! the decoder validates the version nibble, IHL and next header.
 //!
+//! No probe fires per send or receive call: a socket's user is known from
+//! its creation, connect or accept, from its egress packets (sampled in the
+//! task that sent them when that is a syscall; the decoder gives a sample
+//! flagged as softirq, hard IRQ or NMI no task) and from the start-up
+//! socket snapshot.
+//!
 //! Which probes are installed depends on `socket.accounting`: per-packet
 //! accounting (the default) installs all but `tcp_end` and `udp_out(6)`;
 //! socket-counter accounting counts TCP from `tcp_end` alone, so it leaves
-//! out the per-syscall TCP probe (`tcp_send`), the TCP
+//! out the TCP
 //! ingress probes (`ip_in`, `ip6_in`) and the egress probes of every
 //! protocol (`ip_out`, `ip6_out`), which `udp_out(6)` replace: functions
 //! datagrams leave through and TCP segments never do, with an in-kernel
@@ -128,6 +133,8 @@ impl ResolvedProbe {
 const FAMILY_FILTER: &str = "family == 2 || family == 10";
 /// IPPROTO_UDP in the IPv4 protocol / IPv6 next header byte.
 const UDP_FILTER: &str = "proto == 17";
+/// IPPROTO_TCP in the IPv4 protocol / IPv6 next header byte.
+const TCP_FILTER: &str = "proto == 6";
 /// Offset of the protocol byte in an IPv4 header.
 const IPV4_PROTOCOL_OFFSET: u32 = 9;
 /// Offset of the next header byte in an IPv6 header.
@@ -230,7 +237,21 @@ const fn kprobe(
     }
 }
 
-/// A probe on the packet path: no task context.
+/// A probe on the egress packet path. A packet sent in a syscall (a send,
+/// a connect's SYN, a receive's window update, a close's FIN) is sampled in
+/// the task that holds its socket, which is then the socket's user; one
+/// sent from a softirq or a timer is flagged so in `common_flags` and the
+/// decoder gives it no task.
+const fn egress(
+    name: &'static str,
+    funcs: &'static [&'static str],
+    fetch: Fetch,
+    decoder: DecoderKind,
+) -> ProbeDecl {
+    kprobe(name, funcs, fetch, decoder)
+}
+
+/// A probe on the ingress packet path: no task context.
 const fn packet(
     name: &'static str,
     funcs: &'static [&'static str],
@@ -340,46 +361,47 @@ pub const PROBES: &[ProbeDecl] = &[
         ),
         FAMILY_FILTER,
     ),
-    per_packet(kprobe(
+    // The syscall probes below fired on every send or receive call for an
+    // owner that the socket's creation, connect or accept, its egress
+    // packets sampled in task context and the start-up socket snapshot
+    // already give.
+    retired(kprobe(
         "tcp_send",
         &["tcp_sendmsg"],
         Fetch::Sk("$arg1"),
         activity(Transport::Tcp, SockOp::Send, None),
     )),
-    // Fired on every receive call, event loops' empty polls included, for
-    // an owner that the accept, the connect, the sends and the start-up
-    // socket snapshot already give.
     retired(kprobe(
         "tcp_recv",
         &["tcp_recvmsg"],
         Fetch::Sk("$arg1"),
         activity(Transport::Tcp, SockOp::Recv, None),
     )),
-    kprobe(
+    retired(kprobe(
         "udp_send",
         &["udp_sendmsg"],
         Fetch::UdpSend { v6: false },
         activity(Transport::Udp, SockOp::Send, Some(IpFamily::V4)),
-    ),
-    kprobe(
+    )),
+    retired(kprobe(
         "udp_recv",
         &["udp_recvmsg"],
         Fetch::Sock("$arg1"),
         DecoderKind::UdpRecv,
-    ),
-    ipv6_only(kprobe(
+    )),
+    retired(ipv6_only(kprobe(
         "udp6_send",
         &["udpv6_sendmsg"],
         Fetch::UdpSend { v6: true },
         activity(Transport::Udp, SockOp::Send, Some(IpFamily::V6)),
-    )),
-    ipv6_only(kprobe(
+    ))),
+    retired(ipv6_only(kprobe(
         "udp6_recv",
         &["udpv6_recvmsg"],
         Fetch::Sock("$arg1"),
         DecoderKind::UdpRecv,
-    )),
-    per_packet(packet(
+    ))),
+    per_packet(egress(
         "ip_out",
         &["ip_output"],
         Fetch::Packet {
@@ -391,7 +413,7 @@ pub const PROBES: &[ProbeDecl] = &[
             family: IpFamily::V4,
         },
     )),
-    per_packet(ipv6_only(packet(
+    per_packet(ipv6_only(egress(
         "ip6_out",
         &["ip6_output"],
         Fetch::Packet {
@@ -403,32 +425,40 @@ pub const PROBES: &[ProbeDecl] = &[
             family: IpFamily::V6,
         },
     ))),
-    per_packet(packet(
-        "ip_in",
-        &["ip_local_deliver"],
-        Fetch::Packet {
-            skb: "$arg1",
-            sk: None,
-        },
-        DecoderKind::TcpIngress {
-            family: IpFamily::V4,
-        },
+    // Filtered in the kernel to TCP: UDP is counted at `udp_in`, and other
+    // protocols are not tracked.
+    per_packet(filtered(
+        packet(
+            "ip_in",
+            &["ip_local_deliver"],
+            Fetch::ReceivedPacket {
+                skb: "$arg1",
+                at: IPV4_PROTOCOL_OFFSET,
+            },
+            DecoderKind::TcpIngress {
+                family: IpFamily::V4,
+            },
+        ),
+        TCP_FILTER,
     )),
-    per_packet(ipv6_only(packet(
-        "ip6_in",
-        &["ip6_input"],
-        Fetch::Packet {
-            skb: "$arg1",
-            sk: None,
-        },
-        DecoderKind::TcpIngress {
-            family: IpFamily::V6,
-        },
+    per_packet(ipv6_only(filtered(
+        packet(
+            "ip6_in",
+            &["ip6_input"],
+            Fetch::ReceivedPacket {
+                skb: "$arg1",
+                at: IPV6_NEXT_HEADER_OFFSET,
+            },
+            DecoderKind::TcpIngress {
+                family: IpFamily::V6,
+            },
+        ),
+        TCP_FILTER,
     ))),
     // Datagrams leave through these (UDP, and ICMP, raw and ping sockets,
     // which the filter drops); TCP never does, so its packets hit no probe.
     counters_only(filtered(
-        packet(
+        egress(
             "udp_out",
             &["ip_send_skb"],
             Fetch::SentDatagram {
@@ -442,7 +472,7 @@ pub const PROBES: &[ProbeDecl] = &[
         UDP_FILTER,
     )),
     counters_only(ipv6_only(filtered(
-        packet(
+        egress(
             "udp6_out",
             &["ip6_send_skb"],
             Fetch::SentDatagram {
@@ -672,6 +702,38 @@ mod tests {
     }
 
     #[test]
+    fn egress_probes_keep_their_task_and_tcp_ingress_is_filtered_in_the_kernel() {
+        for mode in [AccountingMode::Packets, AccountingMode::SocketCounters] {
+            for s in probe_set_for(&offsets(), mode).expect("every offset is known") {
+                match s.decoder {
+                    DecoderKind::Packet {
+                        dir: PacketDir::Egress,
+                        ..
+                    }
+                    | DecoderKind::UdpEgress { .. } => assert!(s.task_context, "{}", s.name),
+                    DecoderKind::Packet {
+                        dir: PacketDir::Ingress,
+                        ..
+                    }
+                    | DecoderKind::TcpIngress { .. }
+                    | DecoderKind::UdpDeliver
+                    | DecoderKind::TcpClose => assert!(!s.task_context, "{}", s.name),
+                    _ => {}
+                }
+                if let DecoderKind::TcpIngress { family } = s.decoder {
+                    assert_eq!(s.filter, Some(TCP_FILTER), "{}", s.name);
+                    let at = match family {
+                        IpFamily::V4 => IPV4_PROTOCOL_OFFSET,
+                        IpFamily::V6 => IPV6_NEXT_HEADER_OFFSET,
+                    };
+                    let want = format!("proto=+{at}(");
+                    assert!(s.fetchargs.contains(&want), "{}: {}", s.name, s.fetchargs);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn accounting_modes_choose_their_probes() {
         let names = |mode| -> Vec<&str> {
             probe_set_for(&offsets(), mode)
@@ -682,18 +744,25 @@ mod tests {
         };
         let packets = names(AccountingMode::Packets);
         let counters = names(AccountingMode::SocketCounters);
-        for p in ["tcp_send", "ip_out", "ip_in"] {
+        for p in ["ip_out", "ip_in"] {
             assert!(packets.contains(&p) && !counters.contains(&p), "{p}");
         }
-        assert!(!packets.contains(&"tcp_recv") && !counters.contains(&"tcp_recv"));
-        assert!(
-            ProbeDecl::of_event("sockscope_1/tcp_recv").is_some(),
-            "still replays"
-        );
+        for p in [
+            "tcp_recv",
+            "tcp_send",
+            "udp_send",
+            "udp_recv",
+            "udp6_send",
+            "udp6_recv",
+        ] {
+            assert!(!packets.contains(&p) && !counters.contains(&p), "{p}");
+            let d = ProbeDecl::of_event(&format!("sockscope_1/{p}"));
+            assert!(d.is_some(), "{p} still replays");
+        }
         for p in ["tcp_end", "udp_out"] {
             assert!(counters.contains(&p) && !packets.contains(&p), "{p}");
         }
-        for p in ["tcp_connect", "tcp_accept", "udp_in", "udp_send", "exec"] {
+        for p in ["tcp_connect", "tcp_accept", "udp_in", "exec"] {
             assert!(counters.contains(&p) && packets.contains(&p), "{p}");
         }
         let same: Vec<&str> = probe_set(&offsets()).iter().map(|s| s.name).collect();

@@ -15,6 +15,7 @@ use crate::model::{
 use PacketDir::{Egress as Out, Ingress as In};
 use Transport::{Tcp, Udp};
 
+mod attribution;
 mod expiry;
 mod handshake;
 mod naming;
@@ -196,6 +197,30 @@ impl H {
             tcp_seq: None,
         };
         self.ev(t, None, EventKind::Packet(p));
+    }
+
+    /// An egress packet of `len` IP bytes from `src` to `dst`, sampled in
+    /// the task `pid` that sent it.
+    fn sent(
+        &mut self,
+        t: KernelTime,
+        pid: u32,
+        sock: SockAddr,
+        tr: Transport,
+        (src, dst): (&str, &str),
+        len: u32,
+    ) {
+        let p = Packet {
+            sock: Some(sock),
+            dir: Out,
+            transport: tr,
+            src: sa(src),
+            dst: sa(dst),
+            ip_len: len,
+            tcp_flags: None,
+            tcp_seq: None,
+        };
+        self.ev(t, Some(pid), EventKind::Packet(p));
     }
 
     /// A TCP segment with these flags, `len` IP bytes from `src` to `dst`.
