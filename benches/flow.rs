@@ -79,9 +79,8 @@ fn engine(flows: usize) -> Engine<OffsetClock> {
             exit_grace: Duration::from_secs(5),
         },
     );
-    let mut e = Engine::new(cfg, OffsetClock { base: UNIX_EPOCH }, procs);
-    e.reserve(flows);
-    e
+    // Not pre-sized: the tables grow as the daemon's do.
+    Engine::new(cfg, OffsetClock { base: UNIX_EPOCH }, procs)
 }
 
 fn recording(session: &str) -> replay::Decoded {
@@ -508,9 +507,16 @@ fn memory_report() {
     let per_sock_est = e.memory_bytes() / MEMORY_SOCKETS;
     let per_sock_rss =
         (after.saturating_sub(before).saturating_sub(events_kib)) * 1024 / MEMORY_SOCKETS as u64;
+    let parts: Vec<String> = e
+        .memory_parts()
+        .iter()
+        .filter(|(_, b)| b / MEMORY_SOCKETS > 0)
+        .map(|(name, b)| format!("{name} {}", b / MEMORY_SOCKETS))
+        .collect();
     println!(
         "memory per tracked TCP socket with one flow ({MEMORY_SOCKETS} sockets): \
-         {per_sock_est} B by size accounting, {per_sock_rss} B by RSS growth"
+         {per_sock_est} B by size accounting ({}), {per_sock_rss} B by RSS growth",
+        parts.join(", ")
     );
 }
 

@@ -129,7 +129,9 @@ impl<C: Clock> Engine<C> {
                     self.stats.ignored_events += 1;
                     return;
                 };
-                self.attribute(s, ev.task);
+                // The last close is a use: a forked child that closes the
+                // socket its parent accepted was the one serving it.
+                self.attribute_use(s, ev.task);
                 let gen = if let Some(so) = self.sockets.get_mut(s) {
                     so.last = so.last.max(t);
                     if so.closed_at.is_some() {

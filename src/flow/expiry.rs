@@ -96,8 +96,8 @@ impl<C: Clock> Engine<C> {
             }
             // Long-lived: changed since the last record and still active in
             // the interval that just ended.
-            interim =
-                fl.packets() != fl.reported_packets && fl.last.saturating_add(self.update) > point;
+            interim = low32(fl.packets()) != fl.reported_packets
+                && fl.last.saturating_add(self.update) > point;
         }
         fl.sched_last = fl.last;
         let next = fl.last.saturating_add(self.inactive).min(fl.next_update);
@@ -266,4 +266,9 @@ impl<C: Clock> Engine<C> {
         self.embryo_due.clear();
         self.flush_losses(out);
     }
+}
+
+/// The low 32 bits of a packet count (see `Flow::reported_packets`).
+pub(super) fn low32(n: u64) -> u32 {
+    (n & u64::from(u32::MAX)) as u32
 }

@@ -88,7 +88,8 @@
 //! packets, anything from a softirq) never attribute. A flow
 //! keeps the first owner it was attributed to (a snapshot of the process at
 //! that moment, immune to pid reuse); new flows take the socket's latest
-//! owner. One exception: a send or receive by a child forked from a flow's
+//! owner. One exception: a send or receive (an egress packet sampled in its
+//! task), or the socket's last close, by a child forked from a flow's
 //! owner hands the flow to that child (a forking server's parent accepts,
 //! the child serves the connection). Flows owned by the daemon's own pid are tracked but not reported
 //! unless `include_self`; so are TCP flows without an owner whose local
@@ -396,22 +397,15 @@ impl<C: Clock> Engine<C> {
         }
     }
 
-    /// Pre-sizes the flow tables for `flows` live flows (avoids rehashing
-    /// pauses when the expected load is known).
-    pub fn reserve(&mut self, flows: usize) {
-        let n = flows.min(self.max_flows);
-        if self.flows.len() == 0 {
-            self.flows = Slab::with_capacity(n);
-        }
-        self.tuple_index.reserve(n);
-        self.peer_index.reserve(n);
-        self.sock_index.reserve(n.min(self.max_sockets));
-    }
-
     /// Estimated bytes held by the engine's own tables (slabs, indices,
     /// timer heaps), from their capacities and element sizes. Process
     /// snapshots (shared between the sockets of a process) are not counted.
     pub fn memory_bytes(&self) -> usize {
+        self.memory_parts().iter().map(|(_, b)| b).sum()
+    }
+
+    /// [`Engine::memory_bytes`] table by table.
+    pub fn memory_parts(&self) -> [(&'static str, usize); 14] {
         fn map<K, V>(m: &HashMap<K, V>) -> usize {
             // hashbrown: buckets are a power of two at most 7/8 full, one
             // control byte per bucket plus a group of trailing ones.
@@ -425,21 +419,28 @@ impl<C: Clock> Engine<C> {
         fn heap(h: &BinaryHeap<Due>) -> usize {
             h.capacity() * std::mem::size_of::<Due>()
         }
-        self.sockets.heap_bytes()
-            + self.flows.heap_bytes()
-            + self.embryos.heap_bytes()
-            + map(&self.sock_index)
-            + map(&self.tuple_index)
-            + map(&self.peer_index)
-            + map(&self.udp_local)
-            + map(&self.udp_port)
-            + map(&self.embryo_index)
-            + heap(&self.flow_due)
-            + heap(&self.sock_due)
-            + heap(&self.embryo_due)
-            + map(&self.parked)
-            + self.parked_pairs * std::mem::size_of::<Parked>()
-            + self.parked_due.capacity() * std::mem::size_of::<Reverse<(KernelTime, u16)>>()
+        [
+            ("sockets", self.sockets.heap_bytes()),
+            ("flows", self.flows.heap_bytes()),
+            ("embryos", self.embryos.heap_bytes()),
+            ("sock_index", map(&self.sock_index)),
+            ("tuple_index", map(&self.tuple_index)),
+            ("peer_index", map(&self.peer_index)),
+            ("udp_local", map(&self.udp_local)),
+            ("udp_port", map(&self.udp_port)),
+            ("embryo_index", map(&self.embryo_index)),
+            ("flow_due", heap(&self.flow_due)),
+            ("sock_due", heap(&self.sock_due)),
+            ("embryo_due", heap(&self.embryo_due)),
+            (
+                "parked",
+                map(&self.parked) + self.parked_pairs * std::mem::size_of::<Parked>(),
+            ),
+            (
+                "parked_due",
+                self.parked_due.capacity() * std::mem::size_of::<Reverse<(KernelTime, u16)>>(),
+            ),
+        ]
     }
 
     /// The process table.

@@ -140,7 +140,7 @@ impl<C: Clock> Engine<C> {
             None => self.stats.self_suppressed += 1,
         }
         if let Some(fl) = self.flows.get_mut(f) {
-            fl.reported_packets = packets;
+            fl.reported_packets = super::expiry::low32(packets);
         }
     }
 

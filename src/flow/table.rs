@@ -52,8 +52,10 @@ pub(super) struct Flow {
     pub(super) next_update: KernelTime,
     /// `last` when the pending timer was pushed (second-chance eviction).
     pub(super) sched_last: KernelTime,
-    /// Packets at the last record, to skip unchanged interim records.
-    pub(super) reported_packets: u64,
+    /// Packets at the last record, to skip unchanged interim records: the
+    /// low 32 bits (equal by chance only after exactly 2^32 packets in one
+    /// update interval).
+    pub(super) reported_packets: u32,
     /// How the counters were obtained.
     pub(super) accounting: Accounting,
     /// TCP sequence space of what the local end sent.

@@ -17,6 +17,13 @@ rotates from round to round):
     softflowd       ``softflowd -i lo -d`` exporting NetFlow v5 to a
                     loopback port nobody listens on
 
+and, when named in ``--monitors`` (not run by default):
+
+    sockscope-nodns ``sockscope serve -E socket.dns.enabled=false`` with
+                    the subscriber over TCP loopback: what the DNS
+                    capture's packet socket costs, every packet of the
+                    machine passing its filter
+
 and under each monitor the same three workloads of ``benchtool.c``: churn
 (N short TCP connections), bulk (one TCP transfer) and UDP (datagrams from
 one socket), all on 127.0.0.1. For each run the guest measures, in one
@@ -76,13 +83,16 @@ SOFTFLOWD_COLLECTOR = "127.0.0.1:9995"
 #: The daemon's Unix socket (default ``server.unix_socket``).
 UNIX_SOCKET = "/run/sockscope/sockscope.sock"
 MONITORS = ("none", "sockscope-tcp", "sockscope-unix", "sockscope-counters", "softflowd")
+#: Monitors run only when named in ``--monitors``.
+EXTRA_MONITORS = ("sockscope-nodns",)
 #: With ``--baseline BINARY``: the same sockscope monitors run from that other build
 #: (the subscriber stays the measured build's), to compare two builds in one boot.
 BASELINE_MONITORS = ("baseline-tcp", "baseline-unix", "baseline-counters")
 #: Guest path of the baseline build.
 GUEST_BASELINE = "/usr/bin/sockscope-baseline"
 #: Daemon options per sockscope monitor (beyond the test bed's defaults).
-DAEMON_OPTIONS = {"sockscope-counters": ["-E", "socket.accounting=socket_counters"]}
+DAEMON_OPTIONS = {"sockscope-counters": ["-E", "socket.accounting=socket_counters"],
+                  "sockscope-nodns": ["-E", "socket.dns.enabled=false"]}
 WORKLOADS = ("churn", "bulk", "udp")
 #: USER_HZ of the Debian x86_64 kernels (/proc/PID/stat ticks).
 CLK_TCK = 100
@@ -568,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help=f"comma-separated subset of {','.join(WORKLOADS)}")
     ap.add_argument("--monitors", default=",".join(MONITORS),
-                    help=f"comma-separated subset of {','.join(MONITORS)} (none is always measured), "
+                    help=f"comma-separated subset of {','.join(MONITORS + EXTRA_MONITORS)} (none is always measured), "
                     f"and with --baseline of {','.join(BASELINE_MONITORS)}")
     ap.add_argument("--baseline", type=Path, default=None, metavar="BINARY",
                     help="another sockscope build, measured as the baseline-* monitors in the same boot")
@@ -605,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     workloads = tuple(w for w in WORKLOADS if w in a.workloads.split(","))
     if not workloads or set(a.workloads.split(",")) - set(WORKLOADS):
         ap.error(f"--workloads: a comma-separated subset of {','.join(WORKLOADS)}")
-    known = MONITORS + (BASELINE_MONITORS if a.baseline else ())
+    known = MONITORS + EXTRA_MONITORS + (BASELINE_MONITORS if a.baseline else ())
     monitors = tuple(m for m in known if m == "none" or m in a.monitors.split(","))
     if set(a.monitors.split(",")) - set(known):
         ap.error(f"--monitors: a comma-separated subset of {','.join(known)}")

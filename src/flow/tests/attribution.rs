@@ -112,3 +112,31 @@ fn an_ingress_packet_never_attributes_even_with_a_task() {
     let r = only(h.flows());
     assert_eq!(r.process.as_ref().expect("owner").pid, 200);
 }
+
+#[test]
+fn a_forked_child_that_only_closes_the_socket_takes_the_flow() {
+    let mut h = H::new();
+    let conn = 0x6500;
+    let (cli, srv) = ("10.0.0.2:41000", "10.0.0.1:8080");
+    h.accept(S, 200, conn, srv, cli);
+    h.ev(
+        S + MS,
+        Some(200),
+        EventKind::Fork {
+            parent: 200,
+            child: 201,
+        },
+    );
+    h.src.set(ProcSnapshot {
+        ppid: 200,
+        start: Some(wall(S + MS)),
+        ..proc_snap(201, "nginx")
+    });
+    h.pkt(S + 2 * MS, Some(conn), Tcp, In, (cli, srv), 100);
+    // Its answer left from a softirq (no task); its close is the last one.
+    h.pkt(S + 3 * MS, Some(conn), Tcp, Out, (srv, cli), 300);
+    h.close(S + 4 * MS, Some(201), conn);
+    h.tick(100 * S);
+    let r = only(h.flows());
+    assert_eq!(r.process.as_ref().expect("owner").pid, 201);
+}
