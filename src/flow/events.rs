@@ -213,15 +213,12 @@ impl<C: Clock> Engine<C> {
         hint: u32,
         out: &mut Vec<Output>,
     ) {
-        if self.procs.lookup(task.pid).is_kernel_thread() {
-            return;
-        }
         // A SYN is a connect's, not a send: it says who uses the socket but
         // not that it carries data, which would bind the tuple to it before
         // the handshake gives the flow its direction.
         let opening = transport == Transport::Tcp && syn.is_some_and(|f| f & TCP_SYN != 0);
         let Some(s) = self.sock_slot(sa, hint) else {
-            if !opening {
+            if !opening && !self.procs.lookup(task.pid).is_kernel_thread() {
                 self.on_activity(t, Some(task), sa, transport, SockOp::Send, out);
             }
             return;
@@ -235,6 +232,14 @@ impl<C: Clock> Engine<C> {
         so.transport = Some(transport);
         so.data_seen |= !opening;
         so.last = so.last.max(t);
+        // The usual case, without a clone: the sender owns the socket.
+        let owner_sends = so
+            .owner
+            .as_ref()
+            .is_some_and(|o| o.pid == task.pid && self.procs.is_current(task.pid, o));
+        if owner_sends || self.procs.lookup(task.pid).is_kernel_thread() {
+            return;
+        }
         self.attribute_use(s, Some(task));
     }
 

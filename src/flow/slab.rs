@@ -5,7 +5,8 @@
 //! Slots live in fixed chunks of [`CHUNK_SLOTS`], allocated as they are
 //! needed: a growing table never copies what it holds, and what it has
 //! allocated is at most one chunk more than its high-water mark (a doubling
-//! vector would hold up to twice that).
+//! vector would hold up to twice that). A slot's place in its chunk is a
+//! mask of its index, so a lookup checks one bound, as a vector's does.
 
 /// Slot index meaning "none".
 pub(crate) const NIL: u32 = u32::MAX;
@@ -16,8 +17,10 @@ pub(crate) const CHUNK_SLOTS: usize = 1 << CHUNK_SHIFT;
 
 #[derive(Debug)]
 pub(crate) struct Slab<T> {
-    /// Every chunk but the last is full ([`CHUNK_SLOTS`] slots).
-    chunks: Vec<Vec<Option<T>>>,
+    /// Fixed-size chunks; slots below `high` have been handed out.
+    chunks: Vec<Box<[Option<T>; CHUNK_SLOTS]>>,
+    /// Slots handed out so far (the free list reuses them).
+    high: usize,
     free: Vec<u32>,
     len: usize,
 }
@@ -26,6 +29,7 @@ impl<T> Default for Slab<T> {
     fn default() -> Self {
         Slab {
             chunks: Vec::new(),
+            high: 0,
             free: Vec::new(),
             len: 0,
         }
@@ -48,30 +52,29 @@ impl<T> Slab<T> {
             self.chunks[c][j] = Some(v);
             return i;
         }
-        if self.chunks.last().is_none_or(|c| c.len() == CHUNK_SLOTS) {
-            self.chunks.push(Vec::with_capacity(CHUNK_SLOTS));
+        if self.high == self.chunks.len() * CHUNK_SLOTS {
+            self.chunks.push(empty_chunk());
         }
-        let full = (self.chunks.len() - 1) * CHUNK_SLOTS;
-        let Some(last) = self.chunks.last_mut() else {
-            return NIL - 1;
-        };
-        last.push(Some(v));
-        u32::try_from(full + last.len() - 1).unwrap_or(NIL - 1)
+        let i = self.high;
+        self.high += 1;
+        let (c, j) = locate(u32::try_from(i).unwrap_or(NIL - 1));
+        self.chunks[c][j] = Some(v);
+        u32::try_from(i).unwrap_or(NIL - 1)
     }
 
     pub(crate) fn get(&self, i: u32) -> Option<&T> {
         let (c, j) = locate(i);
-        self.chunks.get(c)?.get(j)?.as_ref()
+        self.chunks.get(c)?[j].as_ref()
     }
 
     pub(crate) fn get_mut(&mut self, i: u32) -> Option<&mut T> {
         let (c, j) = locate(i);
-        self.chunks.get_mut(c)?.get_mut(j)?.as_mut()
+        self.chunks.get_mut(c)?[j].as_mut()
     }
 
     pub(crate) fn remove(&mut self, i: u32) -> Option<T> {
         let (c, j) = locate(i);
-        let v = self.chunks.get_mut(c)?.get_mut(j).and_then(Option::take)?;
+        let v = self.chunks.get_mut(c)?[j].take()?;
         self.free.push(i);
         self.len -= 1;
         Some(v)
@@ -79,11 +82,8 @@ impl<T> Slab<T> {
 
     /// Bytes held by the chunks, the chunk list and the free list.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.chunks
-            .iter()
-            .map(|c| c.capacity() * std::mem::size_of::<Option<T>>())
-            .sum::<usize>()
-            + self.chunks.capacity() * std::mem::size_of::<Vec<Option<T>>>()
+        self.chunks.len() * std::mem::size_of::<[Option<T>; CHUNK_SLOTS]>()
+            + self.chunks.capacity() * std::mem::size_of::<Box<[Option<T>; CHUNK_SLOTS]>>()
             + self.free.capacity() * std::mem::size_of::<u32>()
     }
 
@@ -96,9 +96,20 @@ impl<T> Slab<T> {
         self.chunks
             .iter()
             .flat_map(|c| c.iter())
+            .take(self.high)
             .enumerate()
             .filter(|(_, v)| v.is_some())
             .map(|(i, _)| u32::try_from(i).unwrap_or(NIL))
+    }
+}
+
+/// A chunk of empty slots, built on the heap.
+fn empty_chunk<T>() -> Box<[Option<T>; CHUNK_SLOTS]> {
+    let v: Vec<Option<T>> = std::iter::repeat_with(|| None).take(CHUNK_SLOTS).collect();
+    match v.into_boxed_slice().try_into() {
+        Ok(b) => b,
+        // The length is CHUNK_SLOTS by construction.
+        Err(_) => unreachable!("a chunk has CHUNK_SLOTS slots"),
     }
 }
 

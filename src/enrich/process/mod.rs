@@ -311,6 +311,15 @@ impl ProcessTable {
         }
     }
 
+    /// Whether `info` is the current process with this pid (neither reads
+    /// the source nor clones).
+    pub fn is_current(&self, pid: u32, info: &Arc<ProcessInfo>) -> bool {
+        self.current
+            .get(&pid)
+            .and_then(|k| self.entries.get(k))
+            .is_some_and(|e| Arc::ptr_eq(&e.info, info))
+    }
+
     /// The current process with this pid, reading it from the source when
     /// unknown.
     pub fn lookup(&mut self, pid: u32) -> Arc<ProcessInfo> {
