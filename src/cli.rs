@@ -18,7 +18,9 @@ use crate::export::client::{self, ServerAddr};
 use crate::export::convert;
 use crate::export::ecs::{self, HostInfo};
 use crate::export::proto;
+use crate::export::status;
 use crate::export::watch_json;
+use crate::model::NodeInfo;
 
 /// Per-CPU/per-source flow monitor.
 #[derive(Debug, Parser)]
@@ -502,6 +504,22 @@ async fn watch(cfg: &Config, a: WatchArgs) -> ExitCode {
         }
     };
     let mut c = client::flow_client(ch);
+    // ECS documents carry the node's facts (`host.*`): asked once.
+    let node = if a.format == WatchFormat::Ecs {
+        match c.get_status(proto::GetStatusRequest {}).await {
+            Ok(r) => r.into_inner().node.map(|n| status::node_from_proto(&n)),
+            Err(s) => {
+                eprintln!(
+                    "sockscope: node facts unavailable ({}: {}); host.* has the node name only",
+                    s.code(),
+                    s.message()
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut stream = match c.stream_flows(watch_request(&a)).await {
         Ok(r) => r.into_inner(),
         Err(s) => {
@@ -540,7 +558,7 @@ async fn watch(cfg: &Config, a: WatchArgs) -> ExitCode {
                 }
                 continue;
             }
-            let Some(line) = watch_line(a.format, &resp) else {
+            let Some(line) = watch_line(a.format, &resp, node.as_ref()) else {
                 continue;
             };
             if writeln!(out, "{line}").is_err() {
@@ -556,7 +574,11 @@ async fn watch(cfg: &Config, a: WatchArgs) -> ExitCode {
 
 /// The output line of one (unpacked) response in `format`; loss notices go
 /// to standard error instead.
-fn watch_line(format: WatchFormat, resp: &proto::StreamFlowsResponse) -> Option<String> {
+fn watch_line(
+    format: WatchFormat,
+    resp: &proto::StreamFlowsResponse,
+    node: Option<&NodeInfo>,
+) -> Option<String> {
     let line = match (format, &resp.event) {
         (WatchFormat::Json, _) => {
             let mut line = Vec::new();
@@ -571,13 +593,17 @@ fn watch_line(format: WatchFormat, resp: &proto::StreamFlowsResponse) -> Option<
         (WatchFormat::Ecs, Some(proto::stream_flows_response::Event::Flow(f))) => {
             match convert::flow_from_proto(f) {
                 Ok((rec, host)) => {
-                    let host = HostInfo {
-                        name: if host.is_empty() {
-                            resp.node_name.clone()
-                        } else {
-                            host
+                    let name = if host.is_empty() {
+                        resp.node_name.clone()
+                    } else {
+                        host
+                    };
+                    let host = match node {
+                        Some(n) => HostInfo::of_node(&name, n),
+                        None => HostInfo {
+                            name,
+                            ..HostInfo::default()
                         },
-                        ..HostInfo::default()
                     };
                     ecs::flow_document(&rec, &host).to_string()
                 }
@@ -609,6 +635,28 @@ pub fn status_text(s: &proto::GetStatusResponse) -> String {
     t += &format!("serving:         {}\n", s.serving);
     t += &format!("uptime:          {uptime}\n");
     t += &format!("kernel:          {}\n", s.kernel_release);
+    if let Some(n) = &s.node {
+        let os = [&n.os_name, &n.os_version]
+            .iter()
+            .filter(|v| !v.is_empty())
+            .map(|v| v.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        t += &format!(
+            "host:            {} {} {}{}\n",
+            n.hostname,
+            n.architecture,
+            if os.is_empty() { "(os unknown)" } else { &os },
+            if n.containerized {
+                ", containerized"
+            } else {
+                ""
+            }
+        );
+        if !n.ip_addresses.is_empty() {
+            t += &format!("addresses:       {}\n", n.ip_addresses.join(", "));
+        }
+    }
     t += &format!("offsets:         {}\n", s.offsets_source);
     t += &format!(
         "probes:          {} ({})\n",

@@ -529,3 +529,40 @@ pub enum Output {
     /// A loss notice.
     Loss(Loss),
 }
+
+/// The operating system, from `os-release`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OsRelease {
+    /// `NAME` (`Debian GNU/Linux`).
+    pub name: String,
+    /// `VERSION` (`12 (bookworm)`), else `VERSION_ID`.
+    pub version: String,
+    /// `VERSION_CODENAME` (`bookworm`).
+    pub codename: String,
+    /// `ID` (`debian`).
+    pub platform: String,
+    /// Derived from `ID` and `ID_LIKE` (`debian`, `redhat`, ...).
+    pub family: String,
+}
+
+/// What is known of the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Host name (`uname -n`).
+    pub hostname: String,
+    /// CPU architecture (`uname -m`).
+    pub architecture: String,
+    /// Kernel release (`uname -r`).
+    pub kernel_release: String,
+    /// Kernel version string (`uname -v`).
+    pub kernel_version: String,
+    /// Operating system, when an os-release file was found.
+    pub os: Option<OsRelease>,
+    /// `machine-id`, when present and well formed.
+    pub machine_id: Option<String>,
+    /// Whether the host is itself a container.
+    pub containerized: bool,
+    /// Addresses of the node's interfaces (no loopback, no IPv6
+    /// link-local).
+    pub ip_addresses: Vec<IpAddr>,
+}

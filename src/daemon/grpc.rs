@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::fault::FAULT_PANIC_AFTER_VAR;
 use super::sinks::Sinks;
-use super::status::{machine, DaemonStatus, PipelineState};
+use super::status::{DaemonStatus, PipelineState};
 use super::{DaemonError, Pipeline};
 use crate::config::Config;
 use crate::export::ecs::HostInfo;
@@ -100,11 +100,7 @@ impl Grpc<'_> {
                 None => None,
             };
             let (hub, hub_task) = Hub::spawn(opts.hub.clone(), pipe_rx);
-            let host = HostInfo {
-                name: opts.hub.host_name.clone(),
-                architecture: machine(),
-                kernel: Some(status.kernel_release.clone()),
-            };
+            let host = HostInfo::of_node(&opts.hub.host_name, status.node());
             let sinks = Sinks::start(cfg, &hub, &opts.hub.node_name, host).await?;
             let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
             let metrics_task = metrics_listener.map(|l| {

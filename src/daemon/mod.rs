@@ -63,6 +63,7 @@ pub use fault::{FaultPlan, FaultThread, FAULT_PANIC_AFTER_VAR, FAULT_PANIC_THREA
 
 use crate::config::Config;
 use crate::decode::{Decoder, EventDesc};
+use crate::enrich::host::read_node;
 use crate::enrich::{self, dns, dns::DnsCapture};
 use crate::exit::ExitCode;
 use crate::export::hub::pipeline_channel;
@@ -306,11 +307,13 @@ fn run_with_probes(
     })?;
     threads.threads.push(("engine", handle));
 
+    let node = read_node(&enrich::host_root(cfg), &cfg.socket.proc_root);
     let status = Arc::new(DaemonStatus::new(
         setup,
         events,
         pipeline.state.clone(),
         dns_thread.as_ref().map(|t| Arc::clone(t.counters())),
+        node,
     ));
     let served = Grpc {
         cfg,

@@ -147,8 +147,7 @@ pub(super) fn replay_to(
     let mut report = ReplayReport::default();
     let host = HostInfo {
         name: REPLAY_HOST.to_string(),
-        architecture: None,
-        kernel: None,
+        ..HostInfo::default()
     };
     let (wall0, cpu0) = (Instant::now(), cpu_now()?);
     for _ in 0..repeat.clamp(1, MAX_REPEAT) {
@@ -322,8 +321,7 @@ pub fn replay_through_sinks(
         let (hub, hub_task) = Hub::spawn(hub_opts, rx);
         let host = HostInfo {
             name: REPLAY_HOST.to_string(),
-            architecture: None,
-            kernel: None,
+            ..HostInfo::default()
         };
         let sinks = Sinks::start(cfg, &hub, &node, host).await?;
         drop(hub);

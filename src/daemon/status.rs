@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::enrich::dns::{CaptureCounters, DropReason, TableStats};
 use crate::export::status::{CpuCounters, DnsCounters, StatusSnapshot, StatusSource};
 use crate::flow::EngineStats;
+use crate::model::NodeInfo;
 use crate::probe::{self, InstalledEvent};
 use crate::ring::RingStats;
 
@@ -76,6 +77,8 @@ pub(super) struct DaemonStatus {
     state: Arc<PipelineState>,
     /// The DNS capture's counters, when DNS enrichment is enabled.
     dns_capture: Option<Arc<CaptureCounters>>,
+    /// The node's facts, read at start.
+    node: NodeInfo,
 }
 
 impl DaemonStatus {
@@ -86,6 +89,7 @@ impl DaemonStatus {
         events: &[InstalledEvent],
         state: Arc<PipelineState>,
         dns_capture: Option<Arc<CaptureCounters>>,
+        node: NodeInfo,
     ) -> DaemonStatus {
         DaemonStatus {
             started: Instant::now(),
@@ -100,7 +104,15 @@ impl DaemonStatus {
                 .collect(),
             state,
             dns_capture,
+            node,
         }
+    }
+}
+
+impl DaemonStatus {
+    /// The node's facts, read at start.
+    pub(super) fn node(&self) -> &NodeInfo {
+        &self.node
     }
 }
 
@@ -135,6 +147,7 @@ impl StatusSource for DaemonStatus {
                 self.state.dns_table.lock().ok().and_then(|g| g.clone()),
             ),
             last_error: self.state.last_error.lock().ok().and_then(|g| g.clone()),
+            node: self.node.clone(),
         }
     }
 }
@@ -168,16 +181,9 @@ fn offsets_source(setup: &probe::Setup) -> String {
     }
 }
 
-/// The machine's architecture (`uname -m`), when readable.
-pub(super) fn machine() -> Option<String> {
-    nix::sys::utsname::uname()
-        .ok()
-        .map(|u| u.machine().to_string_lossy().into_owned())
-}
-
 fn kernel_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
+    crate::sys::node::uname()
+        .map(|u| u.release)
         .unwrap_or_default()
 }
 

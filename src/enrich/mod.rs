@@ -3,12 +3,13 @@
 //! Everything a flow record carries beyond its counters: the owning
 //! process ([`process`]), user and group names ([`users`]), the container
 //! and pod a process runs in ([`container`]), the flow's Community ID
-//! ([`community_id`]), and the machine's TCP sockets and their owners when
-//! the daemon starts ([`sockets`]).
+//! ([`community_id`]), the machine's TCP sockets and their owners when
+//! the daemon starts ([`sockets`]), and the node's own facts ([`host`]).
 
 pub mod community_id;
 pub mod container;
 pub mod dns;
+pub mod host;
 pub mod process;
 pub mod sockets;
 pub mod users;

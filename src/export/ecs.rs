@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Map, Value};
 
 use crate::export::convert::source_destination;
+use crate::model::NodeInfo;
 use crate::model::{Accounting, Endpoint, FlowDirection, FlowRecord};
 
 /// ECS version the documents follow.
@@ -21,6 +22,66 @@ pub struct HostInfo {
     pub architecture: Option<String>,
     /// Kernel release, when known.
     pub kernel: Option<String>,
+    /// The rest of the node's facts (operating system, machine id,
+    /// containerized, addresses), when known.
+    pub node: Option<NodeInfo>,
+}
+
+impl HostInfo {
+    /// The host facts of a node named `name`.
+    pub fn of_node(name: &str, node: &NodeInfo) -> HostInfo {
+        let known = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        HostInfo {
+            name: name.to_string(),
+            architecture: known(&node.architecture),
+            kernel: known(&node.kernel_release),
+            node: Some(node.clone()),
+        }
+    }
+}
+
+/// ECS `agent.type` of the documents.
+pub const AGENT_TYPE: &str = "sockscope";
+
+/// ECS `host.*`: what Auditbeat's documents carry, from the node's facts.
+fn host_fields(host: &HostInfo) -> Value {
+    let mut h = Map::new();
+    h.insert("name".into(), json!(host.name));
+    h.insert("hostname".into(), json!(host.name));
+    if let Some(a) = &host.architecture {
+        h.insert("architecture".into(), json!(a));
+    }
+    let mut os = Map::new();
+    if let Some(k) = &host.kernel {
+        os.insert("kernel".into(), json!(k));
+    }
+    if let Some(n) = &host.node {
+        if let Some(r) = &n.os {
+            for (k, v) in [
+                ("name", &r.name),
+                ("version", &r.version),
+                ("codename", &r.codename),
+                ("platform", &r.platform),
+                ("family", &r.family),
+            ] {
+                if !v.is_empty() {
+                    os.insert(k.into(), json!(v));
+                }
+            }
+        }
+        if let Some(id) = &n.machine_id {
+            h.insert("id".into(), json!(id));
+        }
+        h.insert("containerized".into(), json!(n.containerized));
+        if !n.ip_addresses.is_empty() {
+            let ips: Vec<String> = n.ip_addresses.iter().map(|a| a.to_string()).collect();
+            h.insert("ip".into(), json!(ips));
+        }
+    }
+    if !os.is_empty() {
+        h.insert("os".into(), Value::Object(os));
+    }
+    Value::Object(h)
 }
 
 /// RFC 3339 UTC time with millisecond precision, as Auditbeat prints it.
@@ -151,16 +212,11 @@ pub fn flow_document(rec: &FlowRecord, host: &HostInfo) -> Value {
             );
         }
     }
-    let mut h = Map::new();
-    h.insert("name".into(), json!(host.name));
-    h.insert("hostname".into(), json!(host.name));
-    if let Some(a) = &host.architecture {
-        h.insert("architecture".into(), json!(a));
-    }
-    if let Some(k) = &host.kernel {
-        h.insert("os".into(), json!({ "kernel": k }));
-    }
-    doc.insert("host".into(), Value::Object(h));
+    doc.insert("host".into(), host_fields(host));
+    doc.insert(
+        "agent".into(),
+        json!({ "type": AGENT_TYPE, "version": env!("CARGO_PKG_VERSION"), "name": host.name }),
+    );
     doc.insert(
         "system".into(),
         json!({ "audit": { "socket": Value::Object(audit) } }),
@@ -284,6 +340,58 @@ mod tests {
         let d = flow_document(&record(FlowDirection::Ingress), &host);
         assert_eq!(d["source"]["ip"], "151.101.66.217");
         assert_eq!(d["network"]["direction"], "inbound");
+    }
+
+    #[test]
+    fn host_and_agent_come_from_the_node_facts() {
+        use crate::model::OsRelease;
+        let node = NodeInfo {
+            hostname: "node-1".into(),
+            architecture: "x86_64".into(),
+            kernel_release: "6.1.0-50-cloud-amd64".into(),
+            kernel_version: "#1 SMP".into(),
+            os: Some(OsRelease {
+                name: "Debian GNU/Linux".into(),
+                version: "12 (bookworm)".into(),
+                codename: "bookworm".into(),
+                platform: "debian".into(),
+                family: "debian".into(),
+            }),
+            machine_id: Some("5d3c1f2a8b9e4c7da6f50e1d2c3b4a59".into()),
+            containerized: false,
+            ip_addresses: vec!["10.0.2.15".parse().unwrap(), "fd00::15".parse().unwrap()],
+        };
+        let d = flow_document(
+            &record(FlowDirection::Egress),
+            &HostInfo::of_node("node-1", &node),
+        );
+        assert_eq!(
+            d["host"],
+            serde_json::json!({
+                "name": "node-1", "hostname": "node-1", "architecture": "x86_64",
+                "id": "5d3c1f2a8b9e4c7da6f50e1d2c3b4a59", "containerized": false,
+                "ip": ["10.0.2.15", "fd00::15"],
+                "os": {"kernel": "6.1.0-50-cloud-amd64", "name": "Debian GNU/Linux",
+                       "version": "12 (bookworm)", "codename": "bookworm",
+                       "platform": "debian", "family": "debian"},
+            })
+        );
+        assert_eq!(d["agent"]["type"], AGENT_TYPE);
+        assert_eq!(d["agent"]["name"], "node-1");
+        assert_eq!(d["agent"]["version"], env!("CARGO_PKG_VERSION"));
+        // Without the facts: the name only.
+        let d = flow_document(
+            &record(FlowDirection::Egress),
+            &HostInfo {
+                name: "n".into(),
+                ..HostInfo::default()
+            },
+        );
+        assert_eq!(d["host"], serde_json::json!({"name": "n", "hostname": "n"}));
+        // What a client was told over the API renders the same.
+        let told =
+            crate::export::status::node_from_proto(&crate::export::status::node_to_proto(&node));
+        assert_eq!(told, node);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::export::convert;
 use crate::export::proto;
+use crate::model::{NodeInfo, OsRelease};
 
 /// Per-CPU perf ring counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -57,6 +58,8 @@ pub struct StatusSnapshot {
     pub dns: DnsCounters,
     /// Last error the pipeline hit, if any.
     pub last_error: Option<String>,
+    /// The node the daemon runs on.
+    pub node: NodeInfo,
 }
 
 /// Provides the pipeline's status on demand. Called from the gRPC tasks:
@@ -210,5 +213,51 @@ pub fn to_proto(
         flows_received: hub.flows_received,
         export_queue_drops: hub.export_queue_drops,
         serving,
+        node: Some(node_to_proto(&snap.node)),
+    }
+}
+
+/// The node's facts in their protobuf form.
+pub fn node_to_proto(n: &NodeInfo) -> proto::NodeInfo {
+    let os = n.os.clone().unwrap_or_default();
+    proto::NodeInfo {
+        hostname: n.hostname.clone(),
+        architecture: n.architecture.clone(),
+        kernel_release: n.kernel_release.clone(),
+        kernel_version: n.kernel_version.clone(),
+        os_name: os.name,
+        os_version: os.version,
+        os_codename: os.codename,
+        os_platform: os.platform,
+        os_family: os.family,
+        machine_id: n.machine_id.clone().unwrap_or_default(),
+        containerized: n.containerized,
+        ip_addresses: n.ip_addresses.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+/// The node's facts from their protobuf form (what a client was told);
+/// unparsable addresses are left out.
+pub fn node_from_proto(p: &proto::NodeInfo) -> NodeInfo {
+    let os = (!p.os_name.is_empty() || !p.os_platform.is_empty()).then(|| OsRelease {
+        name: p.os_name.clone(),
+        version: p.os_version.clone(),
+        codename: p.os_codename.clone(),
+        platform: p.os_platform.clone(),
+        family: p.os_family.clone(),
+    });
+    NodeInfo {
+        hostname: p.hostname.clone(),
+        architecture: p.architecture.clone(),
+        kernel_release: p.kernel_release.clone(),
+        kernel_version: p.kernel_version.clone(),
+        os,
+        machine_id: (!p.machine_id.is_empty()).then(|| p.machine_id.clone()),
+        containerized: p.containerized,
+        ip_addresses: p
+            .ip_addresses
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect(),
     }
 }

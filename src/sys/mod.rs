@@ -26,6 +26,7 @@
 //! | `caps` | effective capabilities |
 //! | `thread` | CPU pinning and thread ids |
 //! | `malloc` | the C allocator's trim and mmap thresholds |
+//! | [`node`] | `uname` and the interface addresses (the node's facts) |
 //! | [`trigger`] | sockets, addresses and credential changes that trigger the offset guesser's probes |
 //! | [`packet`] | AF_PACKET capture sockets |
 //! | `fake` | the in-memory kernel for tests and benchmarks |
@@ -36,6 +37,7 @@ mod clock;
 pub mod fake;
 mod malloc;
 mod mount;
+pub mod node;
 pub mod packet;
 mod perf;
 mod ring_map;

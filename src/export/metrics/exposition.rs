@@ -474,6 +474,7 @@ mod tests {
                 entries: 31,
             },
             last_error: None,
+            node: Default::default(),
         }
     }
 
