@@ -32,6 +32,8 @@ SLOW_PORT = 8082
 REQUESTS = 3
 WORKDIR = "/tmp/ops"
 JSONL = f"{WORKDIR}/flows.jsonl"
+#: The guest's address on eth0 (qemu user networking).
+GUEST_V4 = "10.0.2.15"
 CONFIG = f"""
 export:
   jsonl:
@@ -201,6 +203,13 @@ def test_metrics_jsonl_and_pod_container(vm):
         assert st.flows_received >= 2 * REQUESTS + 1
         jsonl_subs = [s for s in st.subscribers if s.peer == f"jsonl:{JSONL}"]
         assert len(jsonl_subs) == 1, st.subscribers
+        # The node's facts, against the guest's own.
+        uname = vm.run("uname -n; uname -m; uname -r", check=True).out.split("\n")
+        node = st.node
+        assert [node.hostname, node.architecture, node.kernel_release] == [u.strip() for u in uname[:3]], node
+        assert GUEST_V4 in node.ip_addresses and "127.0.0.1" not in node.ip_addresses, node
+        os_name = vm.run(". /etc/os-release 2>/dev/null && echo \"$NAME\"").out.strip()
+        assert node.os_name == os_name, (node.os_name, os_name)
 
         # Stop: the engine flushes, every subscriber sees the same tail.
         assert vm.stop_daemon("TERM") == 0
@@ -213,6 +222,8 @@ def test_metrics_jsonl_and_pod_container(vm):
     assert docs, "JSONL output is empty"
     assert all(d["flow"]["final"] for d in docs), "interim records without include_updates"
     assert all(d["destination"]["port"] == FILTERED_PORT for d in docs)
+    assert all(d["host"]["os"]["kernel"] == node.kernel_release and GUEST_V4 in d["host"]["ip"]
+               and d["agent"]["type"] == "sockscope" for d in docs), docs[0]
     from_jsonl = sorted((int(d["flow"]["id"]), d["source"]["port"], d["destination"]["port"]) for d in docs)
     from_grpc = sorted((f.id, f.source.port, f.destination.port) for f in filtered.final())
     assert from_jsonl == from_grpc
