@@ -413,7 +413,15 @@ impl ProcessTable {
         }
         // A process read while it exits may have lost its executable link.
         if info.executable.is_empty() || is_proc_exe(&info.executable) {
-            info.executable = ran;
+            // The file name as the exec was given it may be a link (busybox's
+            // `sh` run as /bin/sh): resolved in the process's root, or its
+            // parent's when it is already gone.
+            let pids = [pid, info.ppid];
+            info.executable = if is_proc_exe(&ran) {
+                ran
+            } else {
+                self.source.resolve(&pids, &ran).unwrap_or(ran)
+            };
         }
         info.name = if comm.is_empty() {
             basename(&info.executable).to_string()

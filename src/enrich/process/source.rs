@@ -40,6 +40,61 @@ pub trait ProcSource: Send {
     fn pids(&self) -> Result<Vec<u32>, ProcError>;
     /// Reads one process.
     fn read(&self, pid: u32) -> Result<ProcSnapshot, ProcError>;
+    /// The absolute path `path` (an exec's file name) names once its
+    /// symbolic links are followed, in the root directory of the first of
+    /// `pids` that still has one; None when no such process is left or a
+    /// part of the path is missing.
+    fn resolve(&self, _pids: &[u32], _path: &str) -> Option<String> {
+        None
+    }
+}
+
+/// Most symbolic links followed resolving one path (as the kernel's
+/// `MAXSYMLINKS`).
+const MAX_LINK_HOPS: usize = 40;
+
+/// Resolves absolute `path` inside the directory `root` (a process's
+/// `/proc/<pid>/root`): each component is looked up under `root`, and a
+/// symbolic link's target is followed there too, an absolute one from
+/// `root` rather than from the daemon's own root.
+pub fn resolve_in(root: &Path, path: &str) -> Option<String> {
+    if !path.starts_with('/') {
+        return None;
+    }
+    let mut todo: Vec<String> = path.split('/').rev().map(str::to_string).collect();
+    let mut cur: Vec<String> = Vec::new();
+    let mut hops = 0;
+    while let Some(c) = todo.pop() {
+        match c.as_str() {
+            "" | "." => {}
+            ".." => {
+                cur.pop();
+            }
+            name => {
+                let rel: PathBuf = cur
+                    .iter()
+                    .chain(std::iter::once(&name.to_string()))
+                    .collect();
+                let full = root.join(&rel);
+                let meta = std::fs::symlink_metadata(&full).ok()?;
+                if !meta.file_type().is_symlink() {
+                    cur.push(name.to_string());
+                    continue;
+                }
+                hops += 1;
+                if hops > MAX_LINK_HOPS {
+                    return None;
+                }
+                let target = std::fs::read_link(&full).ok()?;
+                let target = target.to_str()?;
+                if target.starts_with('/') {
+                    cur.clear();
+                }
+                todo.extend(target.split('/').rev().map(str::to_string));
+            }
+        }
+    }
+    Some(format!("/{}", cur.join("/")))
 }
 
 /// [`ProcSource`] over a mounted proc filesystem at a configurable root.
@@ -149,6 +204,13 @@ impl ProcSource for ProcFs {
             cgroup,
         })
     }
+
+    fn resolve(&self, pids: &[u32], path: &str) -> Option<String> {
+        pids.iter()
+            .map(|pid| self.root.join(pid.to_string()).join("root"))
+            .filter(|root| root.exists())
+            .find_map(|root| resolve_in(&root, path))
+    }
 }
 
 /// A [`ProcSource`] over in-memory data, for tests and benchmarks. Clones
@@ -158,6 +220,8 @@ impl ProcSource for ProcFs {
 #[derive(Debug, Clone, Default)]
 pub struct FakeProcSource {
     procs: Arc<Mutex<BTreeMap<u32, ProcSnapshot>>>,
+    /// (pid, path) -> what the path resolves to in that process's root.
+    links: Arc<Mutex<BTreeMap<(u32, String), String>>>,
 }
 
 #[cfg(any(test, feature = "test-util"))]
@@ -175,6 +239,15 @@ impl FakeProcSource {
     pub fn remove(&self, pid: u32) {
         self.map().remove(&pid);
     }
+
+    /// Says what `path` resolves to in the root of process `pid` (while
+    /// that process is present).
+    pub fn set_resolved(&self, pid: u32, path: &str, resolved: &str) {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((pid, path.to_string()), resolved.to_string());
+    }
 }
 
 #[cfg(any(test, feature = "test-util"))]
@@ -188,5 +261,63 @@ impl ProcSource for FakeProcSource {
             path: PathBuf::from(format!("fake/{pid}")),
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         })
+    }
+
+    fn resolve(&self, pids: &[u32], path: &str) -> Option<String> {
+        let present = self.map();
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        pids.iter()
+            .filter(|p| present.contains_key(p))
+            .find_map(|&p| links.get(&(p, path.to_string())).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_resolve_inside_the_process_root() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("7/root");
+        for dir in ["bin", "usr/bin", "opt"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::fs::write(root.join("bin/busybox"), "").unwrap();
+        let link =
+            |target: &str, at: &str| std::os::unix::fs::symlink(target, root.join(at)).unwrap();
+        link("busybox", "bin/sh");
+        // Absolute targets are taken from the process's root, not the daemon's.
+        link("/bin/sh", "usr/bin/sh");
+        link("../bin", "opt/bin");
+        link("loop2", "opt/loop1");
+        link("loop1", "opt/loop2");
+        assert_eq!(
+            resolve_in(&root, "/bin/sh").as_deref(),
+            Some("/bin/busybox")
+        );
+        assert_eq!(
+            resolve_in(&root, "/usr/bin/sh").as_deref(),
+            Some("/bin/busybox")
+        );
+        assert_eq!(
+            resolve_in(&root, "/opt/bin/./sh").as_deref(),
+            Some("/bin/busybox")
+        );
+        assert_eq!(
+            resolve_in(&root, "/bin/busybox").as_deref(),
+            Some("/bin/busybox")
+        );
+        assert_eq!(resolve_in(&root, "/opt/loop1"), None, "a loop ends");
+        assert_eq!(resolve_in(&root, "/bin/missing"), None);
+        assert_eq!(resolve_in(&root, "bin/sh"), None, "relative: not resolved");
+        // Through a proc root: the first listed process that still has a root.
+        std::fs::write(d.path().join("stat"), "btime 1700000000\n").unwrap();
+        let fs = ProcFs::new(d.path()).expect("proc root");
+        assert_eq!(
+            fs.resolve(&[9, 7], "/usr/bin/sh").as_deref(),
+            Some("/bin/busybox")
+        );
+        assert_eq!(fs.resolve(&[9], "/usr/bin/sh"), None);
     }
 }

@@ -336,3 +336,38 @@ fn procfs_reads_this_process() {
     assert!(me.start.unwrap() <= SystemTime::now());
     assert!(fs.pids().unwrap().contains(&std::process::id()));
 }
+
+#[test]
+fn an_exec_file_name_that_is_a_link_is_resolved_in_the_parents_root_once_the_process_is_gone() {
+    let src = FakeProcSource::default();
+    let mut t = ProcessTable::new(
+        Box::new(src.clone()),
+        UserDb::empty(),
+        ProcessTableConfig {
+            max_processes: 16,
+            exit_grace: Duration::from_secs(5),
+        },
+    );
+    src.set(ProcSnapshot {
+        pid: 40,
+        ppid: 1,
+        name: "agent".into(),
+        args: vec!["agent".into()],
+        exe: "/bin/busybox".into(),
+        start: None,
+        creds: None,
+        cgroup: None,
+    });
+    src.set_resolved(40, "/bin/sh", "/bin/busybox");
+    t.scan().unwrap();
+    t.on_fork(40, 41, SystemTime::UNIX_EPOCH);
+    // The child runs `sh` as /bin/sh and is gone before anything reads it.
+    t.on_exec(41, "/bin/sh");
+    let p = t.lookup(41);
+    assert_eq!((p.executable.as_str(), p.ppid), ("/bin/busybox", 40));
+    // Nothing left to resolve it in: the name as given stands.
+    src.remove(40);
+    t.on_fork(40, 42, SystemTime::UNIX_EPOCH);
+    t.on_exec(42, "/bin/sh");
+    assert_eq!(t.lookup(42).executable, "/bin/sh");
+}
