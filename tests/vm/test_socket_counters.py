@@ -44,7 +44,9 @@ DOWNLOAD_S = 2
 DATAGRAMS = 5
 DATAGRAM_SIZE = 200
 #: Probes per-packet accounting installs and socket-counter accounting must not.
-PER_PACKET_ONLY = ("tcp_send", "tcp_recv", "ip_out", "ip_in")
+PER_PACKET_ONLY = ("ip_out", "ip_in")
+#: Per-call probes no mode installs any more.
+RETIRED = ("tcp_send", "tcp_recv", "udp_send", "udp_recv", "udp6_send", "udp6_recv")
 #: Probes only socket-counter accounting installs.
 COUNTERS_ONLY = ("tcp_end", "udp_out")
 
@@ -79,6 +81,7 @@ def test_socket_counters_against_the_capture(vm):
     ours = {line.split()[0].split("/", 1)[1] for line in events.splitlines()
             if line.strip() and line.split()[0].split(":", 1)[-1].startswith(group + "/")}
     assert not ours & set(PER_PACKET_ONLY), f"per-packet probes installed: {sorted(ours)}"
+    assert not ours & set(RETIRED), f"retired probes installed: {sorted(ours)}"
     assert set(COUNTERS_ONLY) <= ours, f"socket-counter probes missing: {sorted(ours)}"
     stream = FlowStream(vm)
     pb = stream.pb
