@@ -12,6 +12,10 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_stream::StreamExt;
 
+mod status_text;
+
+pub use status_text::status_text;
+
 use crate::config::{self, Config};
 use crate::exit::ExitCode;
 use crate::export::client::{self, ServerAddr};
@@ -617,114 +621,6 @@ fn watch_line(
         (_, None) => return None,
     };
     Some(line)
-}
-
-/// Human-readable rendering of a status response.
-pub fn status_text(s: &proto::GetStatusResponse) -> String {
-    let mut t = String::new();
-    let uptime = s
-        .uptime
-        .as_ref()
-        .and_then(convert::std_duration)
-        .map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string())
-        .unwrap_or_default();
-    let samples: u64 = s.cpus.iter().map(|c| c.samples).sum();
-    let lost: u64 = s.cpus.iter().map(|c| c.lost).sum();
-    t += &format!("node:            {}\n", s.node_name);
-    t += &format!("version:         {}\n", s.version);
-    t += &format!("serving:         {}\n", s.serving);
-    t += &format!("uptime:          {uptime}\n");
-    t += &format!("kernel:          {}\n", s.kernel_release);
-    if let Some(n) = &s.node {
-        let os = [&n.os_name, &n.os_version]
-            .iter()
-            .filter(|v| !v.is_empty())
-            .map(|v| v.as_str())
-            .collect::<Vec<_>>()
-            .join(" ");
-        t += &format!(
-            "host:            {} {} {}{}\n",
-            n.hostname,
-            n.architecture,
-            if os.is_empty() { "(os unknown)" } else { &os },
-            if n.containerized {
-                ", containerized"
-            } else {
-                ""
-            }
-        );
-        if !n.ip_addresses.is_empty() {
-            t += &format!("addresses:       {}\n", n.ip_addresses.join(", "));
-        }
-    }
-    t += &format!("offsets:         {}\n", s.offsets_source);
-    t += &format!(
-        "probes:          {} ({})\n",
-        s.probes.len(),
-        s.probes.join(", ")
-    );
-    t += &format!(
-        "samples/lost:    {samples}/{lost} over {} cpus\n",
-        s.cpus.len()
-    );
-    for c in &s.cpus {
-        t += &format!(
-            "  cpu {:>3}: samples {} lost {}\n",
-            c.cpu, c.samples, c.lost
-        );
-    }
-    t += &format!("decode errors:   {}\n", s.decode_errors);
-    t += &format!("kretprobe miss:  {}\n", s.kretprobe_misses);
-    t += &format!(
-        "tracked:         {} sockets, {} flows, {} processes\n",
-        s.tracked_sockets, s.tracked_flows, s.tracked_processes
-    );
-    t += &format!(
-        "history:         {}/{}\n",
-        s.history_occupancy, s.history_capacity
-    );
-    t += &format!(
-        "fan-out:         {} flows received, {} export queue drops\n",
-        s.flows_received, s.export_queue_drops
-    );
-    if let Some(d) = &s.dns {
-        t += &format!(
-            "dns:             {} packets, {} answers, {} parse errors, {} entries\n",
-            d.packets, d.answers, d.parse_errors, d.entries
-        );
-    }
-    t += &format!("subscribers:     {}\n", s.subscribers.len());
-    for sub in &s.subscribers {
-        t += &format!(
-            "  #{} {}: queue {}/{}, delivered {} in {} responses, drops {}\n",
-            sub.id,
-            sub.peer,
-            sub.queue_depth,
-            sub.queue_capacity,
-            sub.delivered,
-            sub.responses,
-            sub.drops
-        );
-        if let Some(k) = &sub.sink {
-            t += &format!(
-                "     {} sink, {}: published {}, duplicates {}, retries {}, loss notices {}\n",
-                k.kind,
-                if k.connected {
-                    "connected"
-                } else {
-                    "disconnected"
-                },
-                k.published,
-                k.duplicates,
-                k.retries,
-                k.loss_notices
-            );
-        }
-    }
-    if !s.last_error.is_empty() {
-        t += &format!("last error:      {}\n", s.last_error);
-    }
-    t
 }
 
 async fn status(cfg: &Config, a: StatusArgs) -> ExitCode {
