@@ -2,12 +2,8 @@
 
 use super::*;
 
-#[test]
-fn a_forking_servers_child_takes_the_flow_by_the_packets_it_sends() {
-    let mut h = H::new();
-    let conn = 0x5100;
-    let (cli, srv) = ("10.0.0.2:41000", "10.0.0.1:8080");
-    h.accept(S, 200, conn, srv, cli);
+/// nginx (pid 200) forks its child 201 at `S + MS`.
+fn forked_child(h: &mut H) {
     h.ev(
         S + MS,
         Some(200),
@@ -21,6 +17,15 @@ fn a_forking_servers_child_takes_the_flow_by_the_packets_it_sends() {
         start: Some(wall(S + MS)),
         ..proc_snap(201, "nginx")
     });
+}
+
+#[test]
+fn a_forking_servers_child_takes_the_flow_by_the_packets_it_sends() {
+    let mut h = H::new();
+    let conn = 0x5100;
+    let (cli, srv) = ("10.0.0.2:41000", "10.0.0.1:8080");
+    h.accept(S, 200, conn, srv, cli);
+    forked_child(&mut h);
     h.pkt(S + 2 * MS, Some(conn), Tcp, In, (cli, srv), 100);
     h.sent(S + 3 * MS, 201, conn, Tcp, (srv, cli), 300);
     h.close(S + 4 * MS, Some(201), conn);
@@ -119,19 +124,7 @@ fn a_forked_child_that_only_closes_the_socket_takes_the_flow() {
     let conn = 0x6500;
     let (cli, srv) = ("10.0.0.2:41000", "10.0.0.1:8080");
     h.accept(S, 200, conn, srv, cli);
-    h.ev(
-        S + MS,
-        Some(200),
-        EventKind::Fork {
-            parent: 200,
-            child: 201,
-        },
-    );
-    h.src.set(ProcSnapshot {
-        ppid: 200,
-        start: Some(wall(S + MS)),
-        ..proc_snap(201, "nginx")
-    });
+    forked_child(&mut h);
     h.pkt(S + 2 * MS, Some(conn), Tcp, In, (cli, srv), 100);
     // Its answer left from a softirq (no task); its close is the last one.
     h.pkt(S + 3 * MS, Some(conn), Tcp, Out, (srv, cli), 300);
