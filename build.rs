@@ -1,6 +1,7 @@
 //! Compiles `proto/sockscope/v1/*.proto` with protox (no protoc needed) and
 //! writes the file descriptor set (with the imported google/protobuf files)
-//! that server reflection serves.
+//! that server reflection serves; and the client of the container runtime's
+//! CRI subset, `proto/cri/runtime.proto`.
 
 use std::path::PathBuf;
 
@@ -23,5 +24,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(false)
         .build_client(true)
         .compile_fds(fds)?;
+    // The container runtime's CRI subset: a client only, not served by
+    // reflection.
+    let cri = protox::compile([proto_dir.join("cri/runtime.proto")], [&proto_dir])?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .compile_fds(cri)?;
     Ok(())
 }

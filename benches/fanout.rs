@@ -94,6 +94,8 @@ fn record(i: usize) -> Arc<FlowRecord> {
             pod_uid: None,
         }),
         accounting: Default::default(),
+        pod: None,
+        remote_pod: None,
     })
 }
 

@@ -61,6 +61,8 @@ fn response() -> proto::StreamFlowsResponse {
             pod_uid: None,
         }),
         accounting: Default::default(),
+        pod: None,
+        remote_pod: None,
     };
     proto::StreamFlowsResponse {
         event: Some(Event::Flow(convert::flow(&rec, "node-1"))),

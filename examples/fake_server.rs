@@ -89,6 +89,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     pod_uid: None,
                 }),
                 accounting: Default::default(),
+                pod: None,
+                remote_pod: None,
             })));
             if id % LOSS_EVERY == 0 {
                 tx.send(Output::Loss(Loss {

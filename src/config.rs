@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod kubernetes;
 mod nats;
+pub use kubernetes::*;
 pub use nats::*;
 
 /// Default `socket.flow_inactive_timeout`.
@@ -102,6 +104,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Additional flow outputs.
     pub export: ExportConfig,
+    /// Pod identity from the container runtime.
+    pub kubernetes: KubernetesConfig,
 }
 
 /// `metrics.*`.
@@ -621,6 +625,7 @@ impl Config {
             }
         }
         self.export.nats.validate()?;
+        self.kubernetes.validate()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid(
                 "log.format",

@@ -5,6 +5,9 @@
 //! messages and ECS documents. Keeping these types here, free of any stage's
 //! internals, lets every stage be tested on its own.
 
+mod pod;
+pub use pod::*;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -455,6 +458,11 @@ pub struct FlowRecord {
     pub process: Option<ProcessInfo>,
     /// How the counters were obtained.
     pub accounting: Accounting,
+    /// Pod and container of the owning process, when the container runtime
+    /// knows them.
+    pub pod: Option<Arc<PodIdentity>>,
+    /// Pod of the remote end, when its address is a pod's on this node.
+    pub remote_pod: Option<Arc<PodIdentity>>,
 }
 
 impl FlowRecord {

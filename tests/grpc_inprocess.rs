@@ -160,6 +160,8 @@ fn record(r: Rec) -> Output {
             pod_uid: None,
         }),
         accounting: Default::default(),
+        pod: None,
+        remote_pod: None,
     }))
 }
 

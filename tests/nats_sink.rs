@@ -302,6 +302,8 @@ fn flow(id: u64) -> Output {
             name: "curl".into(),
             ..ProcessInfo::default()
         }),
+        pod: None,
+        remote_pod: None,
     }))
 }
 

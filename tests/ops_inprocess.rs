@@ -53,6 +53,8 @@ fn flow(id: u64, remote_port: u16, name: &str, is_final: bool) -> Output {
             ..ProcessInfo::default()
         }),
         accounting: Default::default(),
+        pod: None,
+        remote_pod: None,
     }))
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_stream::StreamExt;
 
+mod pods;
 mod status_text;
 
 pub use status_text::status_text;
@@ -79,6 +80,10 @@ pub enum Command {
     /// engine and the export encoding at full speed, and print what came
     /// out (for profiling the pipeline on any machine).
     Replay(ReplayArgs),
+    /// Ask the node's container runtime (CRI) which pods and containers it
+    /// runs, or which pod a process is in, as the daemon resolves them;
+    /// prints JSON lines.
+    Pods(pods::PodsArgs),
 }
 
 /// `replay` options.
@@ -160,6 +165,18 @@ pub struct WatchArgs {
     /// Container id (or a prefix of at least 12 characters).
     #[arg(long)]
     pub container: Vec<String>,
+    /// Kubernetes namespace of either end's pod.
+    #[arg(long)]
+    pub namespace: Vec<String>,
+    /// Pod name of either end; `web-*` matches by prefix.
+    #[arg(long)]
+    pub pod: Vec<String>,
+    /// Workload of either end's pod: `Kind/name`, `Kind/*` or `name`.
+    #[arg(long)]
+    pub workload: Vec<String>,
+    /// Label selector on either end's pod, e.g. `app=web,tier!=db`.
+    #[arg(long = "selector", short = 'l')]
+    pub label_selector: Vec<String>,
     /// egress, ingress or unknown.
     #[arg(long, value_enum)]
     pub direction: Vec<DirectionArg>,
@@ -266,6 +283,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Watch(args) => client_runtime(|| watch(&cfg, *args)),
         Command::Status(args) => client_runtime(|| status(&cfg, args)),
         Command::Replay(args) => replay(&cfg, &args),
+        Command::Pods(args) => pods::run(&cfg, &args),
     }
 }
 
@@ -406,6 +424,10 @@ pub fn watch_request(a: &WatchArgs) -> proto::StreamFlowsRequest {
         user_name: a.user.clone(),
         domain: a.domain.clone(),
         container_id: a.container.clone(),
+        namespace: a.namespace.clone(),
+        pod: a.pod.clone(),
+        workload: a.workload.clone(),
+        label_selector: a.label_selector.clone(),
     };
     let empty = filter == proto::FlowFilter::default();
     proto::StreamFlowsRequest {
@@ -469,8 +491,20 @@ pub fn table_line(f: &proto::Flow) -> String {
             }
         },
     );
+    // The pods of both ends, local first: "ns/pod" or "-".
+    let pod = |p: &Option<proto::Pod>| {
+        p.as_ref().map_or_else(
+            || "-".to_string(),
+            |p| format!("{}/{}", p.namespace, p.name),
+        )
+    };
+    let pods = if f.pod.is_some() || f.remote_pod.is_some() {
+        format!(" pod {} peer {}", pod(&f.pod), pod(&f.remote_pod))
+    } else {
+        String::new()
+    };
     format!(
-        "{end:<24} {transport:<3} {dir:<3} {:>45} -> {:<45} {:>7} {:>10} {:<20} {user}{}",
+        "{end:<24} {transport:<3} {dir:<3} {:>45} -> {:<45} {:>7} {:>10} {:<20} {user}{pods}{}",
         ep(&f.source),
         ep(&f.destination),
         net.packets,

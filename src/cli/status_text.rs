@@ -79,6 +79,26 @@ pub fn status_text(s: &proto::GetStatusResponse) -> String {
             d.packets, d.answers, d.parse_errors, d.entries
         );
     }
+    if let Some(k) = &s.kubernetes {
+        t += &format!(
+            "kubernetes:      {} ({}), {} pods, {} containers, {} lookups ({} failed), {} listings ({} failed)\n",
+            k.endpoint,
+            match (k.connected, k.runtime.is_empty()) {
+                (true, false) => k.runtime.clone(),
+                (true, true) => "connected".to_string(),
+                (false, _) => "not connected".to_string(),
+            },
+            k.pods,
+            k.containers,
+            k.lookups,
+            k.lookup_failures,
+            k.resyncs,
+            k.resync_failures
+        );
+        if !k.last_error.is_empty() {
+            t += &format!("                 last error: {}\n", k.last_error);
+        }
+    }
     t += &format!("subscribers:     {}\n", s.subscribers.len());
     for sub in &s.subscribers {
         t += &format!(

@@ -17,6 +17,7 @@ use super::status::PipelineState;
 use super::Pipeline;
 use crate::config::{AccountingMode, Config};
 use crate::enrich::dns::{DnsResponse, DnsTable, TableLimits};
+use crate::enrich::pods::resolver::PodView;
 use crate::enrich::process::ProcessTable;
 use crate::enrich::sockets::SocketSnapshot;
 use crate::export::hub::PipelineSender;
@@ -35,6 +36,8 @@ pub(super) struct EngineStage {
     pub(super) config: EngineConfig,
     /// The process table the engine attributes sockets with.
     pub(super) procs: ProcessTable,
+    /// Pod identity, when the resolver runs.
+    pub(super) pods: Option<PodView>,
     /// The machine's TCP sockets when the probes were in place.
     pub(super) sockets: SocketSnapshot,
     /// Kernel-to-wall clock offset, re-synchronised by the engine.
@@ -58,7 +61,8 @@ impl EngineStage {
     pub(super) fn run(self, pipeline: &Pipeline) {
         let EngineStage {
             config,
-            procs,
+            mut procs,
+            pods,
             sockets,
             mut wall,
             perf_clock,
@@ -73,6 +77,14 @@ impl EngineStage {
         let clock = EngineClock {
             offset_ns: offset.clone(),
         };
+        // A container seen for the first time is looked up at once, so its
+        // pod is usually known by the time its first flow ends.
+        if let Some(v) = &pods {
+            let v = v.clone();
+            procs.set_container_hook(Box::new(move |id| {
+                let _ = v.container(id);
+            }));
+        }
         let mut engine = Engine::new(config, clock.clone(), procs);
         engine.seed_sockets(&sockets);
         drop(sockets);
@@ -85,7 +97,10 @@ impl EngineStage {
         let mut losses = LossDeltas::default();
         let now_kernel = || sys::clock_gettime_ns(perf_clock.read_clockid()).unwrap_or(0);
         let publish = |out: &mut Vec<Output>| {
-            for o in out.drain(..) {
+            for mut o in out.drain(..) {
+                if let (Some(v), Output::Flow(rec)) = (&pods, &mut o) {
+                    v.attach(Arc::make_mut(rec));
+                }
                 pipe.send(o);
             }
         };

@@ -65,6 +65,13 @@ pub enum DaemonError {
         /// The recorded event name.
         event: String,
     },
+    /// `kubernetes.enabled=required` but no runtime socket is configured
+    /// or found.
+    #[error("kubernetes.enabled=required, but no container runtime socket is configured (kubernetes.runtime_endpoint) or found at {searched}")]
+    NoRuntime {
+        /// The default sockets looked for.
+        searched: String,
+    },
     /// A thread or the runtime could not be started.
     #[error("{what}: {source}")]
     Runtime {
@@ -85,6 +92,7 @@ impl From<&DaemonError> for ExitCode {
             DaemonError::Server(_) | DaemonError::Metrics(_) => ExitCode::Listen,
             DaemonError::Dns(e) => ExitCode::from(e),
             DaemonError::Fault { .. } => ExitCode::Usage,
+            DaemonError::NoRuntime { .. } => ExitCode::Unavailable,
             DaemonError::Nats(e) if e.exit_is_config() => ExitCode::Usage,
             DaemonError::Nats(_) => ExitCode::Failure,
             DaemonError::Jsonl(

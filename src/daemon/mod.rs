@@ -46,6 +46,7 @@ mod engine;
 mod error;
 pub mod fault;
 mod grpc;
+pub mod pods;
 mod reader;
 pub mod replay;
 mod sinks;
@@ -289,8 +290,11 @@ fn run_with_probes(
     };
     let handle = spawn_stage(&pipeline, READER_THREAD, move |p| reader.run(p))?;
     threads.threads.push(("reader", handle));
+    let pods = pods::start(cfg)?;
+    let pod_status = pods.as_ref().map(|v| v.status_handle());
     let engine = EngineStage {
         config: engine::engine_config(cfg),
+        pods,
         procs,
         sockets,
         wall,
@@ -314,6 +318,7 @@ fn run_with_probes(
         pipeline.state.clone(),
         dns_thread.as_ref().map(|t| Arc::clone(t.counters())),
         node,
+        pod_status,
     ));
     let served = Grpc {
         cfg,

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::enrich::dns::{CaptureCounters, DropReason, TableStats};
+use crate::enrich::pods::resolver::PodStatusHandle;
 use crate::export::status::{CpuCounters, DnsCounters, StatusSnapshot, StatusSource};
 use crate::flow::EngineStats;
 use crate::model::NodeInfo;
@@ -79,6 +80,8 @@ pub(super) struct DaemonStatus {
     dns_capture: Option<Arc<CaptureCounters>>,
     /// The node's facts, read at start.
     node: NodeInfo,
+    /// The pod resolver's counters, when it runs.
+    pods: Option<PodStatusHandle>,
 }
 
 impl DaemonStatus {
@@ -90,6 +93,7 @@ impl DaemonStatus {
         state: Arc<PipelineState>,
         dns_capture: Option<Arc<CaptureCounters>>,
         node: NodeInfo,
+        pods: Option<PodStatusHandle>,
     ) -> DaemonStatus {
         DaemonStatus {
             started: Instant::now(),
@@ -105,6 +109,7 @@ impl DaemonStatus {
             state,
             dns_capture,
             node,
+            pods,
         }
     }
 }
@@ -148,6 +153,7 @@ impl StatusSource for DaemonStatus {
             ),
             last_error: self.state.last_error.lock().ok().and_then(|g| g.clone()),
             node: self.node.clone(),
+            pods: self.pods.as_ref().map(PodStatusHandle::status),
         }
     }
 }

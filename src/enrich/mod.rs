@@ -10,6 +10,7 @@ pub mod community_id;
 pub mod container;
 pub mod dns;
 pub mod host;
+pub mod pods;
 pub mod process;
 pub mod sockets;
 pub mod users;

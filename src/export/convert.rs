@@ -2,12 +2,13 @@
 //! protobuf messages.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::export::proto;
 use crate::model::{
-    Accounting, Creds, Endpoint, FlowDirection, FlowRecord, Loss, LossSource, ProcessInfo,
-    SeqSpace, Transport,
+    Accounting, Creds, Endpoint, FlowDirection, FlowRecord, Loss, LossSource, PodIdentity,
+    ProcessInfo, SeqSpace, Transport, Workload, WorkloadKind,
 };
 
 /// Which endpoint of a flow initiated it: `true` when the local end is the
@@ -230,6 +231,64 @@ pub fn flow(rec: &FlowRecord, host_name: &str) -> proto::Flow {
             .unwrap_or_default(),
         pod_uid: process.and_then(|p| p.pod_uid.clone()).unwrap_or_default(),
         accounting: accounting(rec.accounting) as i32,
+        pod: rec.pod.as_deref().map(pod_to_proto),
+        remote_pod: rec.remote_pod.as_deref().map(pod_to_proto),
+    }
+}
+
+/// A pod identity as `sockscope.v1.Pod`.
+pub fn pod_to_proto(p: &PodIdentity) -> proto::Pod {
+    proto::Pod {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        uid: p.uid.clone(),
+        labels: p
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        annotations: p
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        workload: Some(proto::Workload {
+            kind: p.workload.kind.as_str().to_string(),
+            name: p.workload.name.clone(),
+        }),
+        container_name: p.container_name.clone(),
+        image: p.image.clone(),
+        ips: p.ips.iter().map(|ip| ip.to_string()).collect(),
+    }
+}
+
+/// A `sockscope.v1.Pod` as a pod identity; an unknown workload kind, or
+/// an address that does not parse, is left out.
+pub fn pod_from_proto(p: &proto::Pod) -> PodIdentity {
+    let workload = p.workload.as_ref();
+    PodIdentity {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        uid: p.uid.clone(),
+        labels: p
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        annotations: p
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        workload: Workload {
+            kind: workload
+                .and_then(|w| WorkloadKind::parse(&w.kind))
+                .unwrap_or_default(),
+            name: workload.map(|w| w.name.clone()).unwrap_or_default(),
+        },
+        container_name: p.container_name.clone(),
+        image: p.image.clone(),
+        ips: p.ips.iter().filter_map(|t| t.parse().ok()).collect(),
     }
 }
 
@@ -376,6 +435,8 @@ pub fn flow_from_proto(f: &proto::Flow) -> Result<(FlowRecord, String), FromProt
                 })
             }
         },
+        pod: f.pod.as_ref().map(|p| Arc::new(pod_from_proto(p))),
+        remote_pod: f.remote_pod.as_ref().map(|p| Arc::new(pod_from_proto(p))),
     };
     Ok((rec, f.host_name.clone()))
 }

@@ -212,6 +212,12 @@ pub fn flow_document(rec: &FlowRecord, host: &HostInfo) -> Value {
             );
         }
     }
+    super::ecs_k8s::insert_pods(
+        &mut doc,
+        rec.pod.as_deref(),
+        rec.remote_pod.as_deref(),
+        &host.name,
+    );
     doc.insert("host".into(), host_fields(host));
     doc.insert(
         "agent".into(),
@@ -237,13 +243,13 @@ fn accounting_name(a: Accounting) -> Option<&'static str> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::export::convert;
     use crate::model::{Creds, Endpoint, ProcessInfo, Transport};
     use std::time::UNIX_EPOCH;
 
-    fn record(direction: FlowDirection) -> FlowRecord {
+    pub(crate) fn record(direction: FlowDirection) -> FlowRecord {
         let start = UNIX_EPOCH + Duration::from_millis(1_566_506_795_001);
         FlowRecord {
             id: 7,
@@ -294,6 +300,8 @@ mod tests {
                 pod_uid: None,
             }),
             accounting: Default::default(),
+            pod: None,
+            remote_pod: None,
         }
     }
 

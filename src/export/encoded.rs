@@ -183,6 +183,8 @@ mod tests {
             sock: 0xffff_8de2_9d33_7000,
             process: None,
             accounting: Default::default(),
+            pod: None,
+            remote_pod: None,
         })
     }
 

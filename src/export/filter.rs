@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::export::convert::source_destination;
+use crate::export::pod_filter::PodFilter;
 use crate::export::proto;
 use crate::model::{FlowDirection, FlowRecord, Transport};
 
@@ -46,6 +47,7 @@ pub struct Filter {
     user_name: Vec<String>,
     domain: Vec<String>,
     container_id: Vec<String>,
+    pods: Option<PodFilter>,
 }
 
 /// Compiled allow and deny lists of one request.
@@ -62,7 +64,7 @@ fn err(field: String, reason: impl Into<String>) -> FilterError {
     }
 }
 
-fn check_len<T>(path: &str, name: &str, v: &[T]) -> Result<(), FilterError> {
+pub(crate) fn check_len<T>(path: &str, name: &str, v: &[T]) -> Result<(), FilterError> {
     if v.len() > MAX_FILTER_VALUES {
         return Err(err(
             format!("{path}.{name}"),
@@ -181,6 +183,7 @@ impl Filter {
             user_name: strings(path, "user_name", &f.user_name)?,
             domain,
             container_id,
+            pods: PodFilter::compile(path, f)?,
         })
     }
 
@@ -220,6 +223,7 @@ impl Filter {
                 || proc
                     .and_then(|p| p.container_id.as_ref())
                     .is_some_and(|c| self.container_matches(c)))
+            && self.pods.as_ref().is_none_or(|p| p.matches(rec))
     }
 
     fn domain_matches(&self, domain: &str) -> bool {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::export::convert;
 use crate::export::proto;
-use crate::model::{NodeInfo, OsRelease};
+use crate::model::{NodeInfo, OsRelease, PodResolverStatus};
 
 /// Per-CPU perf ring counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -60,6 +60,8 @@ pub struct StatusSnapshot {
     pub last_error: Option<String>,
     /// The node the daemon runs on.
     pub node: NodeInfo,
+    /// The pod resolver's counters; `None` when it is off.
+    pub pods: Option<PodResolverStatus>,
 }
 
 /// Provides the pipeline's status on demand. Called from the gRPC tasks:
@@ -148,6 +150,10 @@ pub struct HubStatus {
     pub subscribers: Vec<SubscriberInfo>,
     /// Flow records received from the pipeline.
     pub flows_received: u64,
+    /// Final flow records whose local process runs in a pod, by the pod's
+    /// namespace, at most `MAX_NAMESPACE_SERIES` namespaces (the rest under
+    /// `other`), in namespace order.
+    pub pod_flows: Vec<(String, u64)>,
     /// Outputs the pipeline could not enqueue.
     pub export_queue_drops: u64,
 }
@@ -214,6 +220,25 @@ pub fn to_proto(
         export_queue_drops: hub.export_queue_drops,
         serving,
         node: Some(node_to_proto(&snap.node)),
+        kubernetes: snap.pods.as_ref().map(pods_to_proto),
+    }
+}
+
+/// The pod resolver's counters in their protobuf form.
+pub fn pods_to_proto(p: &PodResolverStatus) -> proto::KubernetesStatus {
+    proto::KubernetesStatus {
+        endpoint: p.endpoint.clone(),
+        connected: p.connected,
+        runtime: p.runtime.clone(),
+        pods: p.pods,
+        containers: p.containers,
+        lookups: p.lookups,
+        lookup_failures: p.lookup_failures,
+        resyncs: p.resyncs,
+        resync_failures: p.resync_failures,
+        requests_dropped: p.requests_dropped,
+        left_out: p.left_out,
+        last_error: p.last_error.clone(),
     }
 }
 

@@ -16,7 +16,7 @@ use std::io::Write;
 use super::proto::stream_flows_response::Event;
 use super::proto::{
     Accounting, Credentials, Direction, Flow, FlowEndpoint, IpVersion, LossNotice, LossSource,
-    Network, Principal, Process, StreamFlowsResponse, Transport,
+    Network, Pod, Principal, Process, StreamFlowsResponse, Transport,
 };
 
 /// Nanoseconds per second.
@@ -42,6 +42,16 @@ impl<'a> Obj<'a> {
         self.out.push(b'"');
         self.out.extend_from_slice(name.as_bytes());
         self.out.extend_from_slice(b"\":");
+    }
+
+    /// A key that may need escaping (a map's).
+    fn key_escaped(&mut self, name: &str) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        string(self.out, name);
+        self.out.push(b':');
     }
 
     fn str(&mut self, name: &str, v: &str) {
@@ -270,6 +280,59 @@ fn process(o: &mut Obj<'_>, p: Option<&Process>) {
     x.end();
 }
 
+fn strings(o: &mut Obj<'_>, name: &str, v: &[String]) {
+    if v.is_empty() {
+        return;
+    }
+    o.key(name);
+    o.out.push(b'[');
+    for (i, a) in v.iter().enumerate() {
+        if i > 0 {
+            o.out.push(b',');
+        }
+        string(o.out, a);
+    }
+    o.out.push(b']');
+}
+
+/// A `map<string, string>`, keys in order.
+fn map(o: &mut Obj<'_>, name: &str, m: &std::collections::HashMap<String, String>) {
+    if m.is_empty() {
+        return;
+    }
+    o.key(name);
+    let mut keys: Vec<&String> = m.keys().collect();
+    keys.sort();
+    let mut x = Obj::new(o.out);
+    for k in keys {
+        x.key_escaped(k);
+        string(x.out, &m[k]);
+    }
+    x.end();
+}
+
+fn pod(o: &mut Obj<'_>, name: &str, p: Option<&Pod>) {
+    let Some(p) = p else { return };
+    o.key(name);
+    let mut x = Obj::new(o.out);
+    x.str("name", &p.name);
+    x.str("namespace", &p.namespace);
+    x.str("uid", &p.uid);
+    map(&mut x, "labels", &p.labels);
+    map(&mut x, "annotations", &p.annotations);
+    if let Some(w) = &p.workload {
+        x.key("workload");
+        let mut y = Obj::new(x.out);
+        y.str("kind", &w.kind);
+        y.str("name", &w.name);
+        y.end();
+    }
+    x.str("containerName", &p.container_name);
+    x.str("image", &p.image);
+    strings(&mut x, "ips", &p.ips);
+    x.end();
+}
+
 fn principal(o: &mut Obj<'_>, name: &str, p: Option<&Principal>) {
     let Some(p) = p else { return };
     o.key(name);
@@ -320,6 +383,8 @@ fn flow(out: &mut Vec<u8>, f: &Flow) {
         .ok()
         .map(|e| e.as_str_name());
     o.enumeration("accounting", f.accounting, known);
+    pod(&mut o, "pod", f.pod.as_ref());
+    pod(&mut o, "remotePod", f.remote_pod.as_ref());
     o.end();
 }
 
@@ -375,7 +440,7 @@ pub fn response_line(r: &StreamFlowsResponse, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use crate::export::client::proto_json;
-    use crate::export::proto::SequenceSpace;
+    use crate::export::proto::{SequenceSpace, Workload};
 
     const NAME: &str = "sockscope.v1.StreamFlowsResponse";
 
@@ -483,6 +548,29 @@ mod tests {
                 container_id: self.text(),
                 pod_uid: self.text(),
                 accounting: self.enumeration(2),
+                pod: self.some().then(|| self.pod()),
+                remote_pod: self.some().then(|| self.pod()),
+            }
+        }
+        fn pod(&mut self) -> Pod {
+            let map = |rng: &mut Self| {
+                (0..rng.pick(3))
+                    .map(|_| (rng.text(), rng.text()))
+                    .collect::<std::collections::HashMap<_, _>>()
+            };
+            Pod {
+                name: self.text(),
+                namespace: self.text(),
+                uid: self.text(),
+                labels: map(self),
+                annotations: map(self),
+                workload: self.some().then(|| Workload {
+                    kind: self.text(),
+                    name: self.text(),
+                }),
+                container_name: self.text(),
+                image: self.text(),
+                ips: (0..self.pick(3)).map(|_| self.text()).collect(),
             }
         }
         fn response(&mut self) -> StreamFlowsResponse {

@@ -196,6 +196,8 @@ impl<C: Clock> Engine<C> {
             sock,
             process: fl.owner.as_deref().cloned(),
             accounting: fl.accounting,
+            pod: None,
+            remote_pod: None,
         })
     }
 }

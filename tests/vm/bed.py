@@ -80,6 +80,12 @@ NET_MODULES = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_mod
 #: scenarios whose traffic must cross eth0 (virtio); ``VM.forwards`` maps
 #: ``(proto, guest_port)`` to the host port.
 EXTRA_FORWARDS = (("tcp", 9180), ("udp", 9181))
+#: Where the guest reaches a host service (qemu's guestfwd): a connection
+#: to this address runs ``socat`` on the host, joined to 127.0.0.1 at
+#: ``VM.host_service_port``, where a test serves what the guest needs (the
+#: recorded container runtime of the pod scenarios). Nothing listens there
+#: unless a test does: the connection is then closed at once.
+HOST_SERVICE_ADDR = ("10.0.2.100", 10010)
 #: Host binaries copied into the guest with their shared libraries.
 HOST_TOOLS = ("/usr/bin/tcpdump", "/usr/bin/socat")
 
@@ -323,6 +329,9 @@ class VM:
             while host in (self.grpc_port, self.control_port, *self.forwards.values()):
                 host = free_port()
             self.forwards[fw] = host
+        self.host_service_port = free_port()
+        while self.host_service_port in (self.grpc_port, self.control_port, *self.forwards.values()):
+            self.host_service_port = free_port()
         self.shell = shell
         self.extra_files = extra_files
         self.proc: subprocess.Popen | None = None
@@ -359,7 +368,9 @@ class VM:
         netdev = (f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.grpc_port}-:{GUEST_GRPC_PORT},"
                   f"hostfwd=tcp:127.0.0.1:{self.control_port}-:{GUEST_CONTROL_PORT}"
                   + "".join(f",hostfwd={k[0] if isinstance(k, tuple) else 'tcp'}:127.0.0.1:{h}-"
-                            f":{k[1] if isinstance(k, tuple) else k}" for k, h in self.forwards.items()))
+                            f":{k[1] if isinstance(k, tuple) else k}" for k, h in self.forwards.items())
+                  + f",guestfwd=tcp:{HOST_SERVICE_ADDR[0]}:{HOST_SERVICE_ADDR[1]}-"
+                  f"cmd:socat - TCP:127.0.0.1:{self.host_service_port}")
         argv = ["qemu-system-x86_64", "-accel", TCG_ACCEL, "-cpu", "max", "-smp", str(VM_CPUS),
                 "-m", str(VM_MEMORY_MB), "-nographic", "-no-reboot", "-nodefaults",
                 "-kernel", str(self.kernel.vmlinuz), "-initrd", str(initrd), "-append", cmdline,

@@ -132,6 +132,35 @@ def same_ip(a: str, b: str) -> bool:
     return ipaddress.ip_address(a) == ipaddress.ip_address(b)
 
 
+#: Longest a collected StreamFlows call may last.
+STREAM_TIMEOUT_S = 600
+
+
+class Collector:
+    """Reads one StreamFlows call on a thread until it ends."""
+
+    def __init__(self, stub, request):
+        self.flows = []
+        self.error: grpc.RpcError | None = None
+        self.lock = threading.Lock()
+        self.call = stub.StreamFlows(request, timeout=STREAM_TIMEOUT_S)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            for resp in self.call:
+                if resp.WhichOneof("event") == "flow":
+                    with self.lock:
+                        self.flows.append(resp.flow)
+        except grpc.RpcError as e:
+            self.error = e
+
+    def final(self):
+        with self.lock:
+            return [f for f in self.flows if f.final]
+
+
 class FlowStream:
     """A StreamFlows(follow) subscription read by a background thread."""
 

@@ -13,8 +13,6 @@ client placed in a pod cgroup talks to a slow server.
 from __future__ import annotations
 
 import json
-import threading
-import time
 import urllib.request
 
 import grpc
@@ -50,31 +48,6 @@ POD_CGROUP = ("/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/"
               f"cri-containerd-{CONTAINER_ID}.scope")
 #: Upper bound for conditions waited on.
 WAIT_S = 60
-
-
-class Collector:
-    """Reads one StreamFlows call on a thread until it ends."""
-
-    def __init__(self, stub, request):
-        self.flows = []
-        self.error: grpc.RpcError | None = None
-        self.lock = threading.Lock()
-        self.call = stub.StreamFlows(request, timeout=300)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            for resp in self.call:
-                if resp.WhichOneof("event") == "flow":
-                    with self.lock:
-                        self.flows.append(resp.flow)
-        except grpc.RpcError as e:
-            self.error = e
-
-    def final(self):
-        with self.lock:
-            return [f for f in self.flows if f.final]
 
 
 def wait_for(what, cond, timeout=WAIT_S):
@@ -163,9 +136,9 @@ def test_metrics_jsonl_and_pod_container(vm):
     vm.start_daemon(DAEMON_ARGS)
     with grpc.insecure_channel(f"127.0.0.1:{vm.grpc_port}") as ch:
         stub = rpc.FlowServiceStub(ch)
-        filtered = Collector(stub, pb.StreamFlowsRequest(
+        filtered = flowlib.Collector(stub, pb.StreamFlowsRequest(
             follow=True, allow=[pb.FlowFilter(destination_port=[FILTERED_PORT])]))
-        everything = Collector(stub, pb.StreamFlowsRequest(follow=True))
+        everything = flowlib.Collector(stub, pb.StreamFlowsRequest(follow=True))
         # JSONL writer plus the two streams.
         wait_for("three subscribers", lambda: len(
             stub.GetStatus(pb.GetStatusRequest(), timeout=20).subscribers) == 3)

@@ -151,7 +151,12 @@ pub struct ProcessTable {
     read_failures: u64,
     /// Arguments of execs whose exec event has not arrived yet, by pid.
     pending_args: HashMap<u32, Vec<String>>,
+    /// Called with the container id of each process read from the source.
+    container_hook: Option<ContainerHook>,
 }
+
+/// What [`ProcessTable::set_container_hook`] calls.
+pub type ContainerHook = Box<dyn Fn(&str) + Send>;
 
 impl std::fmt::Debug for ProcessTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -203,7 +208,15 @@ impl ProcessTable {
             pending_evictions: 0,
             read_failures: 0,
             pending_args: HashMap::new(),
+            container_hook: None,
         }
+    }
+
+    /// Calls `hook` with the container id of every process read from the
+    /// source from now on (not of forked copies, which share their
+    /// parent's).
+    pub fn set_container_hook(&mut self, hook: ContainerHook) {
+        self.container_hook = Some(hook);
     }
 
     /// Reads every process of the source; returns how many were added.
@@ -260,6 +273,13 @@ impl ProcessTable {
     }
 
     fn insert(&mut self, info: ProcessInfo, from_fork: bool) -> Arc<ProcessInfo> {
+        if let (false, Some(hook), Some(id)) = (
+            from_fork,
+            &self.container_hook,
+            info.container_id.as_deref(),
+        ) {
+            hook(id);
+        }
         let key = ProcKey::of(&info);
         let info = Arc::new(info);
         let old = self.entries.insert(

@@ -222,6 +222,7 @@ impl Hub {
             subs: Vec::new(),
             next_id: 1,
             flows_received: 0,
+            pod_flows: std::collections::BTreeMap::new(),
             export_drops_total: 0,
             last_export_check: SystemTime::now(),
             last_slow_check: Instant::now(),
@@ -373,12 +374,31 @@ impl Sub {
     }
 }
 
+/// Key of the namespaces beyond the bound.
+const OTHER_NAMESPACES: &str = "other";
+
+/// Counts one final flow of a pod in `namespace`: its own entry while
+/// fewer than [`crate::export::metrics::MAX_NAMESPACE_SERIES`] namespaces
+/// are counted, else `other`.
+fn count_pod_flow(counts: &mut std::collections::BTreeMap<String, u64>, namespace: &str) {
+    if let Some(n) = counts.get_mut(namespace) {
+        *n += 1;
+    } else if counts.len() < crate::export::metrics::MAX_NAMESPACE_SERIES {
+        counts.insert(namespace.to_string(), 1);
+    } else {
+        *counts.entry(OTHER_NAMESPACES.to_string()).or_default() += 1;
+    }
+}
+
 struct Owner {
     opts: HubOptions,
     history: VecDeque<Arc<EncodedFlow>>,
     subs: Vec<Sub>,
     next_id: u64,
     flows_received: u64,
+    /// Final flows by their pod's namespace (bounded, see
+    /// [`count_pod_flow`]).
+    pod_flows: std::collections::BTreeMap<String, u64>,
     export_drops_total: u64,
     last_export_check: SystemTime,
     last_slow_check: Instant,
@@ -469,6 +489,11 @@ impl Owner {
         match out {
             Output::Flow(rec) => {
                 self.flows_received += 1;
+                if rec.is_final {
+                    if let Some(p) = &rec.pod {
+                        count_pod_flow(&mut self.pod_flows, &p.namespace);
+                    }
+                }
                 let mut encoded = encoded;
                 let host = &self.opts.host_name;
                 let mut get = |rec: &Arc<crate::model::FlowRecord>| {
@@ -667,6 +692,11 @@ impl Owner {
                 })
                 .collect(),
             flows_received: self.flows_received,
+            pod_flows: self
+                .pod_flows
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
             export_queue_drops: self.export_drops_total,
         }
     }

@@ -13,6 +13,7 @@
 
 mod exposition;
 mod http;
+mod pods;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +37,9 @@ pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CON
 pub const MAX_CPU_SERIES: usize = 1024;
 /// Most subscribers given their own `subscriber` label value.
 pub const MAX_SUBSCRIBER_SERIES: usize = 16;
+/// Most Kubernetes namespaces given their own `namespace` label value; the
+/// flows of later ones are summed as `namespace="other"`.
+pub const MAX_NAMESPACE_SERIES: usize = 64;
 /// Largest accepted request head (request line and headers); larger ones
 /// are answered 431.
 pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
