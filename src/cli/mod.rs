@@ -84,6 +84,28 @@ pub enum Command {
     /// runs, or which pod a process is in, as the daemon resolves them;
     /// prints JSON lines.
     Pods(pods::PodsArgs),
+    /// Serve `sockscope.v1.FlowService` from the cluster's JetStream stream
+    /// (every node's flows), for grpcurl, clients and `watch --server`.
+    Relay(RelayArgs),
+}
+
+/// `relay` options.
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// NATS servers (comma-separated URLs); the stream, subject prefix,
+    /// credentials and TLS of `export.nats.*` apply.
+    #[arg(long)]
+    pub nats: String,
+    /// TCP address to serve on.
+    #[arg(long, default_value = "127.0.0.1:50061")]
+    pub listen: String,
+    /// Allow plaintext gRPC on a non-loopback address (the relay serves
+    /// every node's flows: keep it on a trusted network).
+    #[arg(long)]
+    pub insecure_listen: bool,
+    /// Name the relay answers with in `GetStatus` (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 /// `replay` options.
@@ -121,8 +143,13 @@ pub enum WatchFormat {
 pub struct WatchArgs {
     /// Server: TCP host:port, or a Unix socket path (default: the configured
     /// socket if it exists, else the configured TCP address).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "nats")]
     pub server: Option<String>,
+    /// Read the cluster's flow stream from these NATS servers instead of a
+    /// daemon (comma-separated URLs): the JetStream stream, subject prefix,
+    /// credentials and TLS of `export.nats.*` in the configuration apply.
+    #[arg(long)]
+    pub nats: Option<String>,
     /// IP or CIDR of either endpoint (repeatable).
     #[arg(long)]
     pub ip: Vec<String>,
@@ -284,6 +311,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Status(args) => client_runtime(|| status(&cfg, args)),
         Command::Replay(args) => replay(&cfg, &args),
         Command::Pods(args) => pods::run(&cfg, &args),
+        Command::Relay(args) => client_runtime(|| relay(&cfg, args)),
     }
 }
 
@@ -532,7 +560,125 @@ pub fn loss_line(l: &proto::LossNotice) -> String {
     )
 }
 
+/// A stream of responses from a daemon or from NATS, ending with an error
+/// and its exit code when it fails.
+type ResponseStream = std::pin::Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = Result<proto::StreamFlowsResponse, (String, ExitCode)>>
+            + Send,
+    >,
+>;
+
+/// `watch --nats`: the cluster's stream read back from JetStream.
+async fn watch_nats(cfg: &Config, a: WatchArgs, url: String) -> ExitCode {
+    use crate::export::nats::read::{self, READ_QUEUE};
+    let mut ncfg = cfg.export.nats.clone();
+    ncfg.url = url;
+    let client = match crate::export::nats::connect_reader(&ncfg, "watch").await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sockscope: {e}");
+            return if e.exit_is_config() {
+                ExitCode::Usage
+            } else {
+                ExitCode::Unavailable
+            };
+        }
+    };
+    let req = watch_request(&a);
+    let (tx, rx) = tokio::sync::mpsc::channel(READ_QUEUE);
+    let reader = tokio::spawn(async move { read::read(client, &ncfg, &req, tx).await });
+    let stream: ResponseStream =
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).map(|r| {
+            r.map_err(|e| {
+                let code = match e {
+                    read::ReadError::Filter(_) => ExitCode::Usage,
+                    read::ReadError::Stream { .. } => ExitCode::Unavailable,
+                    read::ReadError::Consume { .. } => ExitCode::Failure,
+                };
+                (e.to_string(), code)
+            })
+        }));
+    let code = print_stream(&a, stream, None).await;
+    if let Ok(summary) = reader.await {
+        if summary.undecoded > 0 {
+            eprintln!(
+                "sockscope: {} of {} messages skipped: not protobuf payloads (a sink with format ecs_json?) or undecodable",
+                summary.undecoded, summary.messages
+            );
+        }
+    }
+    code
+}
+
+async fn relay(cfg: &Config, a: RelayArgs) -> ExitCode {
+    use crate::export::relay::{self, Relay};
+    let addr: std::net::SocketAddr = match a.listen.parse() {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("sockscope: --listen {:?}: {e}", a.listen);
+            return ExitCode::Usage;
+        }
+    };
+    if !addr.ip().is_loopback() && !a.insecure_listen {
+        eprintln!(
+            "sockscope: --listen {addr}: refusing plaintext gRPC on a non-loopback address; \
+             add --insecure-listen"
+        );
+        return ExitCode::Usage;
+    }
+    let mut ncfg = cfg.export.nats.clone();
+    ncfg.url = a.nats.clone();
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(crate::export::server::host_name);
+    let client = match crate::export::nats::connect_reader(&ncfg, &name).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sockscope: {e}");
+            return if e.exit_is_config() {
+                ExitCode::Usage
+            } else {
+                ExitCode::Unavailable
+            };
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("sockscope: --listen {addr}: {e}");
+            return ExitCode::Listen;
+        }
+    };
+    tracing::info!(%addr, servers = %a.nats, stream = %ncfg.stream.name, "relay serving");
+    let shutdown = async {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        match term {
+            Ok(mut t) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    };
+    match relay::serve(Relay::new(client, ncfg, name), listener, shutdown).await {
+        Ok(()) => ExitCode::Ok,
+        Err(e) => {
+            eprintln!("sockscope: relay: {e}");
+            ExitCode::Failure
+        }
+    }
+}
+
 async fn watch(cfg: &Config, a: WatchArgs) -> ExitCode {
+    if let Some(url) = a.nats.clone() {
+        return watch_nats(cfg, a, url).await;
+    }
     let addr = server_addr(cfg, a.server.as_deref());
     let ch = match client::connect(&addr).await {
         Ok(c) => c,
@@ -558,13 +704,30 @@ async fn watch(cfg: &Config, a: WatchArgs) -> ExitCode {
     } else {
         None
     };
-    let mut stream = match c.stream_flows(watch_request(&a)).await {
+    let stream = match c.stream_flows(watch_request(&a)).await {
         Ok(r) => r.into_inner(),
         Err(s) => {
             eprintln!("sockscope: {}: {}", s.code(), s.message());
             return status_exit(&s);
         }
     };
+    let stream: ResponseStream = Box::pin(stream.map(|r| {
+        r.map_err(|s| {
+            (
+                format!("stream ended: {}: {}", s.code(), s.message()),
+                status_exit(&s),
+            )
+        })
+    }));
+    print_stream(&a, stream, node.as_ref()).await
+}
+
+/// Prints a response stream in `a.format` until it ends.
+async fn print_stream(
+    a: &WatchArgs,
+    mut stream: ResponseStream,
+    node: Option<&NodeInfo>,
+) -> ExitCode {
     // Flushed after each response received (up to a packed response's
     // flows), so a follower sees records as they come in a write each.
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -580,9 +743,9 @@ async fn watch(cfg: &Config, a: WatchArgs) -> ExitCode {
     while let Some(item) = stream.next().await {
         let resp = match item {
             Ok(r) => r,
-            Err(s) => {
-                eprintln!("sockscope: stream ended: {}: {}", s.code(), s.message());
-                return status_exit(&s);
+            Err((msg, code)) => {
+                eprintln!("sockscope: {msg}");
+                return code;
             }
         };
         for resp in client::unpack(resp) {
@@ -596,7 +759,7 @@ async fn watch(cfg: &Config, a: WatchArgs) -> ExitCode {
                 }
                 continue;
             }
-            let Some(line) = watch_line(a.format, &resp, node.as_ref()) else {
+            let Some(line) = watch_line(a.format, &resp, node) else {
                 continue;
             };
             if writeln!(out, "{line}").is_err() {

@@ -99,6 +99,20 @@ pub fn status_text(s: &proto::GetStatusResponse) -> String {
             t += &format!("                 last error: {}\n", k.last_error);
         }
     }
+    if !s.nodes_seen.is_empty() {
+        t += &format!("nodes in stream: {}\n", s.nodes_seen.len());
+        for n in &s.nodes_seen {
+            let last = n
+                .last_message
+                .as_ref()
+                .and_then(crate::export::convert::system_time)
+                .map_or_else(|| "?".to_string(), crate::export::ecs::rfc3339);
+            t += &format!(
+                "  {} ({}): {} flow records, {} loss notices, last stored {}\n",
+                n.node_name, n.subject_token, n.flow_messages, n.loss_notices, last
+            );
+        }
+    }
     t += &format!("subscribers:     {}\n", s.subscribers.len());
     for sub in &s.subscribers {
         t += &format!(

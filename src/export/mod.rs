@@ -19,6 +19,7 @@ pub mod jsonl;
 pub mod metrics;
 pub mod nats;
 pub mod pod_filter;
+pub mod relay;
 pub mod server;
 pub mod sink;
 pub mod status;

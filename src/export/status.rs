@@ -221,6 +221,7 @@ pub fn to_proto(
         serving,
         node: Some(node_to_proto(&snap.node)),
         kubernetes: snap.pods.as_ref().map(pods_to_proto),
+        nodes_seen: Vec::new(),
     }
 }
 

@@ -22,6 +22,7 @@
 
 mod message;
 mod publish;
+pub mod read;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -246,19 +247,50 @@ async fn connect_with(
     opts.connect(servers).await
 }
 
+/// Maps a failed first connection to the error naming the key at fault;
+/// `None` when it is the network's (an unreachable server).
+fn config_error(cfg: &NatsConfig, e: &async_nats::ConnectError) -> Option<NatsError> {
+    match e.kind() {
+        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+            Some(NatsError::Auth {
+                key: credential_keys(cfg),
+                reason: e.to_string(),
+            })
+        }
+        ConnectErrorKind::Tls => Some(NatsError::Tls(e.to_string())),
+        _ if is_tls_failure(e) => Some(NatsError::Tls(e.to_string())),
+        ConnectErrorKind::ServerParse => Some(NatsError::Url(e.to_string())),
+        _ => None,
+    }
+}
+
+/// The server addresses of `cfg`.
+fn server_addrs(cfg: &NatsConfig) -> Result<Vec<ServerAddr>, NatsError> {
+    cfg.servers()
+        .into_iter()
+        .map(|s| {
+            s.parse::<ServerAddr>()
+                .map_err(|e| NatsError::Url(format!("{s:?}: {e}")))
+        })
+        .collect()
+}
+
+/// A client for reading the stream (`watch --nats`), with the credentials
+/// and TLS of `cfg`; an unreachable server is an error here.
+pub async fn connect_reader(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, NatsError> {
+    let servers = server_addrs(cfg)?;
+    let counters = Arc::new(NatsCounters::default());
+    connect_with(options(cfg, name).await?, servers, counters)
+        .await
+        .map_err(|e| config_error(cfg, &e).unwrap_or_else(|| NatsError::Connect(e.to_string())))
+}
+
 impl NatsSink {
     /// Connects to the servers of `cfg` (which must be enabled) as `node`.
     /// Refused credentials or TLS fail; an unreachable server does not (the
     /// client keeps trying).
     pub async fn connect(cfg: &NatsConfig, node: &str, host: HostInfo) -> Result<Self, NatsError> {
-        let servers = cfg
-            .servers()
-            .into_iter()
-            .map(|s| {
-                s.parse::<ServerAddr>()
-                    .map_err(|e| NatsError::Url(format!("{s:?}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let servers = server_addrs(cfg)?;
         let counters = Arc::new(NatsCounters::default());
         let first =
             connect_with(options(cfg, node).await?, servers.clone(), counters.clone()).await;
@@ -267,17 +299,9 @@ impl NatsSink {
                 counters.connected.store(true, Ordering::Relaxed);
                 c
             }
-            Err(e) => match e.kind() {
-                ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
-                    return Err(NatsError::Auth {
-                        key: credential_keys(cfg),
-                        reason: e.to_string(),
-                    })
-                }
-                ConnectErrorKind::Tls => return Err(NatsError::Tls(e.to_string())),
-                _ if is_tls_failure(&e) => return Err(NatsError::Tls(e.to_string())),
-                ConnectErrorKind::ServerParse => return Err(NatsError::Url(e.to_string())),
-                _ => {
+            Err(e) => match config_error(cfg, &e) {
+                Some(err) => return Err(err),
+                None => {
                     tracing::warn!(
                         servers = %cfg.url,
                         "NATS unreachable at start ({e}); starting anyway: records wait in \
