@@ -303,7 +303,8 @@ class VM:
 
     def __init__(self, suite: str, *, extra_files: dict[str, Path | bytes] | None = None,
                  with_daemon: bool | None = None, shell: bool = False, grpc_host_port: int | None = None,
-                 logdir: Path | None = None, extra_forwards: "list[int] | tuple[int, ...]" = ()):
+                 logdir: Path | None = None, extra_forwards: "list[int] | tuple[int, ...]" = (),
+                 host_service_port: int | None = None):
         self.suite = suite
         self.kernel = kernels.fetch(suite)
         self.logdir = logdir or logs_root() / suite
@@ -329,8 +330,9 @@ class VM:
             while host in (self.grpc_port, self.control_port, *self.forwards.values()):
                 host = free_port()
             self.forwards[fw] = host
-        self.host_service_port = free_port()
-        while self.host_service_port in (self.grpc_port, self.control_port, *self.forwards.values()):
+        # A second guest may share the first one's host service.
+        self.host_service_port = host_service_port or free_port()
+        while host_service_port is None and self.host_service_port in (self.grpc_port, self.control_port, *self.forwards.values()):
             self.host_service_port = free_port()
         self.shell = shell
         self.extra_files = extra_files
