@@ -13,17 +13,15 @@ mod harness;
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use harness::{free_port, read_stream, NatsServer, STREAM};
+use harness::{flow, free_port, read_stream, NatsServer, STREAM};
 use prost::Message as _;
 use sockscope::config::{NatsConfig, NatsStreamConfig};
 use sockscope::export::ecs::HostInfo;
 use sockscope::export::hub::{Hub, HubOptions};
 use sockscope::export::status::StatusSnapshot;
 use sockscope::export::{self as export, nats, proto};
-use sockscope::model::{Endpoint, FlowDirection, FlowRecord, Output, ProcessInfo, Transport};
 
 /// Flows published while one server is killed.
 const FLOWS: u64 = 10_000;
@@ -38,39 +36,6 @@ const IN_FLIGHT: usize = 64;
 const WHILE_DOWN: u64 = 3_000;
 /// How long a cluster may take to elect leaders, and records to arrive.
 const WAIT: Duration = Duration::from_secs(90);
-
-fn flow(id: u64) -> Output {
-    let end = SystemTime::now();
-    let ep = |ip: &str, port: u16| Endpoint {
-        ip: ip.parse().expect("ip"),
-        port,
-        packets: 2,
-        bytes: 120,
-        domain: None,
-        sequence: None,
-    };
-    Output::Flow(Arc::new(FlowRecord {
-        id,
-        is_final: true,
-        complete: true,
-        transport: Transport::Tcp,
-        direction: FlowDirection::Egress,
-        local: ep("10.0.0.1", 40000),
-        remote: ep("10.0.0.2", 443),
-        start: end - Duration::from_millis(5),
-        end,
-        community_id: "1:x".into(),
-        sock: 0x1000 + id,
-        accounting: Default::default(),
-        process: Some(ProcessInfo {
-            pid: 100,
-            name: "curl".into(),
-            ..ProcessInfo::default()
-        }),
-        pod: None,
-        remote_pod: None,
-    }))
-}
 
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();

@@ -15,10 +15,10 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use harness::{
-    free_port, read_stream, sockscope, write_config, NatsServer, StreamContents, STREAM,
+    flow, free_port, read_stream, sockscope, write_config, NatsServer, StreamContents, STREAM,
 };
 use prost::Message as _;
 use sockscope::config::{NatsConfig, NatsStreamConfig, Secret};
@@ -26,7 +26,7 @@ use sockscope::export::ecs::HostInfo;
 use sockscope::export::hub::{Hub, HubOptions};
 use sockscope::export::status::StatusSnapshot;
 use sockscope::export::{self as export, nats, proto};
-use sockscope::model::{Endpoint, FlowDirection, FlowRecord, Output, ProcessInfo, Transport};
+use sockscope::model::{FlowRecord, Output};
 
 /// How long a condition may take to become true.
 const WAIT: Duration = Duration::from_secs(20);
@@ -268,43 +268,6 @@ fn user_password_and_token_auth_and_refused_credentials() {
         );
         assert!(!log.contains(secret), "{mode}: the secret is in the log");
     }
-}
-
-fn flow(id: u64) -> Output {
-    let end = SystemTime::now();
-    let ep = |ip: &str, port: u16| Endpoint {
-        ip: ip.parse().expect("ip"),
-        port,
-        packets: 2,
-        bytes: 120,
-        domain: None,
-        sequence: None,
-    };
-    Output::Flow(Arc::new(FlowRecord {
-        id,
-        is_final: true,
-        complete: true,
-        transport: if id % 3 == 0 {
-            Transport::Udp
-        } else {
-            Transport::Tcp
-        },
-        direction: FlowDirection::Egress,
-        local: ep("10.0.0.1", 40000),
-        remote: ep("10.0.0.2", 443),
-        start: end - Duration::from_millis(5),
-        end,
-        community_id: "1:x".into(),
-        sock: 0x1000 + id,
-        accounting: Default::default(),
-        process: Some(ProcessInfo {
-            pid: 100,
-            name: "curl".into(),
-            ..ProcessInfo::default()
-        }),
-        pod: None,
-        remote_pod: None,
-    }))
 }
 
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {

@@ -569,21 +569,36 @@ type ResponseStream = std::pin::Pin<
     >,
 >;
 
-/// `watch --nats`: the cluster's stream read back from JetStream.
-async fn watch_nats(cfg: &Config, a: WatchArgs, url: String) -> ExitCode {
-    use crate::export::nats::read::{self, READ_QUEUE};
+/// A NATS client for reading the stream at `url` with the credentials, TLS
+/// and stream of `export.nats.*`, and that configuration; on failure the
+/// message is printed and the exit code returned (2 for the
+/// configuration's fault, 3 for an unreachable server).
+async fn nats_reader(
+    cfg: &Config,
+    url: &str,
+    name: &str,
+) -> Result<(async_nats::Client, crate::config::NatsConfig), ExitCode> {
     let mut ncfg = cfg.export.nats.clone();
-    ncfg.url = url;
-    let client = match crate::export::nats::connect_reader(&ncfg, "watch").await {
-        Ok(c) => c,
+    ncfg.url = url.to_string();
+    match crate::export::nats::connect_reader(&ncfg, name).await {
+        Ok(c) => Ok((c, ncfg)),
         Err(e) => {
             eprintln!("sockscope: {e}");
-            return if e.exit_is_config() {
+            Err(if e.exit_is_config() {
                 ExitCode::Usage
             } else {
                 ExitCode::Unavailable
-            };
+            })
         }
+    }
+}
+
+/// `watch --nats`: the cluster's stream read back from JetStream.
+async fn watch_nats(cfg: &Config, a: WatchArgs, url: String) -> ExitCode {
+    use crate::export::nats::read::{self, READ_QUEUE};
+    let (client, ncfg) = match nats_reader(cfg, &url, "watch").await {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let req = watch_request(&a);
     let (tx, rx) = tokio::sync::mpsc::channel(READ_QUEUE);
@@ -627,22 +642,13 @@ async fn relay(cfg: &Config, a: RelayArgs) -> ExitCode {
         );
         return ExitCode::Usage;
     }
-    let mut ncfg = cfg.export.nats.clone();
-    ncfg.url = a.nats.clone();
     let name = a
         .name
         .clone()
         .unwrap_or_else(crate::export::server::host_name);
-    let client = match crate::export::nats::connect_reader(&ncfg, &name).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("sockscope: {e}");
-            return if e.exit_is_config() {
-                ExitCode::Usage
-            } else {
-                ExitCode::Unavailable
-            };
-        }
+    let (client, ncfg) = match nats_reader(cfg, &a.nats, &name).await {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,

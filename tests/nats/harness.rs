@@ -8,9 +8,11 @@ use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output as ProcOutput, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
+use sockscope::model::{Endpoint, FlowDirection, FlowRecord, Output, ProcessInfo, Transport};
 
 /// How long the server may take to listen.
 pub const SERVER_START: Duration = Duration::from_secs(10);
@@ -408,4 +410,43 @@ pub fn operator(dir: &Path) -> Operator {
         stranger_creds,
         seed,
     }
+}
+
+/// A final TCP (UDP for ids divisible by 3) flow record with id `id`, as
+/// the pipeline hands it to the fan-out.
+pub fn flow(id: u64) -> Output {
+    let end = SystemTime::now();
+    let ep = |ip: &str, port: u16| Endpoint {
+        ip: ip.parse().expect("ip"),
+        port,
+        packets: 2,
+        bytes: 120,
+        domain: None,
+        sequence: None,
+    };
+    Output::Flow(Arc::new(FlowRecord {
+        id,
+        is_final: true,
+        complete: true,
+        transport: if id % 3 == 0 {
+            Transport::Udp
+        } else {
+            Transport::Tcp
+        },
+        direction: FlowDirection::Egress,
+        local: ep("10.0.0.1", 40000),
+        remote: ep("10.0.0.2", 443),
+        start: end - Duration::from_millis(5),
+        end,
+        community_id: "1:x".into(),
+        sock: 0x1000 + id,
+        accounting: Default::default(),
+        process: Some(ProcessInfo {
+            pid: 100,
+            name: "curl".into(),
+            ..ProcessInfo::default()
+        }),
+        pod: None,
+        remote_pod: None,
+    }))
 }
