@@ -24,6 +24,8 @@ use sockscope::export::{nats, proto};
 const SERVER_PORT: u32 = 8081;
 /// The two nodes: (node name, recorded kernel).
 const NODES: [(&str, &str); 2] = [("node-a", "6.1"), ("node-b", "7.2")];
+/// Seconds between the first nodes' messages and the third node's.
+const SINCE_GAP_S: u64 = 4;
 /// How long the follower may take to see the third node's flows.
 const FOLLOW_WAIT: Duration = Duration::from_secs(30);
 
@@ -185,8 +187,10 @@ fn watch_reads_the_cluster_stream_as_an_independent_client_does() {
         .spawn()
         .expect("start the follower");
     // The follower reads new messages only: give it time to make its
-    // consumer before the third node publishes.
-    std::thread::sleep(Duration::from_secs(2));
+    // consumer before the third node publishes. The pause also parts the
+    // third node's messages from the others in time, for --since below.
+    std::thread::sleep(Duration::from_secs(SINCE_GAP_S));
+    let mark = Instant::now();
     replay(dir.path(), "node-c", "6.12", &url);
     let all = independent(&url, want.len() + 1);
     let third: Vec<Key> = all[want.len()..].to_vec();
@@ -218,6 +222,16 @@ fn watch_reads_the_cluster_stream_as_an_independent_client_does() {
         third,
         "the follower saw the new node's flows"
     );
+
+    // Replay by time: what was stored since half the pause before the
+    // third node published, the third node's.
+    let since = mark.elapsed() + Duration::from_secs(SINCE_GAP_S / 2);
+    let (recent, _) = watched(&watch(
+        dir.path(),
+        &url,
+        &["--since", &format!("{}ms", since.as_millis())],
+    ));
+    assert_eq!(recent, third, "--since {since:?}");
 
     // No stream: a clear error, exit code 3.
     let out = Command::new(env!("CARGO_BIN_EXE_sockscope"))
