@@ -115,16 +115,23 @@ fn watch(dir: &Path, url: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("UTF-8")
 }
 
+/// A server whose stream holds the replays of both [`NODES`]; its URL, and
+/// what nats-py reads from it.
+fn two_nodes(dir: &Path) -> (NatsServer, String, Vec<Key>) {
+    let server = NatsServer::start(dir, &[]);
+    let url = server.url();
+    for (node, kernel) in NODES {
+        replay(dir, node, kernel, &url);
+    }
+    let want = independent(&url, 1);
+    (server, url, want)
+}
+
 #[test]
 #[ignore = "needs nats-server and nats-py (tests/setup): tests/run-all runs it"]
 fn watch_reads_the_cluster_stream_as_an_independent_client_does() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = NatsServer::start(dir.path(), &[]);
-    let url = server.url();
-    for (node, kernel) in NODES {
-        replay(dir.path(), node, kernel, &url);
-    }
-    let want = independent(&url, 1);
+    let (server, url, want) = two_nodes(dir.path());
     assert!(want.len() > 100, "only {} flows in the stream", want.len());
     let per_node = |keys: &[Key]| {
         let mut m: HashMap<String, usize> = HashMap::new();
@@ -291,12 +298,7 @@ fn start_relay(dir: &Path, url: &str) -> RelayChild {
 fn relay_serves_every_nodes_flows_to_unchanged_clients() {
     use sockscope::export::proto::flow_service_client::FlowServiceClient;
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = NatsServer::start(dir.path(), &[]);
-    let url = server.url();
-    for (node, kernel) in NODES {
-        replay(dir.path(), node, kernel, &url);
-    }
-    let want = independent(&url, 1);
+    let (server, url, want) = two_nodes(dir.path());
     let relay = start_relay(dir.path(), &url);
     let addr = format!("127.0.0.1:{}", relay.1);
     let rt = tokio::runtime::Runtime::new().expect("runtime");

@@ -242,16 +242,8 @@ pub fn pod_to_proto(p: &PodIdentity) -> proto::Pod {
         name: p.name.clone(),
         namespace: p.namespace.clone(),
         uid: p.uid.clone(),
-        labels: p
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        annotations: p
-            .annotations
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        labels: p.labels.clone().into_iter().collect(),
+        annotations: p.annotations.clone().into_iter().collect(),
         workload: Some(proto::Workload {
             kind: p.workload.kind.as_str().to_string(),
             name: p.workload.name.clone(),
@@ -270,16 +262,8 @@ pub fn pod_from_proto(p: &proto::Pod) -> PodIdentity {
         name: p.name.clone(),
         namespace: p.namespace.clone(),
         uid: p.uid.clone(),
-        labels: p
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        annotations: p
-            .annotations
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        labels: p.labels.clone().into_iter().collect(),
+        annotations: p.annotations.clone().into_iter().collect(),
         workload: Workload {
             kind: workload
                 .and_then(|w| WorkloadKind::parse(&w.kind))

@@ -17,7 +17,6 @@
 //!   index keeps what it knew until a listing succeeds again.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -148,15 +147,21 @@ impl PodView {
     /// The pod and container of container `id`; when unknown, the id is
     /// queued for lookup (a full queue is counted) and `None` returned.
     pub fn container(&self, id: &str) -> Option<Arc<PodIdentity>> {
-        if let Some(p) = self
+        let found = self
             .shared
             .index
             .read()
             .ok()
-            .and_then(|i| i.container(id).cloned())
-        {
-            return Some(p);
+            .and_then(|i| i.container(id).cloned());
+        if found.is_none() {
+            self.ask(id);
         }
+        found
+    }
+
+    /// Queues container `id` for lookup unless it is held back; a full
+    /// queue is counted.
+    fn ask(&self, id: &str) {
         if !self.shared.held(id, Instant::now()) && self.requests.try_send(id.to_string()).is_err()
         {
             self.shared
@@ -164,23 +169,24 @@ impl PodView {
                 .requests_dropped
                 .fetch_add(1, Ordering::Relaxed);
         }
-        None
-    }
-
-    /// The pod whose address is `ip`.
-    pub fn by_ip(&self, ip: &IpAddr) -> Option<Arc<PodIdentity>> {
-        self.shared.index.read().ok()?.by_ip(ip).cloned()
     }
 
     /// Fills a record's pod (from its process's container) and remote pod
-    /// (from its remote address).
+    /// (from its remote address), with one read of the index.
     pub fn attach(&self, rec: &mut FlowRecord) {
-        rec.pod = rec
-            .process
-            .as_ref()
-            .and_then(|p| p.container_id.as_deref())
-            .and_then(|id| self.container(id));
-        rec.remote_pod = self.by_ip(&rec.remote.ip);
+        let id = rec.process.as_ref().and_then(|p| p.container_id.as_deref());
+        let (pod, remote) = match self.shared.index.read() {
+            Ok(i) => (
+                id.and_then(|id| i.container(id).cloned()),
+                i.by_ip(&rec.remote.ip).cloned(),
+            ),
+            Err(_) => (None, None),
+        };
+        if let (Some(id), None) = (id, &pod) {
+            self.ask(id);
+        }
+        rec.pod = pod;
+        rec.remote_pod = remote;
     }
 
     /// A snapshot of the resolver's counters.
