@@ -71,7 +71,7 @@ async fn main() {
         },
         ..NatsConfig::default()
     };
-    let (running, counters) = nats::spawn(&hub, &cfg, "bench", HostInfo::default())
+    let (running, counters) = nats::spawn(&hub, &cfg, "bench", HostInfo::default(), None)
         .await
         .expect("sink");
     let t0 = Instant::now();

@@ -11,8 +11,10 @@ use serde::{Deserialize, Deserializer};
 
 mod kubernetes;
 mod nats;
+mod otlp;
 pub use kubernetes::*;
 pub use nats::*;
+pub use otlp::*;
 
 /// Default `socket.flow_inactive_timeout`.
 pub const DEFAULT_FLOW_INACTIVE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -125,6 +127,8 @@ pub struct ExportConfig {
     pub jsonl: JsonlConfig,
     /// NATS JetStream sink.
     pub nats: NatsConfig,
+    /// OTLP logs sink.
+    pub otlp: OtlpConfig,
 }
 
 /// `export.jsonl.*`.
@@ -625,6 +629,7 @@ impl Config {
             }
         }
         self.export.nats.validate()?;
+        self.export.otlp.validate()?;
         self.kubernetes.validate()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid(

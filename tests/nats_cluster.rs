@@ -127,7 +127,7 @@ async fn a_replicated_stream_survives_a_killed_server_and_a_full_outage_is_count
         ..NatsConfig::default()
     };
     let peer = format!("nats:{}", cfg.url);
-    let (running, counters) = nats::spawn(&hub, &cfg, "n1", HostInfo::default())
+    let (running, counters) = nats::spawn(&hub, &cfg, "n1", HostInfo::default(), None)
         .await
         .expect("sink");
 

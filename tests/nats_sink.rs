@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{
-    flow, free_port, read_stream, sockscope, write_config, NatsServer, StreamContents, STREAM,
+    captured_directions, flow, free_port, read_stream, replay_counts, sockscope, write_config,
+    NatsServer, StreamContents, KERNELS, SERVER_PORT, STREAM,
 };
 use prost::Message as _;
 use sockscope::config::{NatsConfig, NatsStreamConfig, Secret};
@@ -30,10 +31,6 @@ use sockscope::model::{FlowRecord, Output};
 
 /// How long a condition may take to become true.
 const WAIT: Duration = Duration::from_secs(20);
-/// The HTTP server port of the churn workload.
-const SERVER_PORT: u64 = 8081;
-/// Kernels with recorded sessions.
-const KERNELS: [&str; 4] = ["5.10", "6.1", "6.12", "7.2"];
 
 /// The configuration of a replay publishing as `node` to `url`, with
 /// `auth` lines under `export.nats`.
@@ -42,46 +39,6 @@ fn replay_config(node: &str, url: &str, auth: &str) -> String {
         "server:\n  node_name: {node:?}\nlog:\n  level: debug\nexport:\n  nats:\n    url: {url}\n{auth}    \
          stream:\n      create: true\n      name: {STREAM}\n"
     )
-}
-
-/// Directions of the churn capture with the server port: (source,
-/// destination) of every `sent` line, as `ip:port`.
-fn captured_directions(kernel: &str) -> HashSet<(String, String)> {
-    let path = format!(
-        "{}/tests/fixtures/recorded/{kernel}/churn.totals.txt",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).expect("capture totals");
-    let port_of = |ep: &str| ep.rsplit(':').next().and_then(|p| p.parse::<u64>().ok());
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let [proto, src, dst, dir, ..] = f[..] else {
-                panic!("{path}: odd line {l:?}");
-            };
-            (proto == "tcp"
-                && dir == "sent"
-                && (port_of(src) == Some(SERVER_PORT) || port_of(dst) == Some(SERVER_PORT)))
-            .then(|| (src.to_string(), dst.to_string()))
-        })
-        .collect()
-}
-
-/// The replay's count of final flows and its sink line.
-fn replay_counts(stdout: &str) -> (u64, String) {
-    let flows = stdout
-        .split("flows ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no flow count in {stdout}"));
-    let sink = stdout
-        .lines()
-        .find(|l| l.starts_with("sink nats:"))
-        .unwrap_or_else(|| panic!("no sink line in {stdout}"))
-        .to_string();
-    (flows, sink)
 }
 
 fn endpoint(e: &Option<proto::FlowEndpoint>) -> String {
@@ -115,7 +72,7 @@ fn replayed_flows_arrive_once_each_on_node_subjects() {
             "{kernel}: {stdout}{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let (flows, sink) = replay_counts(&stdout);
+        let (flows, sink) = replay_counts(&stdout, "nats");
         assert_eq!(
             sink,
             format!(
@@ -226,7 +183,7 @@ fn user_password_and_token_auth_and_refused_credentials() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(out.status.success(), "{mode}: {log}");
-        let (flows, sink) = replay_counts(&String::from_utf8_lossy(&out.stdout));
+        let (flows, sink) = replay_counts(&String::from_utf8_lossy(&out.stdout), "nats");
         assert!(
             sink.contains(&format!("delivered {flows} flows")),
             "{mode}: {sink}"
@@ -359,7 +316,7 @@ async fn server_killed_mid_run_drops_are_counted_and_told_then_publishing_resume
         max_in_flight: IN_FLIGHT,
         ..sink_config(&url)
     };
-    let (running, counters) = nats::spawn(&hub, &cfg, "n1", HostInfo::default())
+    let (running, counters) = nats::spawn(&hub, &cfg, "n1", HostInfo::default(), None)
         .await
         .expect("sink");
     // Within the sink's queue at a time: nothing is dropped while the
@@ -485,9 +442,10 @@ async fn unreachable_server_at_start_does_not_stop_the_sink() {
     let (tx, rx) = export::pipeline_channel(1000);
     let (hub, hub_task) = Hub::spawn(HubOptions::new(0, 100, "n2"), rx);
     let t0 = Instant::now();
-    let (running, counters) = nats::spawn(&hub, &sink_config(&url), "n2", HostInfo::default())
-        .await
-        .expect("starts without a server");
+    let (running, counters) =
+        nats::spawn(&hub, &sink_config(&url), "n2", HostInfo::default(), None)
+            .await
+            .expect("starts without a server");
     // Refused at once: no waiting for connect_timeout.
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
     for id in 1..=5 {
@@ -568,7 +526,7 @@ fn tls_with_a_ca_file_and_a_client_certificate() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (flows, sink) = replay_counts(&stdout);
+    let (flows, sink) = replay_counts(&stdout, "nats");
     assert!(
         flows > 0 && sink.contains(&format!("delivered {flows} flows")),
         "{sink}"
@@ -641,7 +599,7 @@ async fn ecs_json_payloads_filters_and_interim_records() {
         deny: vec![serde_json::json!({"transport": ["TRANSPORT_UDP"]})],
         ..sink_config(&url)
     };
-    let (running, _counters) = nats::spawn(&hub, &cfg, "n3", HostInfo::default())
+    let (running, _counters) = nats::spawn(&hub, &cfg, "n3", HostInfo::default(), None)
         .await
         .expect("sink");
     // Ids 3 and 6 are UDP (denied); 7 is an interim record.
@@ -707,7 +665,7 @@ fn credentials_file_with_user_jwt_and_nkey_in_operator_mode() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{log}");
-    let (flows, sink) = replay_counts(&String::from_utf8_lossy(&out.stdout));
+    let (flows, sink) = replay_counts(&String::from_utf8_lossy(&out.stdout), "nats");
     // Every record acknowledged by the stream of the credentials' account.
     assert!(
         flows > 0 && sink.contains(&format!("delivered {flows} flows")),

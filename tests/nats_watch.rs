@@ -409,3 +409,125 @@ fn relay_serves_every_nodes_flows_to_unchanged_clients() {
     drop(relay);
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server and nats-py (tests/setup): tests/run-all runs it"]
+async fn relay_lists_each_nodes_last_published_status() {
+    use sockscope::export::ecs::HostInfo;
+    use sockscope::export::hub::{Hub, HubOptions};
+    use sockscope::export::proto::flow_service_client::FlowServiceClient;
+    use sockscope::export::status::{EmptyStatus, StatusFeed};
+    use std::sync::Arc;
+    const NODE: &str = "node-s";
+    const FLOWS: u64 = 5;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = NatsServer::start(dir.path(), &[]);
+    let url = server.url();
+    let (tx, rx) = sockscope::export::pipeline_channel(100);
+    let (hub, hub_task) = Hub::spawn(HubOptions::new(0, 100, NODE), rx);
+    let cfg = sockscope::config::NatsConfig {
+        url: url.clone(),
+        status_interval: Duration::from_millis(200),
+        stream: sockscope::config::NatsStreamConfig {
+            create: true,
+            name: STREAM.into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let feed = StatusFeed::new(Arc::new(EmptyStatus::default()), hub.clone(), NODE);
+    let (running, counters) = nats::spawn(&hub, &cfg, NODE, HostInfo::default(), Some(feed))
+        .await
+        .expect("sink");
+    for id in 1..=FLOWS {
+        assert!(tx.send(harness::flow(id)));
+    }
+    let t0 = Instant::now();
+    while counters
+        .published
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < FLOWS
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "flows not acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A few status periods.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    drop(tx);
+    running
+        .finish(Duration::from_secs(10))
+        .await
+        .expect("sink finished");
+    hub_task.abort();
+
+    // What nats-py reads: the flows, and status messages on their own
+    // subject, each a GetStatusResponse of the node.
+    let url2 = url.clone();
+    let msgs = tokio::task::spawn_blocking(move || read_stream(&url2, FLOWS as usize + 2, &[]))
+        .await
+        .expect("read");
+    let statuses: Vec<proto::GetStatusResponse> = msgs
+        .messages
+        .iter()
+        .filter(|m| m.subject == format!("sockscope.flows.{NODE}.status"))
+        .map(|m| {
+            assert_eq!(
+                m.headers.get(nats::HEADER_CONTENT_TYPE).map(String::as_str),
+                Some(nats::CONTENT_STATUS_PROTOBUF)
+            );
+            proto::GetStatusResponse::decode(m.payload.as_slice()).expect("a status")
+        })
+        .collect();
+    assert!(statuses.len() >= 2, "{} status messages", statuses.len());
+    assert!(statuses.iter().all(|s| s.node_name == NODE));
+    let last_flows = statuses.last().expect("a status").flows_received;
+
+    let relay = start_relay(dir.path(), &url);
+    let mut c = FlowServiceClient::connect(format!("http://127.0.0.1:{}", relay.1))
+        .await
+        .expect("connect to the relay");
+    let st = c
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .expect("GetStatus")
+        .into_inner();
+    let n = st
+        .nodes_seen
+        .iter()
+        .find(|n| n.node_name == NODE)
+        .unwrap_or_else(|| panic!("{NODE} not seen: {:?}", st.nodes_seen));
+    assert_eq!(n.flow_messages, FLOWS, "status messages counted as flows");
+    let s = n.status.as_ref().expect("the node's last status");
+    assert_eq!((s.node_name.as_str(), s.flows_received), (NODE, last_flows));
+    assert!(n.status_time.is_some());
+
+    // `watch --nats` reads the flows only, and says nothing of the status
+    // messages.
+    let d = dir.path().to_path_buf();
+    let u = url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_sockscope"))
+            .arg("-c")
+            .arg(config(&d, "reader", &u))
+            .args([
+                "watch", "--nats", &u, "--number", "1000", "--format", "json",
+            ])
+            .output()
+            .expect("watch")
+    })
+    .await
+    .expect("watch");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains("\"flow\"")).count() as u64,
+        FLOWS
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("skipped"), "{stderr}");
+    drop(relay);
+    drop(server);
+}

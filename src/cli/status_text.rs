@@ -111,6 +111,29 @@ pub fn status_text(s: &proto::GetStatusResponse) -> String {
                 "  {} ({}): {} flow records, {} loss notices, last stored {}\n",
                 n.node_name, n.subject_token, n.flow_messages, n.loss_notices, last
             );
+            if let Some(st) = &n.status {
+                let at = n
+                    .status_time
+                    .as_ref()
+                    .and_then(crate::export::convert::system_time)
+                    .map_or_else(|| "?".to_string(), crate::export::ecs::rfc3339);
+                let lost: u64 = st.cpus.iter().map(|c| c.lost).sum();
+                t += &format!(
+                    "    status at {at}: version {}, kernel {}, {} flows emitted, {} samples lost \
+                     in the kernel, {} export queue drops, {} subscribers{}\n",
+                    st.version,
+                    st.kernel_release,
+                    st.flows_received,
+                    lost,
+                    st.export_queue_drops,
+                    st.subscribers.len(),
+                    if st.last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", last error: {}", st.last_error)
+                    }
+                );
+            }
         }
     }
     t += &format!("subscribers:     {}\n", s.subscribers.len());
@@ -127,7 +150,8 @@ pub fn status_text(s: &proto::GetStatusResponse) -> String {
         );
         if let Some(k) = &sub.sink {
             t += &format!(
-                "     {} sink, {}: published {}, duplicates {}, retries {}, loss notices {}\n",
+                "     {} sink, {}: published {}, duplicates {}, retries {}, loss notices {}, \
+                 dropped {}, rejected {}\n",
                 k.kind,
                 if k.connected {
                     "connected"
@@ -137,7 +161,9 @@ pub fn status_text(s: &proto::GetStatusResponse) -> String {
                 k.published,
                 k.duplicates,
                 k.retries,
-                k.loss_notices
+                k.loss_notices,
+                k.dropped,
+                k.rejected
             );
         }
     }

@@ -22,6 +22,8 @@ pub const DEFAULT_NATS_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `export.nats.stream.name`.
 pub const DEFAULT_NATS_STREAM: &str = "SOCKSCOPE_FLOWS";
+/// Default `export.nats.status_interval`.
+pub const DEFAULT_NATS_STATUS_INTERVAL: Duration = Duration::from_secs(30);
 /// Largest accepted `export.nats.stream.replicas` (JetStream's own limit).
 pub const MAX_NATS_REPLICAS: usize = 5;
 
@@ -115,6 +117,11 @@ pub struct NatsConfig {
     pub tls: NatsTlsConfig,
     /// Stream created or checked at start.
     pub stream: NatsStreamConfig,
+    /// How often `serve` publishes its status (its `GetStatus` answer) to
+    /// `<prefix>.<node>.status`, for the relay's `nodes_seen`; also once
+    /// at start and once at stop. 0 never publishes it.
+    #[serde(deserialize_with = "duration")]
+    pub status_interval: Duration,
 }
 
 impl Default for NatsConfig {
@@ -136,6 +143,7 @@ impl Default for NatsConfig {
             credentials_file: None,
             tls: NatsTlsConfig::default(),
             stream: NatsStreamConfig::default(),
+            status_interval: DEFAULT_NATS_STATUS_INTERVAL,
         }
     }
 }

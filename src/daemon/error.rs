@@ -43,6 +43,9 @@ pub enum DaemonError {
     /// The NATS sink could not be set up (its message names the key).
     #[error(transparent)]
     Nats(#[from] nats::NatsError),
+    /// The OTLP sink could not start.
+    #[error(transparent)]
+    Otlp(#[from] crate::export::otlp::OtlpError),
     /// The DNS capture could not be opened or started.
     #[error("DNS enrichment (socket.dns.enabled=true): {0}; run with CAP_NET_RAW or set socket.dns.enabled=false")]
     Dns(#[from] DnsError),
@@ -95,6 +98,8 @@ impl From<&DaemonError> for ExitCode {
             DaemonError::NoRuntime { .. } => ExitCode::Unavailable,
             DaemonError::Nats(e) if e.exit_is_config() => ExitCode::Usage,
             DaemonError::Nats(_) => ExitCode::Failure,
+            DaemonError::Otlp(e) if e.exit_is_config() => ExitCode::Usage,
+            DaemonError::Otlp(_) => ExitCode::Failure,
             DaemonError::Jsonl(
                 jsonl::JsonlError::FilterSyntax { .. } | jsonl::JsonlError::Filter(_),
             ) => ExitCode::Usage,

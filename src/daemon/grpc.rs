@@ -19,6 +19,7 @@ use crate::export::ecs::HostInfo;
 use crate::export::hub::{Hub, PipelineReceiver};
 use crate::export::metrics;
 use crate::export::server::{self, HealthHandle, ServerOptions};
+use crate::export::status::StatusFeed;
 use crate::probe;
 
 /// How often the watchdog reads kretprobe misses from tracefs.
@@ -101,7 +102,8 @@ impl Grpc<'_> {
             };
             let (hub, hub_task) = Hub::spawn(opts.hub.clone(), pipe_rx);
             let host = HostInfo::of_node(&opts.hub.host_name, status.node());
-            let sinks = Sinks::start(cfg, &hub, &opts.hub.node_name, host).await?;
+            let feed = StatusFeed::new(status.clone(), hub.clone(), &opts.hub.node_name);
+            let sinks = Sinks::start(cfg, &hub, &opts.hub.node_name, host, Some(feed)).await?;
             let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
             let metrics_task = metrics_listener.map(|l| {
                 let source = metrics::MetricsSource {

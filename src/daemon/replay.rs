@@ -323,7 +323,7 @@ pub fn replay_through_sinks(
             name: REPLAY_HOST.to_string(),
             ..HostInfo::default()
         };
-        let sinks = Sinks::start(cfg, &hub, &node, host).await?;
+        let sinks = Sinks::start(cfg, &hub, &node, host, None).await?;
         drop(hub);
         let (cfg, path) = (cfg.clone(), path.to_path_buf());
         // The sender is dropped when the replay ends: the hub then ends

@@ -9,7 +9,9 @@ use crate::config::Config;
 use crate::export::ecs::HostInfo;
 use crate::export::hub::Hub;
 use crate::export::nats::{self, NatsCounters};
+use crate::export::otlp;
 use crate::export::sink::{self, RunningSink, SinkReport};
+use crate::export::status::StatusFeed;
 use crate::export::{jsonl, jsonl::JsonlError};
 
 /// Checks every sink's filters before anything is set up.
@@ -19,7 +21,17 @@ pub(super) fn check_filters(cfg: &Config) -> Result<(), DaemonError> {
     if cfg.export.nats.enabled() {
         nats::subscription(&cfg.export.nats)?;
     }
+    if cfg.export.otlp.enabled() {
+        otlp::subscription(&cfg.export.otlp)?;
+    }
     Ok(())
+}
+
+/// Whether the daemon runs in a Kubernetes pod (the kubelet sets this
+/// variable in every container): then the node name is also the OTLP
+/// resource's `k8s.node.name`.
+fn in_kubernetes() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty())
 }
 
 /// The running sinks.
@@ -43,12 +55,13 @@ pub(super) struct SinkOutcome {
 
 impl Sinks {
     /// Starts the sinks `cfg` enables, subscribed to `hub`, as node
-    /// `node`.
+    /// `node`; the NATS sink publishes the status of `feed`, when given.
     pub(super) async fn start(
         cfg: &Config,
         hub: &Hub,
         node: &str,
         host: HostInfo,
+        feed: Option<StatusFeed>,
     ) -> Result<Sinks, DaemonError> {
         let mut sinks = Sinks::default();
         let j = &cfg.export.jsonl;
@@ -63,7 +76,7 @@ impl Sinks {
         }
         let n = &cfg.export.nats;
         if n.enabled() {
-            let (running, counters) = nats::spawn(hub, n, node, host).await?;
+            let (running, counters) = nats::spawn(hub, n, node, host.clone(), feed).await?;
             tracing::info!(
                 servers = %n.url,
                 subjects = %format!("{}.{}.*", n.subject_prefix.trim(), nats::subject_token(node)),
@@ -71,6 +84,13 @@ impl Sinks {
             );
             sinks.running.push(running);
             sinks.nats = Some(counters);
+        }
+        let o = &cfg.export.otlp;
+        if o.enabled() {
+            let k8s_node = in_kubernetes().then(|| node.to_string());
+            let (running, _) = otlp::spawn(hub, o, node, host, k8s_node).await?;
+            tracing::info!(endpoint = %o.endpoint.trim(), "exporting flows as OTLP log records");
+            sinks.running.push(running);
         }
         Ok(sinks)
     }

@@ -84,6 +84,17 @@ fn host_fields(host: &HostInfo) -> Value {
     Value::Object(h)
 }
 
+/// The node's part of every document: `host.*` and `agent.*`.
+pub fn node_fields(host: &HostInfo) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("host".into(), host_fields(host));
+    m.insert(
+        "agent".into(),
+        json!({ "type": AGENT_TYPE, "version": env!("CARGO_PKG_VERSION"), "name": host.name }),
+    );
+    m
+}
+
 /// RFC 3339 UTC time with millisecond precision, as Auditbeat prints it.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
@@ -218,11 +229,7 @@ pub fn flow_document(rec: &FlowRecord, host: &HostInfo) -> Value {
         rec.remote_pod.as_deref(),
         &host.name,
     );
-    doc.insert("host".into(), host_fields(host));
-    doc.insert(
-        "agent".into(),
-        json!({ "type": AGENT_TYPE, "version": env!("CARGO_PKG_VERSION"), "name": host.name }),
-    );
+    doc.extend(node_fields(host));
     doc.insert(
         "system".into(),
         json!({ "audit": { "socket": Value::Object(audit) } }),

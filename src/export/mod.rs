@@ -18,6 +18,7 @@ pub mod hub;
 pub mod jsonl;
 pub mod metrics;
 pub mod nats;
+pub mod otlp;
 pub mod pod_filter;
 pub mod relay;
 pub mod server;

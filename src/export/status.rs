@@ -119,7 +119,7 @@ pub struct SubscriberInfo {
 /// A sink's own counters (what its destination took).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SinkInfo {
-    /// `jsonl`, `nats`.
+    /// `jsonl`, `nats`, `otlp`.
     pub kind: String,
     /// Connected to its destination.
     pub connected: bool,
@@ -131,6 +131,10 @@ pub struct SinkInfo {
     pub retries: u64,
     /// Loss notices the destination took.
     pub loss_notices: u64,
+    /// Flow records the sink gave up (told in-band as `LOSS_SOURCE_SINK`).
+    pub dropped: u64,
+    /// Flow records the destination said it rejected.
+    pub rejected: u64,
 }
 
 /// Where a sink's counters are read from when the status is asked for.
@@ -156,6 +160,45 @@ pub struct HubStatus {
     pub pod_flows: Vec<(String, u64)>,
     /// Outputs the pipeline could not enqueue.
     pub export_queue_drops: u64,
+}
+
+/// The daemon's `GetStatus` answer on demand, for a sink that publishes
+/// it (the NATS sink, for the relay's `nodes_seen`).
+#[derive(Clone)]
+pub struct StatusFeed {
+    status: std::sync::Arc<dyn StatusSource>,
+    hub: crate::export::hub::Hub,
+    node: String,
+}
+
+impl std::fmt::Debug for StatusFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusFeed")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StatusFeed {
+    /// The status of `status` and `hub`, for node `node`.
+    pub fn new(
+        status: std::sync::Arc<dyn StatusSource>,
+        hub: crate::export::hub::Hub,
+        node: &str,
+    ) -> StatusFeed {
+        StatusFeed {
+            status,
+            hub,
+            node: node.to_string(),
+        }
+    }
+
+    /// The status now, as `GetStatus` answers it; `None` when the hub is
+    /// gone.
+    pub async fn get(&self) -> Option<proto::GetStatusResponse> {
+        let hub = self.hub.status().await.ok()?;
+        Some(to_proto(&self.status.snapshot(), &hub, &self.node, true))
+    }
 }
 
 /// Builds the protobuf status from both parts.
@@ -205,6 +248,8 @@ pub fn to_proto(
                     duplicates: k.duplicates,
                     retries: k.retries,
                     loss_notices: k.loss_notices,
+                    dropped: k.dropped,
+                    rejected: k.rejected,
                 }),
             })
             .collect(),

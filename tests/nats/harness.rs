@@ -1,10 +1,11 @@
 //! A `nats-server -js` child on a free loopback port with its own store,
 //! and the stream read back by `read_stream.py` (nats-py), for the NATS sink
-//! tests.
+//! tests; and what the sink tests share: test certificates, the daemon's
+//! command line, flow records, the recorded churn sessions' captures.
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output as ProcOutput, Stdio};
@@ -16,6 +17,10 @@ use sockscope::model::{Endpoint, FlowDirection, FlowRecord, Output, ProcessInfo,
 
 /// How long the server may take to listen.
 pub const SERVER_START: Duration = Duration::from_secs(10);
+/// The HTTP server port of the recorded churn workload.
+pub const SERVER_PORT: u64 = 8081;
+/// Kernels with recorded sessions.
+pub const KERNELS: [&str; 4] = ["5.10", "6.1", "6.12", "7.2"];
 /// Stream every test creates.
 pub const STREAM: &str = "FLOWS";
 
@@ -449,4 +454,45 @@ pub fn flow(id: u64) -> Output {
         pod: None,
         remote_pod: None,
     }))
+}
+
+/// Directions of the churn capture with the server port: (source,
+/// destination) of every `sent` line, as `ip:port`.
+pub fn captured_directions(kernel: &str) -> HashSet<(String, String)> {
+    let path = format!(
+        "{}/tests/fixtures/recorded/{kernel}/churn.totals.txt",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).expect("capture totals");
+    let port_of = |ep: &str| ep.rsplit(':').next().and_then(|p| p.parse::<u64>().ok());
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let [proto, src, dst, dir, ..] = f[..] else {
+                panic!("{path}: odd line {l:?}");
+            };
+            (proto == "tcp"
+                && dir == "sent"
+                && (port_of(src) == Some(SERVER_PORT) || port_of(dst) == Some(SERVER_PORT)))
+            .then(|| (src.to_string(), dst.to_string()))
+        })
+        .collect()
+}
+
+/// The replay's count of final flows and the line of its sink of kind
+/// `kind` (`nats`, `otlp`).
+pub fn replay_counts(stdout: &str, kind: &str) -> (u64, String) {
+    let flows = stdout
+        .split("flows ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no flow count in {stdout}"));
+    let sink = stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("sink {kind}:")))
+        .unwrap_or_else(|| panic!("no sink line in {stdout}"))
+        .to_string();
+    (flows, sink)
 }

@@ -176,8 +176,16 @@ def test_two_kernels_publish_to_one_stream_read_by_nats_py_relay_and_watch(vm):
         st = subprocess.run(["grpcurl", "-plaintext", "-d", "{}", f"127.0.0.1:{port}",
                              "sockscope.v1.FlowService/GetStatus"], capture_output=True, text=True, timeout=60)
         assert st.returncode == 0, st.stderr
-        seen = {n["nodeName"]: int(n.get("flowMessages", 0)) for n in json.loads(st.stdout)["nodesSeen"]}
+        nodes_seen = json.loads(st.stdout)["nodesSeen"]
+        seen = {n["nodeName"]: int(n.get("flowMessages", 0)) for n in nodes_seen}
         assert seen == {node: len(fs) for node, fs in by_node.items()}, seen
+        # Each daemon published its status (at start and at stop): the
+        # relay lists the last one, with the guest's own kernel.
+        statuses = {n["nodeName"]: n.get("status", {}) for n in nodes_seen}
+        for g, node in guests:
+            assert statuses[node].get("nodeName") == node, statuses
+            assert statuses[node].get("kernelRelease") == g.kernel.release, statuses
+            assert int(statuses[node].get("flowsReceived", 0)) > 0, statuses
 
         # watch --nats, the bundled client reading the stream itself.
         w = subprocess.run([binary, "-E", f"export.nats.stream.name={STREAM}", "watch", "--nats", url,

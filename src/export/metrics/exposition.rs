@@ -135,7 +135,7 @@ type SinkField = fn(&SinkInfo) -> u64;
 
 /// The per-sink counter families (sinks are subscribers too: their drops
 /// are in the subscriber families).
-const PER_SINK: [(&str, &str, SinkField); 4] = [
+const PER_SINK: [(&str, &str, SinkField); 6] = [
     (
         "sockscope_sink_published",
         "Flow records a sink's destination took (written, or acknowledged by the stream).",
@@ -155,6 +155,16 @@ const PER_SINK: [(&str, &str, SinkField); 4] = [
         "sockscope_sink_loss_notices",
         "Loss notices a sink's destination took.",
         |k| k.loss_notices,
+    ),
+    (
+        "sockscope_sink_dropped",
+        "Flow records a sink gave up (a batch its destination refused or did not take in time), told in-band.",
+        |k| k.dropped,
+    ),
+    (
+        "sockscope_sink_rejected",
+        "Flow records a sink's destination said it rejected.",
+        |k| k.rejected,
     ),
 ];
 

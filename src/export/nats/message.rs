@@ -23,8 +23,8 @@ use crate::model::Transport;
 
 /// Header carrying the node name.
 pub const HEADER_NODE: &str = "Sockscope-Node";
-/// Header carrying the kind of message: [`KIND_FLOW`], [`KIND_UPDATE`] or
-/// [`KIND_LOSS`].
+/// Header carrying the kind of message: [`KIND_FLOW`], [`KIND_UPDATE`],
+/// [`KIND_LOSS`] or [`KIND_STATUS`].
 pub const HEADER_KIND: &str = "Sockscope-Kind";
 /// Header of the payload's media type.
 pub const HEADER_CONTENT_TYPE: &str = "Content-Type";
@@ -38,6 +38,14 @@ pub const KIND_UPDATE: &str = "update";
 pub const KIND_LOSS: &str = "loss";
 /// Last subject token of loss notices.
 pub const LOSS_TOKEN: &str = "loss";
+/// Kind of a status message (the daemon's `GetStatus` answer).
+pub const KIND_STATUS: &str = "status";
+/// Last subject token of status messages.
+pub const STATUS_TOKEN: &str = "status";
+/// Content type of a protobuf status (always protobuf, whatever the
+/// sink's `format`).
+pub const CONTENT_STATUS_PROTOBUF: &str =
+    "application/x-protobuf; messageType=sockscope.v1.GetStatusResponse";
 /// Content type of a protobuf flow.
 pub const CONTENT_FLOW_PROTOBUF: &str = "application/x-protobuf; messageType=sockscope.v1.Flow";
 /// Content type of a protobuf loss notice.
@@ -156,6 +164,26 @@ impl Encoder {
             headers: self.headers(kind, content_type, sequence),
             payload,
             is_flow: true,
+        }
+    }
+
+    /// The subject of status messages.
+    pub fn status_subject(&self) -> String {
+        format!("{}.{STATUS_TOKEN}", self.base)
+    }
+
+    /// The message of a status: no message id (each is new, and a lost
+    /// one is replaced by the next).
+    pub fn status(&self, status: &proto::GetStatusResponse) -> Outgoing {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(HEADER_NODE, self.node.as_str());
+        headers.insert(HEADER_KIND, KIND_STATUS);
+        headers.insert(HEADER_CONTENT_TYPE, CONTENT_STATUS_PROTOBUF);
+        Outgoing {
+            subject: self.status_subject(),
+            headers,
+            payload: Bytes::from(status.encode_to_vec()),
+            is_flow: false,
         }
     }
 

@@ -37,7 +37,7 @@ use crate::export::ecs::HostInfo;
 use crate::export::hub::{Hub, Subscription};
 use crate::export::jsonl::{compile_filters, JsonlError};
 use crate::export::sink::{self, RunningSink, SinkFuture, SinkSubscription};
-use crate::export::status::{SinkInfo, SinkStats};
+use crate::export::status::{SinkInfo, SinkStats, StatusFeed};
 
 /// Longest wait between two reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
@@ -118,6 +118,7 @@ impl SinkStats for NatsCounters {
             duplicates: get(&self.duplicates),
             retries: get(&self.retries),
             loss_notices: get(&self.loss_notices),
+            ..SinkInfo::default()
         }
     }
 }
@@ -129,6 +130,7 @@ pub struct NatsSink {
     cfg: NatsConfig,
     encoder: Encoder,
     counters: Arc<NatsCounters>,
+    feed: Option<StatusFeed>,
 }
 
 impl std::fmt::Debug for NatsSink {
@@ -323,7 +325,14 @@ impl NatsSink {
             encoder: Encoder::new(&cfg.subject_prefix, node, cfg.format, host),
             cfg: cfg.clone(),
             counters,
+            feed: None,
         })
+    }
+
+    /// Publishes the status of `feed` every `status_interval`.
+    pub fn with_status(mut self, feed: Option<StatusFeed>) -> Self {
+        self.feed = feed;
+        self
     }
 
     /// The sink's counters.
@@ -347,8 +356,9 @@ impl sink::Sink for NatsSink {
             cfg,
             encoder,
             counters,
+            feed,
         } = *self;
-        Box::pin(publish::run(client, cfg, encoder, counters, flows))
+        Box::pin(publish::run(client, cfg, encoder, counters, feed, flows))
     }
 }
 
@@ -364,16 +374,18 @@ pub fn subscription(cfg: &NatsConfig) -> Result<SinkSubscription, NatsError> {
     })
 }
 
-/// Connects the sink of `cfg` as `node` and subscribes it to `hub`; returns
-/// it running, with its counters.
+/// Connects the sink of `cfg` as `node` and subscribes it to `hub`; it
+/// publishes the status of `feed`, when given. Returns it running, with
+/// its counters.
 pub async fn spawn(
     hub: &Hub,
     cfg: &NatsConfig,
     node: &str,
     host: HostInfo,
+    feed: Option<StatusFeed>,
 ) -> Result<(RunningSink, Arc<NatsCounters>), NatsError> {
     let mut sub = subscription(cfg)?;
-    let sink = NatsSink::connect(cfg, node, host).await?;
+    let sink = NatsSink::connect(cfg, node, host).await?.with_status(feed);
     let counters = sink.counters();
     sub.stats = Some(counters.clone());
     let running = sink::start(hub, Box::new(sink), sub)

@@ -18,6 +18,7 @@ use crate::config::NatsConfig;
 use crate::export::encoded::Payload;
 use crate::export::hub::Subscription;
 use crate::export::sink::SinkReport;
+use crate::export::status::StatusFeed;
 
 /// First wait before publishing failed messages again; doubled per failed
 /// round.
@@ -115,15 +116,43 @@ async fn ensure_stream(js: jetstream::Context, cfg: NatsConfig) {
     }
 }
 
+/// Publishes the status of `feed` to the node's status subject, without
+/// waiting: its acknowledgement is awaited on a task of its own, and a
+/// status that is not stored is replaced by the next.
+async fn publish_status(js: &jetstream::Context, encoder: &Encoder, feed: &StatusFeed) {
+    let Some(status) = feed.get().await else {
+        return;
+    };
+    let msg = encoder.status(&status);
+    match js
+        .publish_with_headers(msg.subject, msg.headers, msg.payload)
+        .await
+    {
+        Ok(ack) => {
+            tokio::spawn(async move {
+                if let Err(e) = ack.await {
+                    tracing::debug!("NATS status not stored: {e}");
+                }
+            });
+        }
+        Err(e) => tracing::debug!("NATS status not published: {e}"),
+    }
+}
+
 /// Publishes every record and loss notice of `flows` until it ends and
-/// every publication is acknowledged.
+/// every publication is acknowledged; and the status of `feed` at start,
+/// every `status_interval` and at the end.
 pub(super) async fn run(
     client: async_nats::Client,
     cfg: NatsConfig,
     encoder: Encoder,
     counters: Arc<NatsCounters>,
+    feed: Option<StatusFeed>,
     mut flows: Subscription,
 ) -> SinkReport {
+    let feed = feed.filter(|_| !cfg.status_interval.is_zero());
+    let mut status_tick = tokio::time::interval(cfg.status_interval.max(Duration::from_millis(1)));
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let js = jetstream::ContextBuilder::new()
         .timeout(cfg.ack_timeout)
         .max_ack_inflight(cfg.max_in_flight)
@@ -212,6 +241,11 @@ pub(super) async fn run(
                     window.insert(seq, Pending { msg, attempt: 0 });
                 }
             },
+            _ = status_tick.tick(), if feed.is_some() && stream_task.is_none() && !ended => {
+                if let Some(f) = &feed {
+                    publish_status(&js, &encoder, f).await;
+                }
+            },
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
                 if client.connection_state() != async_nats::connection::State::Connected {
                     retry_delay = (retry_delay * 2).min(MAX_RETRY_DELAY);
@@ -234,6 +268,10 @@ pub(super) async fn run(
     }
     if let Some(t) = stream_task {
         t.abort();
+    }
+    if let Some(f) = &feed {
+        // The last word: what the node counted when its stream ended.
+        publish_status(&js, &encoder, f).await;
     }
     if let Err(e) = client.flush().await {
         tracing::debug!("NATS flush at the end: {e}");

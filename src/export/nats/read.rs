@@ -26,8 +26,8 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
 use super::message::{
-    CONTENT_FLOW_PROTOBUF, CONTENT_LOSS_PROTOBUF, HEADER_CONTENT_TYPE, HEADER_KIND, HEADER_NODE,
-    KIND_UPDATE,
+    CONTENT_FLOW_PROTOBUF, CONTENT_LOSS_PROTOBUF, CONTENT_STATUS_PROTOBUF, HEADER_CONTENT_TYPE,
+    HEADER_KIND, HEADER_NODE, KIND_UPDATE, STATUS_TOKEN,
 };
 use crate::config::NatsConfig;
 use crate::export::convert;
@@ -214,6 +214,9 @@ async fn read_inner(
                     None
                 }
             }
+        } else if content == CONTENT_STATUS_PROTOBUF {
+            // A node's status, for the relay's nodes_seen: not a record.
+            None
         } else {
             summary.undecoded += 1;
             None
@@ -269,13 +272,28 @@ pub async fn nodes_seen(
         let e = per.entry(token.to_string()).or_default();
         if class == super::message::LOSS_TOKEN {
             e.1 += count as u64;
-        } else {
+        } else if class != STATUS_TOKEN {
             e.0 += count as u64;
         }
         e.2.push(subject.clone());
     }
     let mut out = Vec::new();
     for (token, (flows, losses, subjects)) in per {
+        let status_subject = format!("{prefix}{token}.{STATUS_TOKEN}");
+        let mut status = None;
+        let mut status_time = None;
+        if subjects.contains(&status_subject) {
+            if let Ok(m) = stream
+                .get_last_raw_message_by_subject(&status_subject)
+                .await
+            {
+                // A status that does not decode is left out, not an error.
+                status = proto::GetStatusResponse::decode(m.payload.as_ref()).ok();
+                status_time = status
+                    .is_some()
+                    .then(|| convert::timestamp(system_time(m.time)));
+            }
+        }
         let mut last: Option<async_nats::jetstream::message::StreamMessage> = None;
         for s in &subjects {
             if let Ok(m) = stream.get_last_raw_message_by_subject(s).await {
@@ -294,6 +312,8 @@ pub async fn nodes_seen(
             flow_messages: flows,
             loss_notices: losses,
             last_message: last.map(|m| convert::timestamp(system_time(m.time))),
+            status,
+            status_time,
         });
     }
     Ok(out)

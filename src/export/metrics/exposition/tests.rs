@@ -112,6 +112,8 @@ fn hub(n_subs: u64) -> HubStatus {
                     duplicates: 3,
                     retries: 5,
                     loss_notices: 2,
+                    dropped: 7,
+                    rejected: 11,
                 }),
             })
             .collect(),
@@ -164,12 +166,14 @@ fn exposition_parses_back_to_the_status_values() {
         get(&format!("sockscope_sink_loss_notices_total{sink}")),
         2.0
     );
+    assert_eq!(get(&format!("sockscope_sink_dropped_total{sink}")), 7.0);
+    assert_eq!(get(&format!("sockscope_sink_rejected_total{sink}")), 11.0);
     // Only sinks have sink series.
     assert_eq!(
         m.keys()
             .filter(|k| k.starts_with("sockscope_sink_"))
             .count(),
-        5
+        7
     );
     assert_eq!(get("sockscope_dns_answers_total"), 23.0);
     assert_eq!(get("sockscope_dns_entries"), 31.0);
@@ -363,7 +367,7 @@ fn the_text_format_check_rejects_malformed_lines() {
 
 /// Every family the endpoint has exposed since it exists, with its
 /// type, in order: dashboards and alerts depend on these names.
-const FAMILIES: [(&str, &str); 43] = [
+const FAMILIES: [(&str, &str); 45] = [
     ("sockscope_build_info", "gauge"),
     ("sockscope_serving", "gauge"),
     ("sockscope_uptime_seconds", "gauge"),
@@ -394,6 +398,8 @@ const FAMILIES: [(&str, &str); 43] = [
     ("sockscope_sink_duplicates_total", "counter"),
     ("sockscope_sink_retries_total", "counter"),
     ("sockscope_sink_loss_notices_total", "counter"),
+    ("sockscope_sink_dropped_total", "counter"),
+    ("sockscope_sink_rejected_total", "counter"),
     ("sockscope_pod_flows_total", "counter"),
     ("sockscope_cri_connected", "gauge"),
     ("sockscope_cri_pods", "gauge"),
